@@ -1,0 +1,46 @@
+# MFIM: `make repro` runs the embedded default pipeline end to end; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mfim-installed
+
+# glibc otherwise unmaps/remaps every >32 MB tensor (../shared/PERFORMANCE.md: 45-90% of CPU time at 128 px).
+export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184
+export PATH := $(abspath $(BIN)):$(PATH)
+export MLFLOW_ALLOW_FILE_STORE := true
+
+.PHONY: setup assets repro test test-all bench ui clean-outputs
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: on these machines the pinned builds are local files (no multi-GB download).
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+assets: setup
+	$(BIN)/mfim assets fetch --quiet
+
+repro: assets
+	$(BIN)/dvc repro
+	@echo
+	@echo "Done. Results:"
+	@echo "  metrics   : reports/metrics.json   (dvc metrics show)"
+	@echo "  tables    : reports/*.md"
+	@echo "  images    : reports/grids/"
+	@echo "  tracking  : make ui   -> http://127.0.0.1:5000  (mlflow ui on $(CURDIR)/mlflow.db)"
+
+test: assets
+	$(BIN)/python -m pytest -q
+
+test-all: assets
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: assets
+	$(BIN)/python benchmarks/run_all.py
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

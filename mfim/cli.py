@@ -1,0 +1,54 @@
+"""The `mfim` command. Each subcommand lives in mfim/commands/<name>.py with `register(subparsers)`; heavy imports
+happen inside the command's run function so `mfim --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "mfim.commands.assets",
+    "mfim.commands.align",
+    "mfim.commands.analyze",
+    "mfim.commands.generate",
+    "mfim.commands.swap",
+    "mfim.commands.detect",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfim", description="MFIM face swapping and ID mixing")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # command not written yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mfim.runtime import ensure_allocator_env
+
+    if argv is None:
+        ensure_allocator_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from mfim.assets import MissingAssetError
+
+    try:
+        return int(args.func(args) or 0)
+    except MissingAssetError as e:
+        print(f"mfim: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

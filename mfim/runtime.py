@@ -1,0 +1,33 @@
+"""Process-level settings that make CPU runs fast, and device selection."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+# glibc otherwise returns every >32 MB tensor to the OS and maps it again on the next op; at 128 px and up that was
+# 45-90% of CPU time (../shared/PERFORMANCE.md). It must be set before the process starts, hence the re-exec.
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def ensure_allocator_env() -> None:
+    """Re-exec the current Python process once with GLIBC_TUNABLES set (no-op when set or not on Linux)."""
+    if not sys.platform.startswith("linux") or os.environ.get("MFIM_NO_REEXEC"):
+        return
+    if "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES, MFIM_NO_REEXEC="1")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(n: int | None) -> None:
+    if n and n > 0:
+        torch.set_num_threads(int(n))

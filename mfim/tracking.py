@@ -1,0 +1,75 @@
+"""MLflow tracking: one local store in the repo, every run tagged with the git commit and the DVC params it ran with."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from mfim.config import flatten, lookup
+
+
+def git_commit(cwd: str | Path = ".") -> tuple[str, bool]:
+    """(commit hash or 'unknown', dirty flag)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def configure(params: dict) -> str:
+    """Point MLflow at the store params.yaml names (env MLFLOW_TRACKING_URI wins) and select the experiment."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or lookup(params, "project.mlflow.tracking_uri", "sqlite:///mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    name = lookup(params, "project.mlflow.experiment", "mfim")
+    artifact_root = lookup(params, "project.mlflow.artifact_root", "mlartifacts")
+    if mlflow.get_experiment_by_name(name) is None:
+        location = Path(artifact_root).resolve().as_uri() if "://" not in artifact_root else artifact_root
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+    return uri
+
+
+@contextlib.contextmanager
+def start_run(stage: str, params: dict, groups: list[str] | None = None) -> Iterator:
+    """An MLflow run for a pipeline stage: logs the stage's params groups, tags commit, dirty flag, DVC params.
+
+    A run nested inside an active one (e.g. `dvc exp run` queue) is not assumed; each stage is its own run.
+    """
+    import mlflow
+
+    configure(params)
+    sha, dirty = git_commit()
+    scoped = {g: params[g] for g in (groups or params.keys()) if g in params}
+    flat = {k: str(v) for k, v in flatten(scoped).items()}
+    tags = {
+        "mfim.stage": stage,
+        "mlflow.source.git.commit": sha,
+        "git.dirty": str(dirty).lower(),
+        "dvc.params_groups": ",".join(scoped.keys()),
+    }
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags["dvc.experiment"] = exp_name
+    with mlflow.start_run(run_name=f"{stage}-{exp_name}" if exp_name else stage, tags=tags) as run:
+        # MLflow limits one log_params batch to 100 entries.
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        yield run
