@@ -1,0 +1,35 @@
+"""Shared fixtures. Real photos come from the face_recognition sdist via the asset zoo (fetched, never committed)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///:memory:")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PHOTOS = ["obama", "obama2", "obama3", "biden", "obama_partial_face"]
+
+
+@pytest.fixture(scope="session")
+def photo_paths() -> dict:
+    """{'obama': Path, 'obama2': Path, ..., 'biden': Path} -- real photos, faces 250-320 px."""
+    from mfim.assets import fetch
+
+    return {name: fetch(f"photo_{name}", progress=False) for name in PHOTOS}
+
+
+@pytest.fixture(scope="session")
+def photos(photo_paths) -> dict:
+    """The same photos as H×W×3 uint8 RGB arrays."""
+    from mfim.imageio import read_rgb
+
+    return {name: read_rgb(p) for name, p in photo_paths.items()}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
