@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///:memory:")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 PHOTOS = ["obama", "obama2", "obama3", "biden", "obama_partial_face"]
