@@ -1,0 +1,211 @@
+"""The facial attribute encoder of MFIM (§3.1): a pSp-style hierarchical backbone whose latent maps feed
+
+* M2C blocks (map-to-code): one style code per S-space entry of the generator, and
+* M2M blocks (map-to-map): style maps with spatial extent, given to the generator as its noise inputs.
+
+Latent maps. Like pSp, the backbone's last three stages give c1 (stride 4 of the stage input), c2, c3 and a
+top-down FPN gives three levels: ``coarse`` = c3, ``middle`` = up(coarse) + lat(c2), ``fine`` = up(middle) + lat(c1).
+At paper scale (IR-SE50, 256 px input) they are 16, 32 and 64 px. The small backbone of the embedded default starts
+with a stride-1 stage so that at 64 px input the levels are 8, 16 and 32 px -- the resolutions of the generator layers
+that take style maps by default.
+
+Which level feeds which generator layer (pSp's split, written in terms of the generator layer's resolution r):
+r <= 8 -> coarse, 16 <= r <= 32 -> middle, r >= 64 -> fine. An M2M block takes the level whose map has the layer's
+resolution (the paper: "style maps with the same size of the incoming latent maps"), or the nearest level resized
+bilinearly when none matches (only in unusual configurations).
+
+Style codes are predicted as offsets from the generator's average style (its S-space image of w_avg), the S-space
+version of pSp/e4e's "start from latent average": an untrained encoder gives the average face, not noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mfim.models.irse import IR_SE50_STAGES, IRSEBackbone, StageSpec
+
+LEVELS = ("coarse", "middle", "fine")
+
+
+def level_for_resolution(res: int) -> str:
+    """pSp's coarse/middle/fine split of generator layers, by layer resolution."""
+    if res <= 8:
+        return "coarse"
+    if res <= 32:
+        return "middle"
+    return "fine"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    input_size: int = 64
+    backbone: str = "small"  # small | ir_se50
+    width: int = 32  # small backbone: channels of the first stage (doubling per stage)
+    latent_channels: int | None = None  # FPN width; default 512 for ir_se50, 4*width for small
+    style_maps: bool = True
+    style_map_resolutions: tuple[int, ...] = (8, 16, 32)
+    style_map_channels: int = 1  # 1: B×1×H×W maps like StyleGAN noise; 0: per-channel maps (B×C×H×W)
+
+    @staticmethod
+    def from_params(params: dict, input_size: int) -> "EncoderConfig":
+        enc = params.get("encoder", {})
+        return EncoderConfig(
+            input_size=input_size,
+            backbone=enc.get("backbone", "small"),
+            width=int(enc.get("width", 32)),
+            latent_channels=enc.get("latent_channels"),
+            style_maps=bool(enc.get("style_maps", True)),
+            style_map_resolutions=tuple(int(r) for r in enc.get("style_map_resolutions", (8, 16, 32))),
+            style_map_channels=int(enc.get("style_map_channels", 1)),
+        )
+
+
+def _conv_lrelu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1), nn.LeakyReLU(0.2)]
+
+
+class MapToCode(nn.Module):
+    """M2C: strided convs shrink a latent map to 1×1, a linear layer gives one style code (pSp's GradualStyleBlock).
+
+    The output layer starts at zero so that the code starts at the generator's average style.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, spatial: int):
+        super().__init__()
+        n = max(int(math.log2(spatial)), 1)
+        layers = _conv_lrelu(in_ch, in_ch, 2)
+        for _ in range(n - 1):
+            layers += _conv_lrelu(in_ch, in_ch, 2)
+        self.convs = nn.Sequential(*layers)
+        self.linear = nn.Linear(in_ch, out_ch)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs(x)
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+class MapToMap(nn.Module):
+    """M2M: two convs turn a latent map into a style map (1 or C channels) at the generator layer's resolution.
+
+    Zero-initialised output: at the start the style maps are zero, i.e. the generator runs without noise there.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, out_res: int):
+        super().__init__()
+        self.out_res = out_res
+        self.body = nn.Sequential(*_conv_lrelu(in_ch, in_ch, 1), nn.Conv2d(in_ch, out_ch, 3, 1, 1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.out_res:
+            x = F.interpolate(x, size=(self.out_res, self.out_res), mode="bilinear", align_corners=False)
+        return self.body(x)
+
+
+def _small_stages(width: int) -> tuple[StageSpec, ...]:
+    return (StageSpec(width, 1), StageSpec(width * 2, 2), StageSpec(width * 4, 2), StageSpec(width * 4, 2))
+
+
+@dataclass
+class EncoderOutput:
+    codes: dict[int, torch.Tensor]  # S-space index -> B×C offset from the average style
+    maps: dict[int, torch.Tensor]  # noise-layer index -> B×k×H×W style map
+
+
+class FacialAttributeEncoder(nn.Module):
+    """Backbone + FPN + one M2C per S-space entry + one M2M per style-mapped generator layer.
+
+    ``style_layers`` / ``noise_layers`` are the generator's records (``Generator.style_layers`` /
+    ``.noise_layers``: index, name, resolution, channels, kind), so the encoder adapts to any generator size.
+    """
+
+    def __init__(self, cfg: EncoderConfig, style_layers, noise_layers):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.backbone == "ir_se50":
+            stages, norm, stem = IR_SE50_STAGES, "batch", 64
+            first_stride = 2
+        elif cfg.backbone == "small":
+            stages, norm, stem = _small_stages(cfg.width), "group", cfg.width
+            first_stride = 1
+        else:
+            raise ValueError(f"encoder.backbone must be small or ir_se50, not {cfg.backbone!r}")
+        self.backbone = IRSEBackbone(stages, stem=stem, norm=norm, first_stride=first_stride)
+        lat = cfg.latent_channels or (512 if cfg.backbone == "ir_se50" else 4 * cfg.width)
+        c1, c2, c3 = self.backbone.stage_channels[1:]
+        self.top = nn.Conv2d(c3, lat, 1) if c3 != lat else nn.Identity()
+        self.latlayer1 = nn.Conv2d(c2, lat, 1)
+        self.latlayer2 = nn.Conv2d(c1, lat, 1)
+        # level resolutions: stage i has stride 2^(i+1) (ir_se50) or 2^i (small, stride-1 first stage)
+        s0 = 0 if first_stride == 1 else 1
+        self.level_res = {
+            "fine": cfg.input_size // 2 ** (s0 + 1),
+            "middle": cfg.input_size // 2 ** (s0 + 2),
+            "coarse": cfg.input_size // 2 ** (s0 + 3),
+        }
+        self.style_layers = list(style_layers)
+        self.code_level = {l.index: level_for_resolution(l.resolution) for l in self.style_layers}
+        self.m2c = nn.ModuleDict(
+            {
+                str(l.index): MapToCode(lat, l.channels, self.level_res[self.code_level[l.index]])
+                for l in self.style_layers
+            }
+        )
+        self.map_level: dict[int, str] = {}
+        self.m2m = nn.ModuleDict()
+        if cfg.style_maps:
+            for n in noise_layers:
+                if n.resolution not in cfg.style_map_resolutions:
+                    continue
+                level = min(LEVELS, key=lambda lv: (abs(math.log2(self.level_res[lv] / n.resolution)), lv))
+                self.map_level[n.index] = level
+                out_ch = n.channels if cfg.style_map_channels == 0 else cfg.style_map_channels
+                self.m2m[str(n.index)] = MapToMap(lat, out_ch, n.resolution)
+
+    def latent_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
+            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        _, c1, c2, c3 = self.backbone(x)
+        coarse = self.top(c3)
+        middle = F.interpolate(coarse, size=c2.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer1(c2)
+        fine = F.interpolate(middle, size=c1.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer2(c1)
+        return {"coarse": coarse, "middle": middle, "fine": fine}
+
+    def forward(self, x: torch.Tensor, code_indices=None, with_maps: bool = False) -> EncoderOutput:
+        """Style-code offsets for ``code_indices`` (default: all) and, if asked, the style maps."""
+        feats = self.latent_maps(x)
+        idx = [l.index for l in self.style_layers] if code_indices is None else list(code_indices)
+        codes = {i: self.m2c[str(i)](feats[self.code_level[i]]) for i in idx}
+        maps = {}
+        if with_maps:
+            maps = {i: self.m2m[str(i)](feats[lv]) for i, lv in self.map_level.items()}
+        return EncoderOutput(codes, maps)
+
+
+def load_ir_se50(encoder: FacialAttributeEncoder, path: str | Path) -> list[str]:
+    """Initialise an ir_se50 encoder's backbone from pSp's ``model_ir_se50.pth``; returns the keys left unused.
+
+    The checkpoint's ``output_layer.*`` (the face-recognition head) has no counterpart and is skipped, as pSp does.
+    """
+    from mfim.assets import resolve
+
+    path = resolve("psp_ir_se50", path)
+    if encoder.cfg.backbone != "ir_se50":
+        raise ValueError("model_ir_se50.pth initialises encoder.backbone = ir_se50 only")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = encoder.backbone.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in matched]
+    if missing:
+        raise ValueError(f"{path}: not an IR-SE50 state dict ({len(missing)} backbone keys missing, e.g. {missing[0]})")
+    encoder.backbone.load_state_dict(matched)
+    return sorted(k for k in state if k not in matched)

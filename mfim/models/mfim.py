@@ -1,0 +1,128 @@
+"""MFIM: face swapping and ID mixing with a frozen pretrained StyleGAN2 (paper §3.1, §3.3).
+
+Swap. The facial attribute encoder maps the target to the ID-irrelevant style codes (S-space entries of the coarse
+generator layers, 4-16 px by default: overall structure and pose) and to the style maps (noise inputs: details such as
+expression, hair and background); it maps the source to the ID style codes (the fine layers, 32 px and up: face shape,
+eyes, nose, lips). The generator blends them.
+
+ID mixing. Several sources share out the fine layers: with two sources, the global source drives the coarse-ID
+resolutions (32 px by default, face shape) and the local source the finer ones (64 px and up, eyes). ``mix`` takes any
+number of (source, resolutions) assignments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mfim.models.encoder import EncoderConfig, FacialAttributeEncoder
+
+
+class MFIM(nn.Module):
+    def __init__(
+        self,
+        generator: nn.Module,
+        encoder_cfg: EncoderConfig,
+        coarse_max_res: int = 16,
+        mix_global_res: Sequence[int] = (32,),
+        noise_mode: str = "const",
+    ):
+        super().__init__()
+        self.generator = generator.eval().requires_grad_(False)
+        self.encoder = FacialAttributeEncoder(encoder_cfg, generator.style_layers, generator.noise_layers)
+        self.coarse_max_res = int(coarse_max_res)
+        self.mix_global_res = tuple(int(r) for r in mix_global_res)
+        self.noise_mode = noise_mode
+        layers = generator.style_layers
+        self.tgt_indices = [l.index for l in layers if l.resolution <= self.coarse_max_res]
+        self.src_indices = [l.index for l in layers if l.resolution > self.coarse_max_res]
+        if not self.tgt_indices or not self.src_indices:
+            raise ValueError(f"coarse_max_res={coarse_max_res} leaves no target or no source layers")
+        with torch.no_grad():
+            w_avg = getattr(generator, "w_avg", None)
+            if w_avg is None:
+                w_avg = generator.mapping.w_avg
+            ws = w_avg.detach().reshape(1, 1, -1).expand(1, generator.num_ws, -1)
+            s_avg = generator.styles_from_ws(ws)
+        for l, s in zip(layers, s_avg):
+            self.register_buffer(f"s_avg_{l.index}", s[0].detach().clone())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.generator.eval()  # frozen: its noise buffers and any norm layers stay in inference behaviour
+        return self
+
+    # --- pieces -----------------------------------------------------------------------------------------------
+    def average_style(self, index: int) -> torch.Tensor:
+        return getattr(self, f"s_avg_{index}")
+
+    def encode_codes(self, x: torch.Tensor, indices: Sequence[int]) -> dict[int, torch.Tensor]:
+        out = self.encoder(x, code_indices=indices, with_maps=False)
+        return {i: self.average_style(i) + d for i, d in out.codes.items()}
+
+    def encode_target(self, x_tgt: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """ID-irrelevant style codes and style maps of the target."""
+        out = self.encoder(x_tgt, code_indices=self.tgt_indices, with_maps=True)
+        codes = {i: self.average_style(i) + d for i, d in out.codes.items()}
+        return codes, out.maps
+
+    def synthesize(self, codes: dict[int, torch.Tensor], maps: dict[int, torch.Tensor]) -> torch.Tensor:
+        styles = [codes[l.index] for l in self.generator.style_layers]
+        noise = [maps.get(n.index) for n in self.generator.noise_layers]
+        return self.generator.synthesize(styles, noise=noise, noise_mode=self.noise_mode)
+
+    # --- operations -------------------------------------------------------------------------------------------
+    def swap(self, x_src: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
+        """x_swap with the ID of x_src and the ID-irrelevant attributes (pose, expression, details) of x_tgt."""
+        codes, maps = self.encode_target(x_tgt)
+        codes.update(self.encode_codes(x_src, self.src_indices))
+        return self.synthesize(codes, maps)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swap(x, x)
+
+    def mix_assignment(self) -> list[list[int]]:
+        """Default two-source split: [global-source resolutions, local-source resolutions]."""
+        res = sorted({l.resolution for l in self.generator.style_layers if l.resolution > self.coarse_max_res})
+        global_res = [r for r in res if r in self.mix_global_res]
+        local_res = [r for r in res if r not in self.mix_global_res]
+        return [global_res, local_res]
+
+    def mix(
+        self,
+        x_tgt: torch.Tensor,
+        x_src_global: torch.Tensor,
+        x_src_local: torch.Tensor | None = None,
+        *more_sources: torch.Tensor,
+        assignment: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """ID mixing: ID style codes from several sources, each driving the generator resolutions it is assigned.
+
+        With two sources and no assignment: global -> ``mix_global_res`` (32 px), local -> the finer ones.
+        Fine layers that no source claims keep the first source's codes. With one source this is ``swap``.
+        """
+        sources = [x_src_global] + ([x_src_local] if x_src_local is not None else []) + list(more_sources)
+        if assignment is None:
+            assignment = self.mix_assignment() if len(sources) == 2 else [[]] * len(sources)
+        if len(assignment) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(assignment)} resolution groups")
+        res_of = {l.index: l.resolution for l in self.generator.style_layers}
+        owner = {i: 0 for i in self.src_indices}
+        for k, group in enumerate(assignment):
+            for i in self.src_indices:
+                if res_of[i] in set(int(r) for r in group):
+                    owner[i] = k
+        codes, maps = self.encode_target(x_tgt)
+        for k, x in enumerate(sources):
+            mine = [i for i in self.src_indices if owner[i] == k]
+            if mine:
+                codes.update(self.encode_codes(x, mine))
+        return self.synthesize(codes, maps)
+
+    def encoder_parameters(self):
+        return self.encoder.parameters()
+
+    def forward(self, x_src: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
+        return self.swap(x_src, x_tgt)

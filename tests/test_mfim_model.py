@@ -1,0 +1,141 @@
+"""Facial attribute encoder + swap / mix on a stub generator honouring the S-space contract."""
+
+import pytest
+import torch
+
+from mfim.models.encoder import EncoderConfig, FacialAttributeEncoder, level_for_resolution
+from mfim.models.mfim import MFIM
+from tests.stubs import StubGenerator
+
+
+def make_model(style_maps=True, res=32, maps=(8, 16), map_channels=1):
+    torch.manual_seed(0)
+    g = StubGenerator(resolution=res)
+    cfg = EncoderConfig(input_size=res, width=8, style_maps=style_maps, style_map_resolutions=maps,
+                        style_map_channels=map_channels)
+    m = MFIM(g, cfg, coarse_max_res=8, mix_global_res=(16,))
+    # give the zero-initialised heads some weight so outputs depend on the inputs
+    with torch.no_grad():
+        for p in m.encoder.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+    return m.eval()
+
+
+def test_level_split_follows_psp():
+    assert [level_for_resolution(r) for r in (4, 8, 16, 32, 64, 1024)] == [
+        "coarse", "coarse", "middle", "middle", "fine", "fine"]
+
+
+def test_small_backbone_latent_map_sizes_match_generator_layers():
+    enc = FacialAttributeEncoder(EncoderConfig(input_size=64, width=8), StubGenerator(64).style_layers,
+                                 StubGenerator(64).noise_layers)
+    maps = enc.latent_maps(torch.randn(2, 3, 64, 64))
+    assert {k: v.shape[-1] for k, v in maps.items()} == {"coarse": 8, "middle": 16, "fine": 32}
+    assert enc.level_res == {"coarse": 8, "middle": 16, "fine": 32}
+
+
+def test_ir_se50_levels_at_paper_input_size():
+    enc = FacialAttributeEncoder(EncoderConfig(input_size=256, backbone="ir_se50", style_maps=False),
+                                 StubGenerator(64).style_layers, StubGenerator(64).noise_layers)
+    assert enc.level_res == {"coarse": 16, "middle": 32, "fine": 64}
+    assert len(enc.backbone.body) == 24  # 3 + 4 + 14 + 3 IR-SE units, as pSp's IR-SE50
+
+
+def test_code_and_map_shapes():
+    m = make_model()
+    out = m.encoder(torch.randn(2, 3, 32, 32), with_maps=True)
+    for l in m.generator.style_layers:
+        assert out.codes[l.index].shape == (2, l.channels)
+    assert sorted(n.resolution for n in m.generator.noise_layers if n.index in out.maps) == [8, 16]
+    for i, mp in out.maps.items():
+        assert mp.shape == (2, 1, m.generator.noise_layers[i].resolution, m.generator.noise_layers[i].resolution)
+
+
+def test_per_channel_style_maps():
+    m = make_model(map_channels=0)
+    out = m.encoder(torch.randn(1, 3, 32, 32), with_maps=True)
+    for i, mp in out.maps.items():
+        assert mp.shape[1] == m.generator.noise_layers[i].channels
+
+
+def test_untrained_encoder_starts_at_average_style():
+    torch.manual_seed(0)
+    g = StubGenerator(32)
+    m = MFIM(g, EncoderConfig(input_size=32, width=8), coarse_max_res=8)
+    codes = m.encode_codes(torch.randn(2, 3, 32, 32), [l.index for l in g.style_layers])
+    s_avg = g.styles_from_ws(g.w_avg.reshape(1, 1, -1).expand(1, g.num_ws, -1))
+    for l in g.style_layers:
+        torch.testing.assert_close(codes[l.index], s_avg[l.index].expand(2, -1), rtol=0, atol=0)
+
+
+def test_coarse_codes_depend_only_on_target_fine_only_on_source(monkeypatch):
+    m = make_model()
+    src, tgt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    captured = []
+    orig = m.synthesize
+
+    def spy(codes, maps):
+        captured.append(({k: v.clone() for k, v in codes.items()}, {k: v.clone() for k, v in maps.items()}))
+        return orig(codes, maps)
+
+    monkeypatch.setattr(m, "synthesize", spy)
+    with torch.no_grad():
+        m.swap(src, tgt)
+        m.swap(src + 0.5 * torch.randn_like(src), tgt)  # perturb the source
+        m.swap(src, tgt + 0.5 * torch.randn_like(tgt))  # perturb the target
+    (c0, m0), (c1, m1), (c2, m2) = captured
+    for i in m.tgt_indices:
+        assert torch.equal(c0[i], c1[i]), "coarse code changed with the source"
+        assert not torch.equal(c0[i], c2[i])
+    for i in m.src_indices:
+        assert torch.equal(c0[i], c2[i]), "fine code changed with the target"
+        assert not torch.equal(c0[i], c1[i])
+    for k in m0:
+        assert torch.equal(m0[k], m1[k]) and not torch.equal(m0[k], m2[k])
+
+
+def test_mix_with_same_source_twice_equals_swap():
+    m = make_model()
+    src, tgt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.mix(tgt, src, src), m.swap(src, tgt))
+        assert torch.equal(m.mix(tgt, src, src, src, assignment=[[16], [32], []]), m.swap(src, tgt))
+
+
+def test_mix_routes_resolutions_to_sources():
+    m = make_model()
+    tgt, gb, lc = (torch.randn(1, 3, 32, 32) for _ in range(3))
+    assert m.mix_assignment() == [[16], [32]]
+    seen = {}
+    orig = m.synthesize
+    m.synthesize = lambda codes, maps: seen.update(codes=codes) or orig(codes, maps)
+    with torch.no_grad():
+        m.mix(tgt, gb, lc)
+        gb_codes = m.encode_codes(gb, m.src_indices)
+        lc_codes = m.encode_codes(lc, m.src_indices)
+    for l in m.generator.style_layers:
+        if l.resolution == 16:
+            assert torch.equal(seen["codes"][l.index], gb_codes[l.index])
+        elif l.resolution == 32:
+            assert torch.equal(seen["codes"][l.index], lc_codes[l.index])
+
+
+def test_configuration_a_has_no_style_maps():
+    m = make_model(style_maps=False)
+    assert len(m.encoder.m2m) == 0
+    out = m.encoder(torch.randn(1, 3, 32, 32), with_maps=True)
+    assert out.maps == {}
+
+
+def test_generator_stays_frozen_in_train_mode():
+    m = make_model()
+    m.train()
+    assert not m.generator.training
+    assert all(not p.requires_grad for p in m.generator.parameters())
+    assert all(p.requires_grad for p in m.encoder.parameters())
+
+
+def test_invalid_split_is_rejected():
+    with pytest.raises(ValueError):
+        MFIM(StubGenerator(32), EncoderConfig(input_size=32, width=8), coarse_max_res=32)
