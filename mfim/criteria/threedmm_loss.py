@@ -1,0 +1,41 @@
+"""3DMM supervision, eqs. (3)-(5): L2 distances between 3DMM parameters of the swap and of source / target.
+
+L_shape = ||s_swap - s_src||, L_pose = ||p_swap - p_tgt||, L_exp = ||e_swap - e_tgt||, each the per-sample Euclidean
+norm averaged over the batch. Shape and expression are compared after standardising with the 3DMM's parameter
+statistics (so one λ scale fits both and a different encoder family does not change the loss magnitude by orders);
+pose is in radians. The encoder is frozen; gradients flow through it into x_swap only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mfim.nets.types import ThreeDMMParams
+
+
+def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).sum(dim=1).add(1e-12).sqrt().mean()
+
+
+class ThreeDMMLoss(nn.Module):
+    def __init__(self, encoder: nn.Module, shape_std: torch.Tensor | None = None, exp_std: torch.Tensor | None = None):
+        super().__init__()
+        self.encoder = encoder  # aligned B×3×H×W in [-1,1] -> ThreeDMMParams
+        self.register_buffer("shape_std", shape_std if shape_std is not None else torch.ones(1))
+        self.register_buffer("exp_std", exp_std if exp_std is not None else torch.ones(1))
+
+    def forward(
+        self, x_swap: torch.Tensor, src: ThreeDMMParams, tgt: ThreeDMMParams, terms=("shape", "pose", "exp")
+    ) -> dict[str, torch.Tensor]:
+        if not terms:
+            return {}
+        p = self.encoder(x_swap)
+        out = {}
+        if "shape" in terms:
+            out["shape"] = _l2(p.shape / self.shape_std, src.shape.detach() / self.shape_std)
+        if "pose" in terms:
+            out["pose"] = _l2(p.pose, tgt.pose.detach())
+        if "exp" in terms:
+            out["exp"] = _l2(p.exp / self.exp_std, tgt.exp.detach() / self.exp_std)
+        return out

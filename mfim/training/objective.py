@@ -1,0 +1,95 @@
+"""The full MFIM objective, eq. (6):
+
+    L = λ_id L_id + λ_recon (L1 + LPIPS) + λ_adv L_adv + λ_R1 L_R1 + λ_shape L_shape + λ_pose L_pose + λ_exp L_exp
+
+λ_recon is split into λ_l1 and λ_lpips (pSp's l2_lambda / lpips_lambda). A term whose λ is 0 is not computed at all,
+so it contributes exactly no gradient (and costs nothing). The discriminator sees the target images as real and the
+swaps (resized to the target's size) as fake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from mfim.criteria.adv_loss import discriminator_loss, generator_loss, r1_penalty
+from mfim.criteria.recon_loss import match_size
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    id: float = 1.0
+    l1: float = 1.0
+    lpips: float = 0.8
+    adv: float = 0.1
+    r1: float = 10.0
+    r1_every: int = 16
+    shape: float = 1.0
+    pose: float = 1.0
+    exp: float = 1.0
+
+    @staticmethod
+    def from_params(loss: dict) -> "LossWeights":
+        names = {f.name for f in fields(LossWeights)}
+        kw = {k: loss[k] for k in names if k in loss}
+        kw["r1_every"] = int(kw.get("r1_every", 16))
+        return LossWeights(**{k: (float(v) if k != "r1_every" else v) for k, v in kw.items()})
+
+    @property
+    def threedmm_terms(self) -> tuple[str, ...]:
+        return tuple(t for t in ("shape", "pose", "exp") if getattr(self, t) > 0)
+
+
+class MFIMObjective(nn.Module):
+    """Holds the frozen loss networks and the discriminator; computes the generator-side and D-side terms."""
+
+    def __init__(self, weights: LossWeights, id_loss=None, recon=None, threedmm=None, discriminator=None):
+        super().__init__()
+        self.w = weights
+        self.id_loss = id_loss
+        self.recon = recon
+        self.threedmm = threedmm
+        self.discriminator = discriminator
+        if weights.id > 0 and id_loss is None:
+            raise ValueError("loss.id > 0 needs an ID loss network")
+        if weights.threedmm_terms and threedmm is None:
+            raise ValueError("3DMM loss weights > 0 need a 3DMM encoder")
+        if (weights.adv > 0 or weights.r1 > 0) and discriminator is None:
+            raise ValueError("loss.adv / loss.r1 > 0 need a discriminator")
+
+    def encoder_terms(self, x_swap: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor):
+        """(weighted total, {term: unweighted value}) for the encoder update."""
+        w, terms = self.w, {}
+        if w.id > 0:
+            terms["id"] = self.id_loss(x_swap, x_src)
+        if w.l1 > 0 or w.lpips > 0:
+            rec = self.recon(x_swap, x_tgt)
+            if w.l1 > 0:
+                terms["l1"] = rec["l1"]
+            if w.lpips > 0:
+                terms["lpips"] = rec["lpips"]
+        if w.adv > 0:
+            terms["adv"] = generator_loss(self.discriminator(match_size(x_swap, x_tgt)))
+        wanted = w.threedmm_terms
+        if wanted:
+            with torch.no_grad():
+                src = self.threedmm.encoder(x_src) if "shape" in wanted else None
+                tgt = self.threedmm.encoder(x_tgt) if ("pose" in wanted or "exp" in wanted) else None
+            terms.update(self.threedmm(x_swap, src if src is not None else tgt, tgt if tgt is not None else src, wanted))
+        total = sum(getattr(w, k) * v for k, v in terms.items())
+        return total, terms
+
+    def discriminator_terms(self, x_real: torch.Tensor, x_fake: torch.Tensor, with_r1: bool):
+        """Non-saturating D loss; lazy R1 every ``r1_every`` steps, scaled by r1_every as in StyleGAN2."""
+        terms = {}
+        fake = match_size(x_fake.detach(), x_real)
+        if self.w.adv > 0:
+            terms["d_adv"] = discriminator_loss(self.discriminator(x_real), self.discriminator(fake))
+        total = terms.get("d_adv", torch.zeros((), device=x_real.device))
+        if with_r1 and self.w.r1 > 0:
+            real = x_real.detach().requires_grad_(True)
+            terms["r1"] = r1_penalty(real, self.discriminator(real))
+            total = total + self.w.r1 * 0.5 * self.w.r1_every * terms["r1"]
+        return total, terms
