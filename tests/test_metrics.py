@@ -1,0 +1,55 @@
+"""Metrics on hand-built cases with known answers."""
+
+import numpy as np
+import pytest
+
+from mfim.evaluation.metrics import (
+    angle_error_deg,
+    bootstrap_ci,
+    cosine_similarity,
+    id_retrieval,
+    l2_distance,
+    relative_distance,
+)
+
+
+def test_identical_inputs_give_zero_distance(rng):
+    e = rng.normal(size=(5, 128))
+    assert np.all(l2_distance(e, e) == 0)
+    np.testing.assert_allclose(cosine_similarity(e, e), 1.0)
+
+
+def test_l2_distance_value():
+    np.testing.assert_allclose(l2_distance([[0, 0], [1, 1]], [[3, 4], [1, 1]]), [5.0, 0.0])
+    with pytest.raises(ValueError):
+        l2_distance(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_relative_distances_sum_to_one(rng):
+    d_gb, d_lc = rng.uniform(0.1, 2, 50), rng.uniform(0.1, 2, 50)
+    r_gb, r_lc = relative_distance(d_gb, d_lc)
+    np.testing.assert_allclose(r_gb + r_lc, 1.0)
+    assert relative_distance([1.0], [3.0])[0][0] == pytest.approx(0.25)
+    assert relative_distance([0.0], [0.0])[0][0] == 0.5
+
+
+def test_id_retrieval_known_answer(rng):
+    gallery = rng.normal(size=(4, 16))
+    swaps = gallery[[2, 0, 3]] + 0.01 * rng.normal(size=(3, 16))
+    np.testing.assert_array_equal(id_retrieval(swaps, gallery, [2, 0, 3]), [1, 1, 1])
+    np.testing.assert_array_equal(id_retrieval(swaps, gallery, [2, 1, 3]), [1, 0, 1])
+
+
+def test_bootstrap_interval_contains_mean_and_shrinks_with_n(rng):
+    small = bootstrap_ci(rng.normal(1.0, 1.0, 20))
+    large = bootstrap_ci(rng.normal(1.0, 1.0, 2000))
+    for r in (small, large):
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+    assert (large["ci_high"] - large["ci_low"]) < (small["ci_high"] - small["ci_low"]) / 5
+    assert bootstrap_ci([])["n"] == 0
+
+
+def test_angle_error_wraps():
+    a = np.radians([[179.0, 0, 0]])
+    b = np.radians([[-179.0, 0, 0]])
+    np.testing.assert_allclose(angle_error_deg(a, b), [2.0], atol=1e-9)
