@@ -126,3 +126,54 @@ class MFIM(nn.Module):
 
     def forward(self, x_src: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
         return self.swap(x_src, x_tgt)
+
+
+# --- inference checkpoint ------------------------------------------------------------------------------------------
+SWAPPER_FORMAT = "mfim-swapper"
+
+
+def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dict | None = None):
+    """Everything inference needs in one file: generator (config + weights), encoder config + (EMA) weights, split.
+
+    Plain tensors and containers only, so it loads with torch.load(weights_only=True).
+    """
+    from dataclasses import asdict
+
+    from mfim import __version__
+    from mfim.training.checkpoint import atomic_torch_save
+
+    cfg = asdict(model.encoder.cfg)
+    cfg["style_map_resolutions"] = list(cfg["style_map_resolutions"])
+    state = {
+        "format": SWAPPER_FORMAT,
+        "version": __version__,
+        "generator": {"config": model.generator.config, "state_dict": model.generator.state_dict()},
+        "encoder_config": cfg,
+        "encoder": encoder_state if encoder_state is not None else model.encoder.state_dict(),
+        "coarse_max_res": model.coarse_max_res,
+        "mix_global_res": list(model.mix_global_res),
+        "noise_mode": model.noise_mode,
+        "meta": meta or {},
+    }
+    return atomic_torch_save(state, path)
+
+
+def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
+    from mfim.models.stylegan2 import Generator
+
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != SWAPPER_FORMAT:
+        raise ValueError(f"{path}: not an MFIM swapper checkpoint (expected format {SWAPPER_FORMAT!r})")
+    G = Generator(**state["generator"]["config"])
+    G.load_state_dict(state["generator"]["state_dict"])
+    cfg = dict(state["encoder_config"])
+    cfg["style_map_resolutions"] = tuple(cfg["style_map_resolutions"])
+    model = MFIM(
+        G.to(device),
+        EncoderConfig(**cfg),
+        coarse_max_res=state["coarse_max_res"],
+        mix_global_res=tuple(state["mix_global_res"]),
+        noise_mode=state["noise_mode"],
+    )
+    model.encoder.load_state_dict(state["encoder"])
+    return model.to(device).eval(), state.get("meta", {})

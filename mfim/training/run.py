@@ -1,0 +1,182 @@
+"""The `train` stage: build everything from params.yaml, train (resuming when possible), export, report.
+
+Single process: ``python pipelines/train.py``. Several processes / GPUs: ``torchrun --nproc_per_node=N
+pipelines/train.py`` (each rank reads a disjoint part of every epoch; gradients are averaged).
+
+Outputs: data/train/checkpoint.pt (resumable state, kept across runs by DVC's ``persist`` and only resumed when the
+params it was made with are the current ones), data/train/mfim.pt (the EMA encoder + generator for inference),
+reports/train.json (final losses, img/s, peak memory), reports/plots/train_loss.csv (DVC plots), and an MLflow run
+with params, per-step metrics, sample grids and the exported model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mfim.config import lookup
+from mfim.runtime import configure_threads, pick_device
+from mfim.training.presets import apply_preset
+
+TRAIN_GROUPS = ["data", "generator", "encoder", "loss", "train"]
+
+
+def params_fingerprint(params: dict) -> str:
+    scoped = {g: params.get(g) for g in TRAIN_GROUPS}
+    return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", shards_dir="data/shards") -> dict:
+    from mfim.data.pairs import pair_batches
+    from mfim.data.shards import split_pattern
+    from mfim.evaluation.grids import save_grid
+    from mfim.models.mfim import save_swapper
+    from mfim.training.build import build_model, build_objective, load_frozen_generator
+    from mfim.training.distributed import init_from_env
+    from mfim.training.trainer import TrainConfig, Trainer
+
+    params = apply_preset(raw_params)
+    tr = params["train"]
+    device = pick_device(lookup(params, "project.device", "auto"))
+    configure_threads(lookup(params, "project.threads", 0))
+    dist = init_from_env(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    seed = int(lookup(params, "project.seed", 0))
+    torch.manual_seed(seed + dist.rank)
+
+    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "plots").mkdir(parents=True, exist_ok=True)
+    (reports_dir / "grids").mkdir(parents=True, exist_ok=True)
+
+    G = load_frozen_generator(params, device)
+    model = build_model(params, G).to(device)
+    objective = build_objective(params, G, device)
+    cfg = TrainConfig.from_params(tr)
+    ck_path = out_dir / "checkpoint.pt"
+    trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
+    fingerprint = params_fingerprint(params)
+
+    position = None
+    if ck_path.is_file():
+        from mfim.training.checkpoint import load_checkpoint
+
+        state = load_checkpoint(ck_path, map_location=device)
+        if state.get("data", {}) and state["data"].get("fingerprint") == fingerprint:
+            trainer.load_state_dict(state)
+            position = state["data"].get("position")
+            print(f"resuming from {ck_path} at step {trainer.step}")
+        else:
+            print(f"{ck_path} was made with other params; starting over")
+
+    batch_size = int(tr.get("batch_size", 8))
+    batches = pair_batches(
+        split_pattern(shards_dir, "train"),
+        None,
+        batch_size,
+        seed,
+        rank=dist.rank,
+        world=dist.world,
+        same_identity_fraction=float(tr.get("same_identity_fraction", 0.2)),
+        augment=bool(tr.get("augment", True)),
+        workers=int(tr.get("workers", 0)),
+        position=position,
+        resolution=int(lookup(params, "data.resolution", G.resolution)),
+    )
+    sample = next(
+        iter(
+            pair_batches(split_pattern(shards_dir, "eval"), None, 6, seed + 99, same_identity_fraction=0.0,
+                         resolution=int(lookup(params, "data.resolution", G.resolution)))
+        )
+    )
+    x_src, x_tgt = sample["src"].to(device), sample["tgt"].to(device)
+    x_other = torch.roll(x_src, 1, dims=0)  # a second source for the mix column
+
+    history: list[dict] = []
+    mlflow_on = dist.is_main
+
+    def on_log(step: int, logs: dict) -> None:
+        row = {"step": step, **logs, "peak_memory_mb": peak_memory_mb(device)}
+        history.append(row)
+        if mlflow_on:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=step)
+
+    def on_sample(step: int) -> None:
+        with torch.no_grad():
+            swap = trainer.ema.swap(x_src, x_tgt)
+            mix = trainer.ema.mix(x_tgt, x_src, x_other)
+        path = reports_dir / "grids" / "train_samples.png"
+        save_grid(path, [x_src, x_tgt, swap, mix])
+        if mlflow_on:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=f"samples/step_{step:06d}")
+
+    def data_state() -> dict:
+        return {"fingerprint": fingerprint, "position": batches.state_dict()}
+
+    from contextlib import nullcontext
+
+    from mfim.tracking import start_run
+
+    ctx = start_run("train", params, groups=TRAIN_GROUPS + ["project"]) if mlflow_on else nullcontext()
+    t0 = time.perf_counter()
+    with ctx:
+        if mlflow_on:
+            import mlflow
+
+            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint})
+        last = trainer.fit(batches, on_log=on_log, on_sample=on_sample, data_state=data_state)
+        seconds = time.perf_counter() - t0
+        if dist.is_main:
+            on_sample(trainer.step)
+            export = save_swapper(
+                trainer.ema,
+                out_dir / "mfim.pt",
+                meta={"train_config": str(tr.get("config", "E")), "steps": trainer.step, "fingerprint": fingerprint},
+            )
+            summary = {
+                "config": str(tr.get("config", "E")),
+                "steps": trainer.step,
+                "seconds": round(seconds, 1),
+                "world_size": dist.world,
+                "device": str(device),
+                **{k: float(v) for k, v in last.items()},
+                "peak_memory_mb": peak_memory_mb(device),
+            }
+            (reports_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if history:
+                pd.DataFrame(history).to_csv(reports_dir / "plots" / "train_loss.csv", index=False)
+            import mlflow
+
+            mlflow.log_artifact(str(export), artifact_path="model")
+            mlflow.log_metric("train_seconds", seconds)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    return {"steps": trainer.step, **(last or {})}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from mfim.config import load_params
+
+    run_training(load_params(os.environ.get("MFIM_PARAMS", "params.yaml")))
