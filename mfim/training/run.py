@@ -150,7 +150,13 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             export = save_swapper(
                 trainer.ema,
                 out_dir / "mfim.pt",
-                meta={"train_config": str(tr.get("config", "E")), "steps": trainer.step, "fingerprint": fingerprint},
+                meta={
+                    "train_config": str(tr.get("config", "E")),
+                    "steps": trainer.step,
+                    "fingerprint": fingerprint,
+                    "align_output_size": int(lookup(params, "align.output_size", 256)),
+                    "data_resolution": int(lookup(params, "data.resolution", G.resolution)),
+                },
             )
             summary = {
                 "config": str(tr.get("config", "E")),
