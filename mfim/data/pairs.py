@@ -1,0 +1,144 @@
+"""(source, target) pairs for MFIM training, read from the shards.
+
+Targets follow the rank's stream of ``mfim.data.shards`` (shuffled per epoch, disjoint across ranks, no duplicates
+within an epoch, exact resume from ``.position``). Each target's source is drawn from the whole split with the
+sample's own generator (seeded from ``(seed, rank, position)``):
+
+* with probability ``same_identity_fraction``: another image of the target's identity, or the target itself when the
+  identity is unknown or has a single image (``same_identity`` is then True);
+* otherwise: an image of a different identity (identities unknown: a different image; ``same_identity`` False).
+
+When a 3DMM table is given (``mfim.data.threedmm_table``), each batch carries ``src_3dmm``/``tgt_3dmm`` as
+:class:`~mfim.nets.types.ThreeDMMParams` joined by key (the ``estimate`` columns, or ``ground_truth``), flipped with the
+image when the flip augmentation is on. A pair whose source fails to decode is skipped like a corrupt target.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mfim.data.shards import (
+    BatchIterator,
+    CorruptSample,
+    EpochPlan,
+    ItemSource,
+    ReaderPosition,
+    ShardIndex,
+    sample_rng,
+    to_float_images,
+)
+from mfim.nets.types import ThreeDMMParams
+
+_TRIES = 64  # rejection sampling for a different identity: P(64 misses) is nil unless one identity dominates
+
+
+class PairItems(ItemSource):
+    def __init__(self, index: ShardIndex, plan: EpochPlan, resolution: int | None, same_identity_fraction: float,
+                 augment=None, threedmm: Mapping[str, np.ndarray] | None = None):
+        if not 0.0 <= same_identity_fraction <= 1.0:
+            raise ValueError("same_identity_fraction must lie in [0, 1]")
+        self.index, self.plan, self.resolution = index, plan, resolution
+        self.fraction, self.augment, self.threedmm = float(same_identity_fraction), augment, threedmm
+        ids = index.identities
+        self._members: dict[int, np.ndarray] = {}
+        for ident in np.unique(ids[ids >= 0]):
+            self._members[int(ident)] = np.flatnonzero(ids == ident)
+        self._row = None
+        if threedmm is not None:
+            self._row = {k: i for i, k in enumerate(threedmm["key"])}
+            missing = sum(k not in self._row for k in index.keys)
+            if missing:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "%d of %d shard samples have no row in the 3DMM table; pairs using them are skipped",
+                    missing, len(index))
+
+    def choose_source(self, t: int, rng: np.random.Generator) -> tuple[int, bool]:
+        ids = self.index.identities
+        ident = int(ids[t])
+        if rng.random() < self.fraction:
+            members = self._members.get(ident) if ident >= 0 else None
+            if members is None or len(members) < 2:
+                return t, True
+            others = members[members != t]
+            return int(others[rng.integers(len(others))]), True
+        n = len(self.index)
+        for _ in range(_TRIES):
+            s = int(rng.integers(n))
+            if (ids[s] != ident) if ident >= 0 else (s != t):
+                return s, False
+        raise CorruptSample("no source of another identity found")
+
+    def _labels(self, key: str) -> dict:
+        row = self._row.get(key)
+        if row is None:
+            raise CorruptSample(f"{key!r} has no row in the 3DMM table")
+        return {name: self.threedmm[name][row] for name in ("shape", "exp", "pose")}
+
+    def _image(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+        key = self.index.keys[i]
+        try:
+            image = self.index.read(i, self.resolution).image
+        except CorruptSample as e:
+            raise CorruptSample(f"{key!r}: {e}") from None
+        labels = self._labels(key) if self._row is not None else None
+        if self.augment is not None:
+            out = self.augment(image, rng, pose=None if labels is None else labels["pose"])
+            image = out.image
+            if labels is not None:
+                labels = {**labels, "pose": out.pose}
+        return image, labels
+
+    def make(self, position: int) -> dict:
+        t = self.plan.index_at(position)
+        rng = sample_rng(self.plan.seed, self.plan.rank, position, 1)
+        s, same = self.choose_source(t, rng)
+        tgt, tgt_labels = self._image(t, rng)
+        src, src_labels = self._image(s, rng)
+        item = {"src": src, "tgt": tgt, "src_key": self.index.keys[s], "tgt_key": self.index.keys[t],
+                "same_identity": np.bool_(same)}
+        if tgt_labels is not None:
+            for role, labels in (("src", src_labels), ("tgt", tgt_labels)):
+                for name, value in labels.items():
+                    item[f"{role}_3dmm_{name}"] = np.asarray(value, np.float32)
+        return item
+
+
+def _finish(batch: dict) -> dict:
+    out = {"src": to_float_images(batch["src"]), "tgt": to_float_images(batch["tgt"]),
+           "src_key": list(batch["src_key"]), "tgt_key": list(batch["tgt_key"]),
+           "same_identity": batch["same_identity"].bool()}
+    for role in ("src", "tgt"):
+        if f"{role}_3dmm_shape" in batch:
+            out[f"{role}_3dmm"] = ThreeDMMParams(batch[f"{role}_3dmm_shape"], batch[f"{role}_3dmm_exp"],
+                                                 batch[f"{role}_3dmm_pose"])
+    return out
+
+
+def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1, same_identity_fraction: float = 0.2, augment: bool = False, *,
+                 workers: int = 0, position: ReaderPosition | Mapping | None = None, resolution: int | None = None,
+                 threedmm_columns: str = "estimate", flip_probability: float = 0.0) -> BatchIterator:
+    """Infinite iterator of dict(src, tgt: B×3×H×W in [-1, 1]; src_key, tgt_key: lists; same_identity: B bool;
+    src_3dmm, tgt_3dmm: ThreeDMMParams when ``threedmm_table`` is given). ``.position`` resumes it exactly.
+
+    ``threedmm_columns``: 'estimate' (the precomputed encoder output) or 'ground_truth' (synthetic data only).
+    ``flip_probability`` > 0 adds the label-flipping horizontal flip to the augmentation (needs ``augment``).
+    """
+    from mfim.data.augment import FaceAugment
+    from mfim.data.threedmm_table import load_threedmm_arrays
+
+    index = ShardIndex(pattern)
+    labels = load_threedmm_arrays(threedmm_table, threedmm_columns) if threedmm_table else None
+    augmenter = FaceAugment(flip_probability=flip_probability) if augment else None
+    source = PairItems(index, EpochPlan(len(index), seed, rank, world), resolution, same_identity_fraction,
+                       augmenter, labels)
+    return BatchIterator(source, batch_size, workers, position, finish=_finish)
+
+
+def same_identity_rate(batch: dict) -> float:
+    return float(torch.as_tensor(batch["same_identity"]).float().mean())

@@ -1,0 +1,182 @@
+"""3DMM parameters of every shard sample, precomputed once and joined by key during training.
+
+Table (``data/threedmm/params.parquet``), one row per sample: ``key``, ``split``, ``identity`` (-1 unknown),
+``encoder`` (what made the estimate), ``shape`` (40), ``exp`` (10), ``pose`` (3: yaw, pitch, roll in radians) -- the
+estimate -- and ``gt_shape``, ``gt_exp``, ``gt_pose`` beside it where the synthetic ground truth is known (null
+otherwise). Vectors are stored as fixed-size float32 lists.
+
+:func:`group_errors` is the per-parameter-group comparison used for the precompute report and the fitted regressor's
+validation: pose MAE in degrees (per angle and mean), shape/expression Pearson r (mean over coefficients) and
+normalised RMSE (RMSE over the ground truth's own spread, pooled over coefficients: 0 is exact, 1 is no better than
+predicting the mean).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mfim.data.shards import ShardSample, iter_samples
+from mfim.nets.types import N_EXP, N_SHAPE, POSE_NAMES, ThreeDMMParams
+
+log = logging.getLogger(__name__)
+
+GROUPS = {"shape": N_SHAPE, "exp": N_EXP, "pose": 3}
+COLUMN_SETS = {"estimate": ("shape", "exp", "pose"), "ground_truth": ("gt_shape", "gt_exp", "gt_pose")}
+
+
+def _batches(samples: Iterable[ShardSample], size: int) -> Iterable[list[ShardSample]]:
+    batch: list[ShardSample] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """N×H×W×3 uint8 -> N×3×H×W float32 in [-1, 1]."""
+    arr = torch.from_numpy(np.ascontiguousarray(np.stack(images)))
+    return arr.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def precompute_threedmm(patterns: Sequence[str], encoder: Callable[[torch.Tensor], ThreeDMMParams],
+                        encoder_name: str, batch_size: int = 64, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Run ``encoder`` over every valid sample of the shards (corrupt ones are logged and left out)."""
+    rows: list[dict] = []
+    for pattern in patterns:
+        for batch in _batches(iter_samples(pattern), batch_size):
+            x = images_to_tensor([s.image for s in batch]).to(device)
+            with torch.no_grad():
+                est = encoder(x).to("cpu")
+            for i, s in enumerate(batch):
+                gt = s.meta.get("ground_truth") or {}
+                ident = s.meta.get("identity")
+                rows.append({
+                    "key": s.key,
+                    "split": s.meta.get("split", ""),
+                    "identity": int(ident) if isinstance(ident, int) else -1,
+                    "encoder": encoder_name,
+                    "shape": est.shape[i].numpy().astype(np.float32),
+                    "exp": est.exp[i].numpy().astype(np.float32),
+                    "pose": est.pose[i].numpy().astype(np.float32),
+                    "gt_shape": np.asarray(gt["shape"], np.float32) if "shape" in gt else None,
+                    "gt_exp": np.asarray(gt["exp"], np.float32) if "exp" in gt else None,
+                    "gt_pose": np.asarray(gt["pose"], np.float32) if "pose" in gt else None,
+                })
+    return pd.DataFrame(rows, columns=["key", "split", "identity", "encoder", "shape", "exp", "pose",
+                                       "gt_shape", "gt_exp", "gt_pose"])
+
+
+def _schema() -> pa.Schema:
+    vec = {name: pa.list_(pa.float32(), n) for name, n in GROUPS.items()}
+    return pa.schema([("key", pa.string()), ("split", pa.string()), ("identity", pa.int64()),
+                      ("encoder", pa.string()),
+                      *[(n, vec[n]) for n in GROUPS], *[(f"gt_{n}", vec[n]) for n in GROUPS]])
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, schema=_schema(), preserve_index=False)
+    pq.write_table(table, path)
+    return path
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"3DMM table not found at {path} (made by the `threedmm` stage: `dvc repro threedmm`)")
+    return pq.read_table(path).to_pandas()
+
+
+def stack_column(df: pd.DataFrame, column: str) -> np.ndarray:
+    """A list column -> N×D float32 (ValueError when a row is null)."""
+    values = df[column].tolist()
+    if any(v is None for v in values):
+        raise ValueError(f"column {column!r} has null rows (no ground truth for real data?)")
+    if not values:
+        return np.zeros((0, GROUPS[column.removeprefix("gt_")]), np.float32)
+    return np.stack([np.asarray(v, np.float32) for v in values])
+
+
+def has_ground_truth(df: pd.DataFrame) -> bool:
+    return len(df) > 0 and all(df[f"gt_{n}"].notna().all() for n in GROUPS)
+
+
+def load_threedmm_arrays(path: str | Path, columns: str = "estimate") -> dict:
+    """{'key': [str], 'shape': N×40, 'exp': N×10, 'pose': N×3} from the table (``columns``: estimate | ground_truth)."""
+    if columns not in COLUMN_SETS:
+        raise ValueError(f"columns must be one of {sorted(COLUMN_SETS)}")
+    df = read_table(path)
+    out: dict = {"key": df["key"].tolist()}
+    for name, column in zip(GROUPS, COLUMN_SETS[columns]):
+        out[name] = stack_column(df, column)
+    return out
+
+
+def _pearson_per_column(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    p = pred - pred.mean(0)
+    g = gt - gt.mean(0)
+    denom = np.sqrt((p**2).sum(0) * (g**2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (p * g).sum(0) / denom
+    return r[np.isfinite(r)]
+
+
+def group_errors(pred: dict, gt: dict) -> dict:
+    """Per-group error of ``pred`` vs ``gt`` (dicts with 'shape', 'exp', 'pose' arrays N×D)."""
+    out: dict = {"n": int(len(gt["pose"]))}
+    dp = np.degrees(np.abs(np.asarray(pred["pose"], np.float64) - np.asarray(gt["pose"], np.float64)))
+    out["pose"] = {f"{name}_mae_deg": float(dp[:, i].mean()) for i, name in enumerate(POSE_NAMES)}
+    out["pose"]["mae_deg"] = float(dp.mean())
+    for name in ("shape", "exp"):
+        p, g = np.asarray(pred[name], np.float64), np.asarray(gt[name], np.float64)
+        spread = ((g - g.mean(0)) ** 2).sum()
+        r = _pearson_per_column(p, g)
+        out[name] = {
+            "pearson_r": float(r.mean()) if len(r) else float("nan"),
+            "nrmse": float(np.sqrt(((p - g) ** 2).sum() / spread)) if spread > 0 else float("nan"),
+            "rmse": float(np.sqrt(((p - g) ** 2).mean())),
+        }
+    return out
+
+
+def table_report(df: pd.DataFrame, encoder_name: str, seconds: float) -> dict:
+    """Counts and, where ground truth exists, the estimate's error per split and overall."""
+    report: dict = {"encoder": encoder_name, "rows": int(len(df)),
+                    "rows_per_split": {k: int(v) for k, v in df["split"].value_counts().items()},
+                    "seconds": round(seconds, 2)}
+    if not has_ground_truth(df):
+        report["error"] = None
+        report["note"] = "no ground truth in the shards (real data): nothing to compare the estimate with"
+        return report
+    if encoder_name == "deca":
+        report["note"] = "DECA gives FLAME coefficients: shape/exp are not comparable with BFM ground truth; pose is"
+
+    def errors(part: pd.DataFrame) -> dict:
+        return group_errors({n: stack_column(part, n) for n in GROUPS},
+                            {n: stack_column(part, f"gt_{n}") for n in GROUPS})
+
+    report["error"] = {"all": errors(df), **{s: errors(p) for s, p in df.groupby("split")}}
+    return report
+
+
+def run_precompute(patterns: Sequence[str], encoder, encoder_name: str, out_path: str | Path,
+                   batch_size: int = 64, device="cpu") -> dict:
+    t0 = time.time()
+    df = precompute_threedmm(patterns, encoder, encoder_name, batch_size, device)
+    if df["key"].duplicated().any():
+        raise ValueError("duplicate sample keys across shards")
+    write_table(df, out_path)
+    return table_report(df, encoder_name, time.time() - t0)
