@@ -87,18 +87,12 @@ def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REG
     return build(name, params=params, device=device, **kw)
 
 
-def threedmm_std(encoder) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-coefficient std of shape / expression for the encoder's family (3DDFA_V2 statistics for BFM)."""
-    norm = getattr(encoder, "normalizer", None)
-    if norm is not None and hasattr(norm, "shape_std"):
-        return norm.shape_std.detach().clone(), norm.exp_std.detach().clone()
-    try:
-        from mfim.nets.threedmm import ThreeDMMNormalizer
+def threedmm_std(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coefficient std of shape / expression for encoder ``name``'s family (3DDFA_V2 statistics for BFM)."""
+    from mfim.nets.threedmm import build_threedmm_normalizer
 
-        n = ThreeDMMNormalizer()
-        return n.shape_std.detach().clone(), n.exp_std.detach().clone()
-    except Exception:  # noqa: BLE001 - a family without statistics is compared unnormalised
-        return None, None
+    n = build_threedmm_normalizer(name)
+    return n.shape_std.detach().clone(), n.exp_std.detach().clone()
 
 
 def build_objective(params: dict, G, device):
@@ -117,8 +111,9 @@ def build_objective(params: dict, G, device):
         lp = load_lpips(loss.get("lpips_net", "alex")).to(device).eval().requires_grad_(False)
     tdmm = None
     if w.threedmm_terms:
-        enc = build_threedmm_encoder(loss.get("threedmm_encoder", "fitted"), device, params=params)
-        shape_std, exp_std = threedmm_std(enc)
+        name = loss.get("threedmm_encoder", "fitted")
+        enc = build_threedmm_encoder(name, device, params=params)
+        shape_std, exp_std = threedmm_std(name)
         tdmm = ThreeDMMLoss(enc, shape_std, exp_std)
     D = build_discriminator(params, G, device) if (w.adv > 0 or w.r1 > 0) else None
     return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D)

@@ -1,0 +1,73 @@
+"""The evaluation networks, configured separately from the training ones (params group ``evaluate``).
+
+identity: dlib ResNet (default; independent of the MobileFaceNet the ID loss trains against) or mobilefacenet.
+3DMM: 3DDFA_V2 (default; the training loss uses the fitted regressor on the embedded default) or deca / fitted.
+pose: the Hopenet-style ONNX (Pose-HN), or the official Hopenet ResNet-50 when nets.headpose.hopenet_checkpoint is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mfim.config import lookup
+from mfim.nets.types import ThreeDMMParams
+
+
+@dataclass
+class Features:
+    identity: np.ndarray  # N×D evaluation-embedder features
+    shape: np.ndarray  # N×S std-normalised 3DMM shape
+    exp: np.ndarray  # N×E std-normalised 3DMM expression
+    pose: np.ndarray  # N×3 radians (yaw, pitch, roll) from the 3DMM
+    pose_hn: np.ndarray  # N×3 degrees from the head-pose network
+    id_train: np.ndarray  # N×512 features of the training ID network (reference only, not independent)
+
+
+class Evaluators:
+    def __init__(self, params: dict, device="cpu", batch_size: int = 16):
+        from mfim.nets.headpose import HopenetOnnx, HopenetResNet50
+        from mfim.nets.identity import DlibIdentityEmbedder, MobileFaceNetEmbedder
+        from mfim.nets.threedmm import build_threedmm_encoder, build_threedmm_normalizer
+
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.identity_name = str(lookup(params, "evaluate.identity_embedder", "dlib"))
+        self.threedmm_name = str(lookup(params, "evaluate.threedmm_encoder", "tddfa"))
+        self.train_embedder = MobileFaceNetEmbedder(device=self.device)
+        self.dlib = DlibIdentityEmbedder() if self.identity_name == "dlib" else None
+        kw = {}
+        if self.threedmm_name == "fitted":
+            kw["checkpoint"] = "data/threedmm/regressor.pt"
+        self.threedmm = build_threedmm_encoder(self.threedmm_name, params=params, device=self.device, **kw)
+        self.normalizer = build_threedmm_normalizer(self.threedmm_name).to(self.device)
+        hopenet = lookup(params, "nets.headpose.hopenet_checkpoint", "") or ""
+        self.pose_name = "hopenet_resnet50" if hopenet else "hopenet_onnx"
+        self.headpose = HopenetResNet50(hopenet, device=self.device) if hopenet else HopenetOnnx(device=self.device)
+
+    def describe(self) -> dict:
+        return {
+            "identity_embedder": self.identity_name,
+            "threedmm_encoder": self.threedmm_name,
+            "pose_network": self.pose_name,
+            "training_identity_embedder": "mobilefacenet (reference only)",
+        }
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> Features:
+        """images: N×3×H×W in [-1, 1], FFHQ-aligned."""
+        ids, shapes, exps, poses, hns, trains = [], [], [], [], [], []
+        for i in range(0, len(images), self.batch_size):
+            x = images[i : i + self.batch_size].to(self.device).float().clamp(-1, 1)
+            p: ThreeDMMParams = self.normalizer.normalize(self.threedmm(x))
+            shapes.append(p.shape.cpu().numpy())
+            exps.append(p.exp.cpu().numpy())
+            poses.append(p.pose.cpu().numpy())
+            hns.append(self.headpose(x).cpu().numpy())
+            t = self.train_embedder(x)
+            trains.append(t.cpu().numpy())
+            ids.append(self.dlib.embed_aligned(x.cpu()) if self.dlib is not None else t.cpu().numpy())
+        cat = lambda xs: np.concatenate(xs, axis=0).astype(np.float64)  # noqa: E731
+        return Features(cat(ids), cat(shapes), cat(exps), cat(poses), cat(hns), cat(trains))
