@@ -1,5 +1,6 @@
 """Provenance of every image MFIM writes: PNG/JPEG metadata marking it as synthetic (or processed), with the model
-checkpoint hash and the software version. The invisible watermark lives in mfim.watermark."""
+checkpoint hash and the software version, plus -- for synthetic images -- the invisible watermark of mfim.watermark,
+which survives where metadata does not (screenshots, re-encoding, social-media uploads strip metadata)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from mfim import __version__
 
 KEY = "mfim"
+SIDECAR_SUFFIX = ".mfim.json"  # provenance of a video (containers written through OpenCV carry no text metadata)
 
 
 def provenance_record(kind: str = "synthetic", checkpoint_sha256: str | None = None, **extra) -> dict:
@@ -26,11 +28,28 @@ def provenance_record(kind: str = "synthetic", checkpoint_sha256: str | None = N
     return rec
 
 
-def save_image(path: str | Path, image: np.ndarray, record: dict | None = None, quality: int = 95) -> Path:
-    """Write an H×W×3 uint8 image with the provenance record embedded (PNG tEXt / JPEG COM + EXIF description)."""
+def save_image(
+    path: str | Path,
+    image: np.ndarray,
+    record: dict | None = None,
+    quality: int = 95,
+    watermark: bool | None = None,
+) -> Path:
+    """Write an H×W×3 uint8 image with the provenance record embedded (PNG tEXt / JPEG COM + EXIF description).
+
+    watermark: None (default) embeds the invisible watermark exactly when the record says synthetic; False skips it
+    (only for internal files that are not synthetic anyway, e.g. aligned crops of real photos); True forces it.
+    The written record then names the watermark scheme."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = record or provenance_record()
+    record = dict(record or provenance_record())
+    if watermark is None:
+        watermark = bool(record.get("synthetic"))
+    if watermark:
+        from mfim.watermark import SCHEME, embed
+
+        image = embed(image)
+        record["watermark"] = SCHEME
     text = json.dumps(record, sort_keys=True)
     img = Image.fromarray(np.ascontiguousarray(image))
     suffix = path.suffix.lower()
@@ -52,8 +71,16 @@ def save_image(path: str | Path, image: np.ndarray, record: dict | None = None, 
 
 
 def read_record(path: str | Path) -> dict | None:
-    """The provenance record of an image MFIM wrote, or None."""
-    with Image.open(path) as img:
+    """The provenance record of an image MFIM wrote (or of a video, from its sidecar), or None."""
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        return _parse(sidecar.read_text())
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:  # not an image (a video without its sidecar, say): no record
+        return None
+    with img:
         text = img.info.get(KEY)
         if text is None and "comment" in img.info:
             c = img.info["comment"]
@@ -61,6 +88,10 @@ def read_record(path: str | Path) -> dict | None:
         if text is None:
             desc = img.getexif().get(0x010E)
             text = desc
+    return _parse(text)
+
+
+def _parse(text) -> dict | None:
     if not text:
         return None
     try:
@@ -68,3 +99,30 @@ def read_record(path: str | Path) -> dict | None:
     except json.JSONDecodeError:
         return None
     return rec if isinstance(rec, dict) and "software" in rec else None
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(path: str | Path, record: dict) -> Path:
+    """Provenance of a non-image file (a video) as JSON beside it: `clip.mp4` -> `clip.mp4.mfim.json`."""
+    out = sidecar_path(path)
+    out.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+    return out
+
+
+def inspect(path: str | Path, image: np.ndarray | None = None) -> dict:
+    """What `mfim detect` reports for one image: its metadata record (or None) and the watermark verdict.
+    Raises mfim.imageio.ImageRejected for unreadable files."""
+    from mfim.imageio import read_rgb
+    from mfim.watermark import detect
+
+    if image is None:
+        image = read_rgb(path)
+    try:
+        record = read_record(path)
+    except OSError:
+        record = None
+    return {"file": str(path), "record": record, "watermark": detect(image)}
