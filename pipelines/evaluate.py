@@ -1,0 +1,11 @@
+"""DVC stage `evaluate`: paper metrics, ID-mixing table, grids (reports/), logged to MLflow."""
+
+from mfim.runtime import ensure_allocator_env
+
+if __name__ == "__main__":
+    ensure_allocator_env()
+    from mfim.config import load_params
+    from mfim.evaluation.evaluate import run_evaluation
+    from mfim.training.presets import apply_preset
+
+    run_evaluation(apply_preset(load_params()))
