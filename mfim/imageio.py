@@ -54,7 +54,10 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN
                 return _to_rgb8(img)
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL refuses > ~89 MP inside Image.open, before our own size check can read the header
+        raise ImageRejected(f"image too large ({str(e).split(',')[0]})") from None
+    except UnidentifiedImageError as e:
         raise ImageRejected(f"not a readable image ({type(e).__name__})") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
