@@ -1,0 +1,322 @@
+"""`mfim swap` and `mfim mix`: the commands a person runs on their own photos and videos.
+
+Inputs may be single files or folders:
+- target a file: one output, written at --output (a file path, or a folder to write `<target stem>.png` into);
+- target a folder: every image and video under it is processed and written under --output with the same relative
+  path (images as .png, videos keep their container); a source (or --global / --local) given as a file is used for
+  every target; given as a folder, each target is paired with the source file of the same relative name (any image
+  suffix), and a target without one is rejected.
+Every file that cannot be processed is reported with its reason on stderr (and, for folder runs, in
+`<output>/rejects.csv` with columns file, reason) while the others are still written. Exit status: 0 when at least one
+output was written, 1 when none was, 2 for usage errors, 3 when a model file is missing.
+
+Every image written goes through mfim.provenance.save_image with a synthetic record (checkpoint sha256, software
+version), which also embeds the invisible watermark; every frame of an output video carries the watermark and the
+video gets a `.mfim.json` provenance sidecar.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MIN_OUTPUT_SIDE = 256  # aligned outputs of small models are upscaled to this, so the watermark has room to survive
+IMAGE_OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg"}
+REJECTS_CSV = "rejects.csv"
+FRAME_REJECTS_SHOWN = 5  # per video on stderr; the csv lists them all
+
+SWAP_HELP = """Swap the face of SOURCE into TARGET: detect, align, swap; with --roi paste the result back into the
+full target photo (configuration E+). SOURCE and TARGET may be images or folders; TARGET may be a video
+(.mp4/.avi/.mov), processed frame by frame."""
+MIX_HELP = """ID mixing: the global identity (face shape) of GLOBAL and the local identity (eyes, nose, lips) of LOCAL,
+on TARGET's pose, expression and background. Inputs may be files or folders, as for `mfim swap`."""
+
+
+def register(sub) -> None:
+    swap = sub.add_parser("swap", help="swap a source face into target photos, folders or videos", description=SWAP_HELP)
+    swap.add_argument("--source", "-s", required=True, help="source image (the identity), or a folder of them")
+    swap.add_argument("--target", "-t", required=True, help="target image, video or folder")
+    _add_common(swap)
+    swap.set_defaults(func=run_swap)
+
+    mix = sub.add_parser("mix", help="mix the global ID of one face with the local ID of another", description=MIX_HELP)
+    mix.add_argument("--global", dest="global_source", required=True, help="image giving the global ID (face shape)")
+    mix.add_argument("--local", dest="local_source", required=True, help="image giving the local ID (eyes, nose...)")
+    mix.add_argument("--target", "-t", required=True, help="target image, video or folder")
+    _add_common(mix)
+    mix.set_defaults(func=run_mix)
+
+
+def _add_common(p) -> None:
+    p.add_argument("--output", "-o", required=True, help="output file (single target) or folder")
+    p.add_argument("--checkpoint", default=None, help="trained MFIM checkpoint (default: data/train/mfim.pt)")
+    p.add_argument("--roi", action="store_true", help="paste the face back into the original target photo (E+)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+
+# ------------------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Job:
+    target: Path
+    sources: dict[str, Path]  # role ('source', or 'global' and 'local') -> image
+    output: Path
+    label: str  # how messages and the rejects table name this target
+
+    @property
+    def is_video(self) -> bool:
+        from mfim.video import is_video
+
+        return is_video(self.target)
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    rejects: list[tuple[str, str]]  # (file, reason) found while planning
+    folder: bool  # folder run: output is a folder with a rejects table
+
+
+class UsageError(ValueError):
+    pass
+
+
+def media_files(folder: Path) -> list[Path]:
+    from mfim.imageio import IMAGE_SUFFIXES
+    from mfim.video import VIDEO_SUFFIXES
+
+    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+
+
+def _same_name(folder: Path, rel: Path) -> Path | None:
+    """The image in `folder` with the relative path `rel` up to its suffix."""
+    from mfim.imageio import IMAGE_SUFFIXES
+
+    for p in sorted((folder / rel.parent).glob(rel.stem + ".*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            return p
+    return None
+
+
+def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path) -> Plan:
+    from mfim.video import VIDEO_SUFFIXES, is_video
+
+    target, output = Path(target), Path(output)
+    sources = {role: Path(p) for role, p in sources.items()}
+    for role, p in sources.items():
+        if not p.exists():
+            raise UsageError(f"--{role}: {p} not found")
+    if not target.exists():
+        raise UsageError(f"--target: {target} not found")
+
+    if not target.is_dir():
+        for role, p in sources.items():
+            if p.is_dir():
+                raise UsageError(f"--{role} is a folder, so --target must be a folder of the same names too")
+        video = is_video(target)
+        default_suffix = target.suffix.lower() if video else ".png"
+        if output.is_dir() or not output.suffix:
+            output = output / (target.stem + default_suffix)
+        allowed = VIDEO_SUFFIXES if video else IMAGE_OUTPUT_SUFFIXES
+        if output.suffix.lower() not in allowed:
+            kind = "a video" if video else "an image"
+            raise UsageError(f"--output for {kind} target must end in one of {sorted(allowed)}, got {output.name}")
+        return Plan([Job(target, sources, output, target.name)], [], folder=False)
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--target is a folder, so --output must be a folder ({output} is a file)")
+    jobs, rejects = [], []
+    for t in media_files(target):
+        rel = t.relative_to(target)
+        paired: dict[str, Path] = {}
+        for role, src in sources.items():
+            match = src if not src.is_dir() else _same_name(src, rel)
+            if match is None:
+                rejects.append((str(rel), f"no {role} image named {rel.with_suffix('')}.* in {src}"))
+                break
+            paired[role] = match
+        else:
+            out_rel = rel if is_video(t) else rel.with_suffix(".png")
+            jobs.append(Job(t, paired, output / out_rel, str(rel)))
+    return Plan(jobs, rejects, folder=True)
+
+
+# -------------------------------------------------------------------------------------------------------- running
+
+
+def load_swapper(checkpoint: str | None, device: str):
+    """The model (tests replace this function with a fake)."""
+    try:
+        from mfim.inference import FaceSwapper
+    except ModuleNotFoundError as e:
+        if e.name != "mfim.inference":
+            raise
+        raise UsageError("this build has no mfim.inference (the trained model's inference code)") from None
+    return FaceSwapper.from_checkpoint(checkpoint, device=device)
+
+
+class Runner:
+    """Prepares each face once, makes the outputs, writes them with provenance, collects the rejects."""
+
+    def __init__(self, swapper, operation: str, roi: bool, progress: bool):
+        from mfim.provenance import provenance_record
+
+        self.swapper = swapper
+        self.operation = operation
+        self.roi = roi
+        self.progress = progress
+        self.record = provenance_record(
+            "synthetic",
+            checkpoint_sha256=getattr(swapper, "checkpoint_sha256", None),
+            operation=operation,
+            roi=roi,
+        )
+        self._sources: dict[Path, object] = {}
+        self.rejects: list[tuple[str, str]] = []
+        self.written: list[Path] = []
+
+    def source_face(self, role: str, path: Path):
+        """Prepared face of a source image, computed once; raises ImageRejected naming the source."""
+        from mfim.imageio import ImageRejected, read_rgb
+
+        if path not in self._sources:
+            try:
+                self._sources[path] = self.swapper.prepare(read_rgb(path))
+            except ImageRejected as e:
+                self._sources[path] = ImageRejected(f"{role} {path.name}: {e}")
+        face = self._sources[path]
+        if isinstance(face, ImageRejected):
+            raise face
+        return face
+
+    def make(self, target_image, sources: dict):
+        """One output image (uint8 RGB) from a target image and the prepared sources."""
+        import numpy as np
+
+        tgt = self.swapper.prepare(target_image)
+        if self.operation == "swap":
+            out = self.swapper.swap(sources["source"], tgt, roi=self.roi)
+        else:
+            out = self.swapper.mix(tgt, sources["global"], sources["local"], roi=self.roi)
+        out = np.asarray(out)
+        if not self.roi:
+            out = upscale_to(out, MIN_OUTPUT_SIDE)
+        return out
+
+    def run(self, job: Job) -> None:
+        from mfim.imageio import ImageRejected, read_rgb
+        from mfim.provenance import save_image
+
+        try:
+            sources = {role: self.source_face(role, p) for role, p in job.sources.items()}
+            if job.is_video:
+                self.run_video(job, sources)
+                return
+            out = self.make(read_rgb(job.target), sources)
+        except ImageRejected as e:
+            self.reject(job.label, str(e))
+            return
+        self.written.append(save_image(job.output, out, self.record))
+
+    def run_video(self, job: Job, sources: dict) -> None:
+        from mfim.imageio import ImageRejected
+        from mfim.provenance import write_sidecar
+        from mfim.video import VideoError, transform_video
+        from mfim.watermark import embed
+
+        def process(frame):
+            return embed(self.make(frame, sources))
+
+        # with --roi a frame without a face stays the original frame (marked: it is part of a synthetic video);
+        # without --roi there is no aligned crop to show, so it becomes a black frame
+        on_reject = (lambda frame: embed(frame)) if self.roi else (lambda frame: None)
+        try:
+            result = transform_video(
+                job.target, job.output, process, on_reject, rejected=(ImageRejected,), progress=self.progress
+            )
+        except VideoError as e:
+            self.reject(job.label, str(e))
+            return
+        for n, (index, reason) in enumerate(result.rejects):
+            self.reject(f"{job.label}#frame{index}", reason, echo=n < FRAME_REJECTS_SHOWN)
+        if len(result.rejects) > FRAME_REJECTS_SHOWN:
+            more = len(result.rejects) - FRAME_REJECTS_SHOWN
+            print(f"mfim {self.operation}: ... and {more} more frames of {job.label} (see the rejects csv)", file=sys.stderr)
+        if result.frames_processed == 0:
+            self.reject(job.label, f"no frame could be processed ({result.frames_read} frames read)")
+            return
+        write_sidecar(job.output, {**self.record, "frames": result.frames_written, "frames_swapped":
+                                   result.frames_processed, "watermark": "every frame"})
+        self.written.append(job.output)
+
+    def reject(self, label: str, reason: str, echo: bool = True) -> None:
+        self.rejects.append((label, reason))
+        if echo:
+            print(f"mfim {self.operation}: skipped {label}: {reason}", file=sys.stderr)
+
+
+def upscale_to(image, min_side: int):
+    """Upscale (Lanczos) so the short side is at least min_side; larger images are returned as they are."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if min(h, w) >= min_side:
+        return image
+    scale = min_side / min(h, w)
+    return cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LANCZOS4)
+
+
+def write_rejects(path: Path, rejects: list[tuple[str, str]]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "reason"])
+        w.writerows(rejects)
+    return path
+
+
+def execute(operation: str, target, sources: dict, args) -> int:
+    try:
+        the_plan = plan(target, sources, args.output)
+        swapper = load_swapper(args.checkpoint, args.device)
+    except UsageError as e:
+        print(f"mfim {operation}: {e}", file=sys.stderr)
+        return 2
+    runner = Runner(swapper, operation, roi=args.roi, progress=not args.quiet)
+    for label, reason in the_plan.rejects:
+        runner.reject(label, reason)
+    jobs = the_plan.jobs
+    if the_plan.folder and not args.quiet:
+        from tqdm import tqdm
+
+        jobs = tqdm(jobs, desc=operation, unit="file")
+    for job in jobs:
+        runner.run(job)
+
+    if the_plan.folder:
+        table = write_rejects(Path(args.output) / REJECTS_CSV, runner.rejects)
+        if not args.quiet:
+            total = len(the_plan.jobs) + len(the_plan.rejects)
+            print(f"wrote {len(runner.written)} of {total} to {args.output}; {len(runner.rejects)} rejected ({table})")
+    else:
+        job = the_plan.jobs[0]
+        frame_rejects = [r for r in runner.rejects if r[0].startswith(f"{job.label}#frame")]
+        if frame_rejects:
+            write_rejects(job.output.with_name(job.output.name + ".rejects.csv"), frame_rejects)
+        if runner.written and not args.quiet:
+            print(runner.written[0])
+    return 0 if runner.written else 1
+
+
+def run_swap(args) -> int:
+    return execute("swap", args.target, {"source": args.source}, args)
+
+
+def run_mix(args) -> int:
+    return execute("mix", args.target, {"global": args.global_source, "local": args.local_source}, args)
