@@ -3,7 +3,7 @@
 Table (``data/threedmm/params.parquet``), one row per sample: ``key``, ``split``, ``identity`` (-1 unknown),
 ``encoder`` (what made the estimate), ``shape`` (40), ``exp`` (10), ``pose`` (3: yaw, pitch, roll in radians) -- the
 estimate -- and ``gt_shape``, ``gt_exp``, ``gt_pose`` beside it where the synthetic ground truth is known (null
-otherwise). Vectors are stored as fixed-size float32 lists.
+otherwise). Vectors are stored as float32 lists.
 
 :func:`group_errors` is the per-parameter-group comparison used for the precompute report and the fitted regressor's
 validation: pose MAE in degrees (per angle and mean), shape/expression Pearson r (mean over coefficients) and
@@ -79,7 +79,8 @@ def precompute_threedmm(patterns: Sequence[str], encoder: Callable[[torch.Tensor
 
 
 def _schema() -> pa.Schema:
-    vec = {name: pa.list_(pa.float32(), n) for name, n in GROUPS.items()}
+    # variable-size lists: pyarrow mishandles null rows of fixed-size lists; lengths are checked on load
+    vec = {name: pa.list_(pa.float32()) for name in GROUPS}
     return pa.schema([("key", pa.string()), ("split", pa.string()), ("identity", pa.int64()),
                       ("encoder", pa.string()),
                       *[(n, vec[n]) for n in GROUPS], *[(f"gt_{n}", vec[n]) for n in GROUPS]])
@@ -105,9 +106,13 @@ def stack_column(df: pd.DataFrame, column: str) -> np.ndarray:
     values = df[column].tolist()
     if any(v is None for v in values):
         raise ValueError(f"column {column!r} has null rows (no ground truth for real data?)")
+    dim = GROUPS[column.removeprefix("gt_")]
     if not values:
-        return np.zeros((0, GROUPS[column.removeprefix("gt_")]), np.float32)
-    return np.stack([np.asarray(v, np.float32) for v in values])
+        return np.zeros((0, dim), np.float32)
+    out = np.stack([np.asarray(v, np.float32) for v in values])
+    if out.shape[1] != dim:
+        raise ValueError(f"column {column!r} holds {out.shape[1]} values per row, expected {dim}")
+    return out
 
 
 def has_ground_truth(df: pd.DataFrame) -> bool:

@@ -1,0 +1,227 @@
+"""The fitted 3DMM regressor: a small differentiable CNN from an FFHQ-aligned face to BFM shape/exp and pose.
+
+It is the third 3DMM option beside 3DDFA_V2 and DECA, and what L_shape uses on the embedded default: 3DDFA_V2 cannot
+see BFM shape on these renders, while a network fitted to the renders' ground truth can. On real data it is fitted
+to DECA/3DDFA_V2 estimates instead (distillation), which gives a fast, differentiable stand-in for them.
+
+The network predicts std-normalised parameters (each coefficient minus the training mean, over the training std);
+``forward`` de-normalises them to :class:`~mfim.nets.types.ThreeDMMParams` (BFM units, pose in radians).
+``forward_normalized`` gives the normalised vector directly (``[shape | exp | pose]``), the scale the 3DMM losses use.
+
+Checkpoint (``data/threedmm/regressor.pt``, loads with ``torch.load(weights_only=True)``): a dict with ``format``,
+``version``, ``config`` (input_size, width, n_shape, n_exp), ``state_dict``, ``mean``/``std`` (normalisation
+stats, also buffers of the module), ``target`` (ground_truth | estimate) and ``val_error`` (per parameter group).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mfim.nets.types import N_EXP, N_SHAPE, ThreeDMMParams
+
+FORMAT = "mfim-threedmm-regressor"
+VERSION = 1
+
+
+@dataclass
+class RegressorConfig:
+    input_size: int = 64
+    width: int = 32
+    n_shape: int = N_SHAPE
+    n_exp: int = N_EXP
+
+    @property
+    def n_out(self) -> int:
+        return self.n_shape + self.n_exp + 3
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(inplace=True))
+
+
+class ThreeDMMRegressor(nn.Module):
+    """aligned B×3×H×W in [-1, 1] (any H=W) -> ThreeDMMParams. Differentiable w.r.t. the input."""
+
+    def __init__(self, config: RegressorConfig | None = None, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None):
+        super().__init__()
+        self.config = c = config or RegressorConfig()
+        w = c.width
+        layers, cin, size = [], 3, c.input_size
+        # Stride-2 stages down to 4×4, then a flatten: geometry (where the jaw and eyes are) is what is regressed,
+        # so the head keeps the spatial layout instead of pooling it away.
+        for cout in (w, 2 * w, 4 * w, 4 * w):
+            layers += [_conv(cin, cout, 2), _conv(cout, cout, 1)] if size > 8 else [_conv(cin, cout, 2)]
+            cin, size = cout, (size + 1) // 2
+            if size <= 4:
+                break
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 8 * w), nn.SiLU(inplace=True),
+                                  nn.Linear(8 * w, c.n_out))
+        self.register_buffer("mean", torch.zeros(c.n_out) if mean is None else mean.float().clone())
+        self.register_buffer("std", torch.ones(c.n_out) if std is None else std.float().clone())
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.config.input_size
+        if x.shape[-1] != s or x.shape[-2] != s:
+            # antialiased bilinear: downscaling a 256/1024 crop without aliasing, and it has a backward pass
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=x.shape[-1] > s)
+        return x
+
+    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """B×(n_shape+n_exp+3) std-normalised ``[shape | exp | pose]``."""
+        return self.head(self.features(self.prepare(x)))
+
+    def split(self, v: torch.Tensor) -> ThreeDMMParams:
+        c = self.config
+        return ThreeDMMParams(v[:, : c.n_shape], v[:, c.n_shape : c.n_shape + c.n_exp], v[:, c.n_shape + c.n_exp :])
+
+    def normalize(self, params: ThreeDMMParams) -> torch.Tensor:
+        """ThreeDMMParams in BFM units -> the normalised vector ``forward_normalized`` predicts."""
+        v = torch.cat([params.shape, params.exp, params.pose], dim=1)
+        return (v - self.mean) / self.std
+
+    def denormalize(self, v: torch.Tensor) -> ThreeDMMParams:
+        return self.split(v * self.std + self.mean)
+
+    def forward(self, x: torch.Tensor) -> ThreeDMMParams:
+        return self.denormalize(self.forward_normalized(x))
+
+
+def save_regressor(model: ThreeDMMRegressor, path: str | Path, target: str, val_error: dict, extra=None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "version": VERSION, "config": asdict(model.config), "state_dict": state,
+                "mean": model.mean.detach().cpu(), "std": model.std.detach().cpu(), "target": target,
+                "val_error": val_error, **(extra or {})}, path)
+    return path
+
+
+def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") -> ThreeDMMRegressor:
+    """The fitted regressor in eval mode with frozen weights (gradients still flow to the input)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fitted 3DMM regressor not found at {path} (made by `dvc repro fit_regressor`)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an MFIM 3DMM regressor checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} (this code reads {VERSION})")
+    model = ThreeDMMRegressor(RegressorConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    val_fraction: float = 0.1
+    seed: int = 0
+    augment: bool = True
+
+
+def split_by_group(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/val row indices; rows with a known group (identity >= 0) are split by group, so validation measures
+    unseen identities; unknown ones are split by row."""
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(groups)
+    val = np.zeros(len(groups), bool)
+    known = np.unique(groups[groups >= 0])
+    if len(known) >= 2:
+        n_val = max(1, int(round(val_fraction * len(known))))
+        val |= np.isin(groups, rng.choice(known, n_val, replace=False))
+    unknown = np.flatnonzero(groups < 0)
+    if len(unknown):
+        val[rng.choice(unknown, max(1, int(round(val_fraction * len(unknown)))), replace=False)] = True
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def _to_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def predict(model: ThreeDMMRegressor, images: np.ndarray, batch_size: int = 256) -> dict:
+    """N×H×W×3 uint8 -> {'shape', 'exp', 'pose'} numpy arrays in BFM units."""
+    model.eval()
+    outs = [model(_to_input(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return {name: torch.cat([getattr(o, name) for o in outs]).numpy() for name in ("shape", "exp", "pose")}
+
+
+def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_config: RegressorConfig,
+                  fit: FitConfig, log=print) -> tuple[ThreeDMMRegressor, dict]:
+    """Fit on N×H×W×3 uint8 ``images`` (already at ``input_size``) and ``targets`` {'shape','exp','pose'} (N×D).
+
+    Loss: mean over the three groups of the MSE of std-normalised parameters, so 3 pose angles weigh as much as 40
+    shape coefficients. Returns the model (eval mode) and a report with the validation error per group, the error of
+    predicting the training mean (the baseline to beat) and the loss curve.
+    """
+    from mfim.data.augment import FaceAugment
+    from mfim.data.threedmm_table import group_errors
+
+    t0 = time.time()
+    torch.manual_seed(fit.seed)
+    y_all = np.concatenate([targets["shape"], targets["exp"], targets["pose"]], axis=1).astype(np.float32)
+    train_idx, val_idx = split_by_group(groups, fit.val_fraction, fit.seed)
+    y_train = torch.from_numpy(y_all[train_idx])
+    mean, std = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
+    model = ThreeDMMRegressor(model_config, mean, std)
+    c = model_config
+    bounds = [(0, c.n_shape), (c.n_shape, c.n_shape + c.n_exp), (c.n_shape + c.n_exp, c.n_out)]
+    opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=1e-4)
+    steps = fit.epochs * math.ceil(len(train_idx) / fit.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=max(steps, 1), pct_start=0.15)
+    augment = FaceAugment() if fit.augment else None
+    rng = np.random.default_rng(fit.seed)
+    x_cache = _to_input(images[train_idx]) if augment is None else None
+    y_norm = (y_train - mean) / std
+    curve = []
+    for epoch in range(fit.epochs):
+        model.train()
+        if augment is not None:  # photometric only: the labels stay true
+            x_epoch = _to_input(np.stack([augment(images[i], rng).image for i in train_idx]))
+        else:
+            x_epoch = x_cache
+        order = torch.from_numpy(rng.permutation(len(train_idx)))
+        total = 0.0
+        for b in range(0, len(order), fit.batch_size):
+            sel = order[b : b + fit.batch_size]
+            if len(sel) < 2:  # BatchNorm needs two samples
+                continue
+            pred = model.forward_normalized(x_epoch[sel])
+            loss = sum(F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds) / 3
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(sel)
+        curve.append(total / len(train_idx))
+        log(f"regressor epoch {epoch + 1}/{fit.epochs}: train loss {curve[-1]:.4f}")
+    model.eval().requires_grad_(False)
+    gt_val = {k: np.asarray(targets[k])[val_idx] for k in ("shape", "exp", "pose")}
+    report = {
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "val_split": "held-out identities" if (np.asarray(groups) >= 0).any() else "held-out images",
+        "val_error": group_errors(predict(model, images[val_idx]), gt_val),
+        "val_error_predict_mean": group_errors(
+            {k: np.broadcast_to(np.asarray(targets[k])[train_idx].mean(0), gt_val[k].shape) for k in gt_val}, gt_val),
+        "train_loss": [round(v, 5) for v in curve],
+        "seconds": round(time.time() - t0, 1),
+    }
+    return model, report
