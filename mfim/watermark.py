@@ -38,7 +38,7 @@ TILE = 128  # canonical tile period in pixels: detection folds onto a TILE×TILE
 K_MIN, K_MAX = 4, 16  # band of the pattern, in cycles per tile
 MIN_PERIOD = 2 * K_MAX + 2  # smallest period at which the band renders without aliasing
 DEFAULT_PSNR_DB = 40.0
-TARGET_FALSE_POSITIVE_RATE = 1e-6  # per image, by the Gaussian null with a Bonferroni bound
+TARGET_FALSE_POSITIVE_RATE = 1e-8  # per image, by the Gaussian null with a Bonferroni bound
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _PERIOD_JITTER = (0.995, 1.0, 1.005)  # the autocorrelation peak is good to ~0.5%; try its neighbours too
 
@@ -108,7 +108,7 @@ def n_period_candidates() -> int:
 def threshold_for(false_positive_rate: float = TARGET_FALSE_POSITIVE_RATE) -> float:
     """Score above which an unmarked image is called marked with probability <= false_positive_rate."""
     n_tests = n_period_candidates() * TILE * TILE
-    return float(null_std() * ndtri(1.0 - false_positive_rate / n_tests))
+    return float(-null_std() * ndtri(false_positive_rate / n_tests))  # upper-tail quantile, exact for tiny rates
 
 
 def false_positive_bound(score: float) -> float:
