@@ -171,6 +171,36 @@ def test_folder_with_bad_files_yields_the_rest_and_a_rejects_table(fake, inputs,
     assert fake.calls["prepare"] == 4  # the source once, then each readable target
 
 
+def test_folder_names_collisions_and_output_inside_target(fake, inputs, tmp_path):
+    targets = tmp_path / "t"
+    small_copy(inputs["biden"], targets / "a.jpg")
+    small_copy(inputs["obama2"], targets / "a.png")
+    out = targets / "out"  # inside the target folder: its files must not become inputs on a second run
+    for _ in range(2):
+        assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "a.png.png"]
+    assert list(csv.DictReader(open(out / "rejects.csv"))) == []
+
+
+def test_unexpected_error_on_one_file_does_not_stop_a_folder_run(fake, inputs, tmp_path, monkeypatch):
+    targets = tmp_path / "t"
+    small_copy(inputs["biden"], targets / "a.jpg")
+    small_copy(inputs["obama2"], targets / "b.jpg")
+    real_swap = fake.swap
+
+    def flaky(src, tgt, roi):
+        if tgt.image.shape[1] == read_rgb(targets / "a.jpg").shape[1]:
+            raise RuntimeError("model exploded")
+        return real_swap(src, tgt, roi)
+
+    monkeypatch.setattr(fake, "swap", flaky)
+    out = tmp_path / "o"
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(out), "-q"]) == 0
+    assert (out / "b.png").is_file() and not (out / "a.png").exists()
+    rows = list(csv.DictReader(open(out / "rejects.csv")))
+    assert rows == [{"file": "a.jpg", "reason": "error: RuntimeError: model exploded"}]
+
+
 def test_folder_sources_pair_by_name(fake, inputs, tmp_path):
     sources, targets, out = tmp_path / "s", tmp_path / "t", tmp_path / "o"
     small_copy(inputs["obama"], sources / "a.png")

@@ -129,8 +129,10 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"--target is a folder, so --output must be a folder ({output} is a file)")
-    jobs, rejects = [], []
+    jobs, rejects, used = [], [], set()
     for t in media_files(target):
+        if output.resolve() in t.resolve().parents:  # output folder inside the target folder: not an input
+            continue
         rel = t.relative_to(target)
         paired: dict[str, Path] = {}
         for role, src in sources.items():
@@ -141,6 +143,9 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
             paired[role] = match
         else:
             out_rel = rel if is_video(t) else rel.with_suffix(".png")
+            if out_rel in used:  # a.jpg and a.png in one folder: the second keeps its suffix in the name
+                out_rel = rel.with_name(rel.name + ".png")
+            used.add(out_rel)
             jobs.append(Job(t, paired, output / out_rel, str(rel)))
     return Plan(jobs, rejects, folder=True)
 
@@ -162,10 +167,11 @@ def load_swapper(checkpoint: str | None, device: str):
 class Runner:
     """Prepares each face once, makes the outputs, writes them with provenance, collects the rejects."""
 
-    def __init__(self, swapper, operation: str, roi: bool, progress: bool):
+    def __init__(self, swapper, operation: str, roi: bool, progress: bool, keep_going: bool = False):
         from mfim.provenance import provenance_record
 
         self.swapper = swapper
+        self.keep_going = keep_going  # folder runs: an unexpected error on one file is reported, the rest go on
         self.operation = operation
         self.roi = roi
         self.progress = progress
@@ -208,6 +214,18 @@ class Runner:
         return out
 
     def run(self, job: Job) -> None:
+        from mfim.assets import MissingAssetError
+
+        try:
+            self._run(job)
+        except MissingAssetError:
+            raise
+        except Exception as e:
+            if not self.keep_going:
+                raise
+            self.reject(job.label, f"error: {type(e).__name__}: {e}")
+
+    def _run(self, job: Job) -> None:
         from mfim.imageio import ImageRejected, read_rgb
         from mfim.provenance import save_image
 
@@ -288,7 +306,7 @@ def execute(operation: str, target, sources: dict, args) -> int:
     except UsageError as e:
         print(f"mfim {operation}: {e}", file=sys.stderr)
         return 2
-    runner = Runner(swapper, operation, roi=args.roi, progress=not args.quiet)
+    runner = Runner(swapper, operation, roi=args.roi, progress=not args.quiet, keep_going=the_plan.folder)
     for label, reason in the_plan.rejects:
         runner.reject(label, reason)
     jobs = the_plan.jobs
