@@ -318,7 +318,7 @@ CANONICAL_FRACTIONS = np.array(
 
 
 def canonical_fractions_from_shape(shape68: np.ndarray) -> np.ndarray:
-    """Where the FFHQ recipe puts a 68-point shape, as fractions (68, 2) of the aligned crop (ideal quad, no rounding)."""
+    """Where the FFHQ recipe puts a 68-point shape: fractions (68, 2) of the aligned crop (ideal quad, no rounding)."""
     quad, _ = ffhq_quad(shape68)
     return _apply(quad_to_unit_matrix(quad), shape68)
 

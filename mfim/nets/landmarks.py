@@ -15,7 +15,7 @@ Two practical additions to plain dlib:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -42,7 +42,6 @@ class Face:
     score: float
     landmarks: np.ndarray
     rotation: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def area(self) -> float:

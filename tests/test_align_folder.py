@@ -1,0 +1,322 @@
+"""Folder alignment (`align` stage / `mfim align`) and `mfim analyze`: bad inputs, resume, tables, provenance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mfim.data.align_folder import align_folder, landmark_error_report
+from mfim.nets.align import AlignTransform, canonical_landmarks
+from mfim.nets.landmarks import rotate_image
+
+SIZE = 128
+
+
+def _small(img: np.ndarray, factor: float = 0.5) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def input_folder(tmp_path_factory, photos):
+    """Good photos (some in sub-folders, odd modes, sideways) and every kind of bad input the issue lists."""
+    from mfim.provenance import provenance_record, save_image
+
+    root = tmp_path_factory.mktemp("align_in") / "images"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    obama, biden, obama2 = _small(photos["obama"]), _small(photos["biden"]), _small(photos["obama2"])
+    Image.fromarray(obama).save(root / "obama.jpg", quality=92)
+    obama = np.asarray(Image.open(root / "obama.jpg").convert("RGB"))  # the decoded pixels, for the sideways copy
+    Image.fromarray(biden).save(root / "sub" / "biden.jpg", quality=92)
+    # CMYK JPEG, RGBA PNG, 16-bit grayscale PNG: converted and aligned, not rejected
+    Image.fromarray(obama2).convert("CMYK").save(root / "sub" / "cmyk.jpg", quality=92)
+    rgba = np.dstack([obama2, np.full(obama2.shape[:2], 255, np.uint8)])
+    rgba[:20, :20, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    gray16 = (np.asarray(Image.fromarray(biden).convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray16).save(root / "sub" / "deeper" / "gray16.png")
+    assert Image.open(root / "sub" / "deeper" / "gray16.png").mode.startswith("I")
+    # a photo lying on its side (no EXIF): found after a rotation
+    Image.fromarray(rotate_image(obama, 3)).save(root / "sideways.png")
+    # two faces side by side: the larger is kept, the count noted
+    b2 = _small(biden, 0.7)
+    two = np.full((max(obama.shape[0], b2.shape[0]), obama.shape[1] + b2.shape[1], 3), 90, np.uint8)
+    two[: obama.shape[0], : obama.shape[1]] = obama
+    two[: b2.shape[0], obama.shape[1] :] = b2
+    Image.fromarray(two).save(root / "two_faces.png")
+    # an image that already carries a synthetic provenance record
+    save_image(root / "synthetic.png", obama2, provenance_record("synthetic", source="test render"))
+    # bad input
+    (root / "not_an_image.jpg").write_text("this is not a JPEG")
+    data = (root / "obama.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    yy, xx = np.mgrid[:200, :260]
+    Image.fromarray(np.dstack([xx % 256, yy, (xx + yy) % 256]).astype(np.uint8)).save(root / "no_face.png")
+    Image.fromarray(obama[:16, :16]).save(root / "tiny16.png")
+    Image.new("1", (12000, 12000)).save(root / "huge.png")  # 144 MP, refused from the header (no decode)
+    (root / "notes.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+EXPECTED_GOOD = {
+    "obama.jpg", "sub/biden.jpg", "sub/cmyk.jpg", "rgba.png", "sub/deeper/gray16.png", "sideways.png",
+    "two_faces.png", "synthetic.png",
+}  # fmt: skip
+EXPECTED_REJECT = {
+    "not_an_image.jpg": "not a readable image",
+    "truncated.jpg": "corrupt or truncated",
+    "no_face.png": "no face found",
+    "tiny16.png": "too small",
+    "huge.png": "too large",
+    "notes.bin": "not an image file type",
+}
+
+
+@pytest.fixture(scope="module")
+def aligned_run(input_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align_out") / "aligned"
+    summary = align_folder(input_folder, out, size=SIZE, workers=1, transform_size=4 * SIZE, progress=False)
+    return out, summary
+
+
+def test_good_files_aligned_bad_files_have_reasons(aligned_run):
+    out, summary = aligned_run
+    table = pd.read_parquet(out / "aligned.parquet")
+    rejects = pd.read_csv(out / "rejects.csv")
+    assert set(table["file"]) == EXPECTED_GOOD
+    assert set(rejects.columns) == {"file", "reason"}
+    assert dict(zip(rejects["file"], rejects["reason"])).keys() == EXPECTED_REJECT.keys()
+    for f, reason in zip(rejects["file"], rejects["reason"]):
+        assert EXPECTED_REJECT[f] in reason, (f, reason)
+    assert pd.read_parquet(out / "rejects.parquet").equals(rejects)
+    assert summary["n_aligned"] == len(EXPECTED_GOOD) and summary["n_rejected"] == len(EXPECTED_REJECT)
+    # outputs mirror the relative input paths as PNG, at the requested size
+    for rel in EXPECTED_GOOD:
+        img = np.asarray(Image.open(out / (rel.rsplit(".", 1)[0] + ".png")))
+        assert img.shape == (SIZE, SIZE, 3)
+
+
+def test_table_contents(aligned_run, input_folder):
+    out, summary = aligned_run
+    table = pd.read_parquet(out / "aligned.parquet").set_index("file")
+    row = table.loc["obama.jpg"]
+    assert row["key"] == "obama" and table.loc["sub/biden.jpg", "key"] == "sub/biden"
+    lm = np.asarray(row["landmarks"]).reshape(68, 2)
+    src = np.asarray(row["source_landmarks"]).reshape(68, 2)
+    tf = AlignTransform.from_list(row["transform"], SIZE, (row["height"], row["width"]))
+    np.testing.assert_allclose(tf.to_aligned(src), lm, atol=1e-3)
+    # aligned landmarks sit near the canonical FFHQ face
+    assert np.linalg.norm(lm - canonical_landmarks(SIZE), axis=1).mean() < 0.05 * SIZE
+    two = table.loc["two_faces.png"]
+    assert two["n_faces"] == 2 and "2 faces found; kept the largest" in two["note"]
+    assert np.asarray(two["box"])[2] <= 460  # obama, the larger face, on the left half
+    side = table.loc["sideways.png"]
+    assert side["rotation"] == 90 and "rotating" in side["note"]
+    assert summary["n_multi_face"] == 1 and summary["n_rotated"] == 1
+    # the sideways copy (same decoded pixels) aligns to the upright photo's crop
+    a = np.asarray(Image.open(out / "obama.png"), dtype=float)
+    b = np.asarray(Image.open(out / "sideways.png"), dtype=float)
+    assert np.abs(a - b).mean() < 1.0
+
+
+def test_provenance(aligned_run):
+    from mfim.provenance import read_record
+
+    out, _ = aligned_run
+    rec = read_record(out / "obama.png")
+    assert rec["kind"] == "processed" and rec["source_file"] == "obama.jpg" and not rec["synthetic"]
+    syn = read_record(out / "synthetic.png")
+    assert syn["kind"] == "synthetic" and syn["synthetic"] and syn["source"] == "test render"
+    assert syn["source_file"] == "synthetic.png"
+
+
+def test_resume_skips_done_files(aligned_run, input_folder):
+    out, first = aligned_run
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    table_before = pd.read_parquet(out / "aligned.parquet")
+    again = align_folder(input_folder, out, size=SIZE, workers=1, transform_size=4 * SIZE, progress=False)
+    assert again["n_processed"] == 0
+    assert again["n_skipped_resume"] == len(EXPECTED_GOOD) + len(EXPECTED_REJECT) - 1  # notes.bin is typed out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamp
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "aligned.parquet"), table_before)
+    assert again["n_aligned"] == first["n_aligned"] and again["n_rejected"] == first["n_rejected"]
+
+
+def test_resume_redoes_deleted_output_and_changed_settings(input_folder, tmp_path, photos):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_small(photos["obama"])).save(src / "a.png")
+    Image.fromarray(_small(photos["biden"])).save(src / "b.png")
+    out = tmp_path / "out"
+    s1 = align_folder(src, out, size=64, workers=1, progress=False)
+    assert s1["n_processed"] == 2
+    (out / "a.png").unlink()
+    s2 = align_folder(src, out, size=64, workers=1, progress=False)
+    assert s2["n_processed"] == 1 and (out / "a.png").is_file()
+    s3 = align_folder(src, out, size=96, workers=1, progress=False)  # another size: everything again
+    assert s3["n_processed"] == 2
+    assert np.asarray(Image.open(out / "b.png")).shape == (96, 96, 3)
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path, photos, monkeypatch):
+    """Tables are checkpointed while running: after a crash, the next run only does the files not yet recorded."""
+    from mfim.data import align_folder as mod
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate(["obama", "biden", "obama2", "obama3"]):
+        Image.fromarray(_small(photos[name], 0.3)).save(src / f"{i}_{name}.png")
+    real = mod._process
+    calls = []
+
+    def crash_on_third(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(mod, "_process", crash_on_third)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        align_folder(src, out, size=64, workers=1, progress=False, checkpoint_every=1)
+    monkeypatch.setattr(mod, "_process", real)
+    assert len(pd.read_parquet(out / "aligned.parquet")) == 2
+    again = align_folder(src, out, size=64, workers=1, progress=False)
+    assert again["n_processed"] == 2 and again["n_aligned"] == 4
+
+
+def test_worker_processes_match_in_process(tmp_path, photos):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("obama", "biden", "obama2"):
+        Image.fromarray(_small(photos[name])).save(src / f"{name}.png")
+    (src / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    one = align_folder(src, tmp_path / "one", size=64, workers=1, progress=False)
+    two = align_folder(src, tmp_path / "two", size=64, workers=2, progress=False)
+    assert one["n_aligned"] == two["n_aligned"] == 3 and two["n_rejected"] == 1
+    for name in ("obama", "biden", "obama2"):
+        a = np.asarray(Image.open(tmp_path / "one" / f"{name}.png"))
+        b = np.asarray(Image.open(tmp_path / "two" / f"{name}.png"))
+        assert (a == b).all()
+
+
+def test_ground_truth_report(tmp_path, photos):
+    """Beside a ground_truth.parquet (synthetic-set layout) the report holds the landmark error against it."""
+    from mfim.nets.landmarks import DlibFaceLandmarker
+
+    root = tmp_path / "raw"
+    (root / "images").mkdir(parents=True)
+    img = _small(photos["obama"])
+    Image.fromarray(img).save(root / "images" / "id000_00.png")
+    Image.fromarray(np.full((120, 120, 3), 30, np.uint8)).save(root / "images" / "id000_01.png")
+    lm = DlibFaceLandmarker("hog").detect(img)[0].landmarks.astype(np.float64)
+    iod = np.linalg.norm(lm[45] - lm[36])
+    truth = lm + [0.05 * iod, 0.0]  # ground truth 5% of the inter-ocular distance to the right
+    gt = pd.DataFrame(
+        {
+            "key": ["id000_00", "id000_01", "id999_99"],  # the last one is not in the folder
+            "landmarks": [truth.reshape(-1).tolist(), truth.reshape(-1).tolist(), truth.reshape(-1).tolist()],
+            "yaw": [0.0, 0.0, 0.0],
+        }
+    )
+    gt.to_parquet(root / "ground_truth.parquet")
+    report = tmp_path / "reports" / "align.json"
+    summary = align_folder(root / "images", tmp_path / "aligned", size=64, workers=1, progress=False,
+                           report_path=report)  # fmt: skip
+    g = json.loads(report.read_text())["ground_truth"]
+    assert g == summary["ground_truth"]
+    assert g["n_ground_truth_images"] == 2 and g["n_matched"] == 1 and g["detection_rate"] == 0.5
+    assert abs(g["nme_iod"]["median"] - 0.05) < 0.003  # the same detector on the same pixels: only the offset
+    assert abs(g["nme_iod_inner51"]["mean"] - 0.05) < 0.003
+
+
+def test_landmark_error_report_by_stem():
+    truth = canonical_landmarks(100).astype(np.float64)
+    rows = [{"key": "sub/x1", "source_landmarks": (truth + [0, 2.0]).reshape(-1).tolist()}]
+    gt = pd.DataFrame({"key": ["x1"], "landmarks": [truth.reshape(-1).tolist()]})
+    r = landmark_error_report(rows, gt)
+    iod = np.linalg.norm(truth[45] - truth[36])
+    assert r["n_matched"] == 1 and abs(r["nme_iod"]["mean"] - 2.0 / iod) < 1e-9
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_align(input_folder, tmp_path, capsys):
+    from mfim.cli import main
+
+    out = tmp_path / "cli_out"
+    rc = main(["align", str(input_folder), str(out), "--size", "64", "--workers", "1", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"aligned {len(EXPECTED_GOOD)} of" in text and f"{len(EXPECTED_REJECT)} rejected" in text
+    assert set(pd.read_csv(out / "rejects.csv")["file"]) == set(EXPECTED_REJECT)
+
+
+def test_cli_analyze_json(input_folder, capsys, monkeypatch):
+    """Box and landmarks per face; per-file errors in an `error` field; each network field holds its output or
+    'unavailable: <reason>'. The networks are stand-ins here (the real ones: the slow test below)."""
+    import torch
+
+    from mfim.cli import main
+    from mfim.commands import analyze
+    from mfim.nets.types import ThreeDMMParams
+
+    seen = []
+
+    def embedder(x):
+        seen.append(x)
+        return torch.arange(512, dtype=torch.float32)[None].repeat(x.shape[0], 1)
+
+    def threedmm(x):
+        b = x.shape[0]
+        return ThreeDMMParams(torch.zeros(b, 40), torch.ones(b, 10), torch.tensor([[0.1, -0.2, 0.3]]).repeat(b, 1))
+
+    def build(self, name):
+        if name == "identity_mobilefacenet":
+            return embedder
+        if name == "threedmm":
+            return threedmm
+        if name == "identity_dlib":
+            raise FileNotFoundError("dlib_face_recognition_resnet_model_v1.dat missing")
+        raise ModuleNotFoundError("No module named 'mfim.nets.headpose'", name="mfim.nets.headpose")
+
+    monkeypatch.setattr(analyze.NetworkHooks, "_build", build)
+    files = [input_folder / "two_faces.png", input_folder / "truncated.jpg", input_folder / "no_face.png"]
+    rc = main(["analyze", *map(str, files), "--json", "--size", "128"])
+    assert rc == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in results] == list(map(str, files))
+    two, trunc, none = results
+    assert two["n_faces"] == 2 and len(two["faces"]) == 2
+    f0 = two["faces"][0]
+    assert len(f0["box"]) == 4 and np.asarray(f0["landmarks"]).shape == (68, 2)
+    assert f0["headpose_hopenet"] == "unavailable: module mfim.nets.headpose is not installed"
+    assert f0["identity_dlib"].startswith("unavailable: FileNotFoundError: dlib_face_recognition")
+    assert f0["identity_mobilefacenet"] == list(range(512))
+    assert f0["threedmm"]["pose_deg"] == {"yaw": 5.73, "pitch": -11.459, "roll": 17.189}  # radians -> degrees
+    assert f0["threedmm"]["expression"] == [1.0] * 10
+    # the networks saw each face FFHQ-aligned at --size, as B×3×H×W in [-1, 1]
+    assert len(seen) == 2 and seen[0].shape == (1, 3, 128, 128)
+    assert -1.0 <= seen[0].min() < -0.5 and 0.5 < seen[0].max() <= 1.0
+    assert "corrupt or truncated" in trunc["error"] and "faces" not in trunc
+    assert none["error"] == "no face found" and none["faces"] == []
+
+
+@pytest.mark.slow
+def test_cli_analyze_real_networks(photo_paths, capsys):
+    from mfim.cli import main
+
+    rc = main(["analyze", str(photo_paths["obama"]), "--json", "--largest"])
+    assert rc == 0
+    (res,) = json.loads(capsys.readouterr().out)
+    face = res["faces"][0]
+    assert len(face["identity_mobilefacenet"]) == 512 and len(face["identity_dlib"]) == 128
+    assert len(face["threedmm"]["shape"]) == 40 and len(face["threedmm"]["expression"]) == 10
+    for field in (face["threedmm"]["pose_deg"], face["headpose_hopenet"]):
+        assert abs(field["yaw"]) < 15 and abs(field["roll"]) < 15  # a frontal, level portrait
