@@ -1,0 +1,232 @@
+"""3DMM encoders returning ``ThreeDMMParams`` (shape, expression, pose): 3DDFA_V2 by default, DECA and a fitted
+regressor by name, plus the normaliser the losses use.
+
+3DDFA_V2 (``TDDFAEncoder``)
+    The MobileNetV1 regressor ``mb1_120x120.onnx`` through onnx2torch (differentiable). As in 3DDFA_V2: a square roi
+    around the face -- from the 68 landmarks, side = diagonal of their bounding square, or from a detector box, side
+    1.58 x box size shifted down by 0.14 -- resized to 120x120, BGR, (x - 127.5) / 128. Its 62 outputs are
+    de-normalised with ``param_mean_std_62d_120x120.pkl``: 12 = the 3x4 scaled-orthographic pose matrix, then 40
+    shape and 10 expression coefficients of the BFM. For aligned input the roi comes from the canonical FFHQ
+    landmarks (``mfim.nets.face_crops``). Pose = ``matrix_to_angles`` of the normalised rotation (project convention,
+    ``mfim.nets.rotation``).
+    Measured on synthetic BFM renders: pose to ~1-2 deg and the first expression coefficients, but NOT face shape
+    (r ~ 0.1) -- hence the third option, a regressor the pipeline fits on precomputed parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mfim.assets import resolve
+from mfim.nets.deca import FLAME_N_EXP, FLAME_N_SHAPE, DECAEncoder
+from mfim.nets.face_crops import (
+    box_transform,
+    canonical_landmark_box,
+    image_to_tensor,
+    landmark_box,
+    square_box,
+    to_continuous,
+    warp,
+)
+from mfim.nets.onnx_utils import FrozenModule, freeze, load_numpy_pickle, onnx_to_torch
+from mfim.nets.rotation import matrix_to_angles, normalize_pose_matrix
+from mfim.nets.types import N_EXP, N_SHAPE, ThreeDMMParams
+
+TDDFA_INPUT_SIZE = 120
+# 62 = pose matrix (12) + shape (40) + expression (10)
+TDDFA_POSE = slice(0, 12)
+TDDFA_SHAPE = slice(12, 12 + N_SHAPE)
+TDDFA_EXP = slice(12 + N_SHAPE, 12 + N_SHAPE + N_EXP)
+
+
+def roi_box_from_landmark_box(box) -> np.ndarray:
+    """3DDFA_V2's roi from landmarks: the bounding square of the points, grown to its own diagonal, same centre."""
+    x0, y0, x1, y1 = [float(v) for v in box]
+    side = max(x1 - x0, y1 - y0) * np.sqrt(2.0)
+    return square_box(((x0 + x1) / 2, (y0 + y1) / 2), side)
+
+
+def roi_box_from_face_box(box) -> np.ndarray:
+    """3DDFA_V2's roi from a detector box: side 1.58 x mean box size, centre moved down by 0.14 x that size."""
+    x0, y0, x1, y1 = [float(v) for v in box]
+    size = (x1 - x0 + y1 - y0) / 2
+    return square_box(((x0 + x1) / 2, (y0 + y1) / 2 + 0.14 * size), int(size * 1.58))
+
+
+def load_tddfa_stats(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (62,) float32, of 3DDFA_V2's normalised regressor output."""
+    stats = load_numpy_pickle(resolve("tddfa_param_stats", path))
+    return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+class ThreeDMMNormalizer(nn.Module):
+    """Standardises shape and expression coefficients, so 3DMM losses weigh every coefficient alike.
+
+    The 3DDFA_V2 BFM coefficients span five orders of magnitude (shape std ~6e5 for the first component, expression
+    ~0.2-1.6); losses on raw values would see only the first few. Pose passes through unchanged (radians).
+    """
+
+    def __init__(self, shape_mean, shape_std, exp_mean, exp_std):
+        super().__init__()
+        for name, value in [("shape_mean", shape_mean), ("shape_std", shape_std), ("exp_mean", exp_mean), ("exp_std", exp_std)]:
+            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32).clone())
+
+    @classmethod
+    def from_tddfa_stats(cls, path: str | os.PathLike | None = None) -> "ThreeDMMNormalizer":
+        """BFM (40 shape, 10 expression) statistics of 3DDFA_V2's training set: for 3DDFA, synthetic, fitted."""
+        mean, std = load_tddfa_stats(path)
+        return cls(mean[TDDFA_SHAPE], std[TDDFA_SHAPE], mean[TDDFA_EXP], std[TDDFA_EXP])
+
+    @classmethod
+    def identity(cls, n_shape: int, n_exp: int) -> "ThreeDMMNormalizer":
+        """No-op normaliser, e.g. for FLAME coefficients (already in units of their PCA standard deviation)."""
+        return cls(np.zeros(n_shape), np.ones(n_shape), np.zeros(n_exp), np.ones(n_exp))
+
+    def normalize(self, p: ThreeDMMParams) -> ThreeDMMParams:
+        return ThreeDMMParams((p.shape - self.shape_mean) / self.shape_std, (p.exp - self.exp_mean) / self.exp_std, p.pose)
+
+    def denormalize(self, p: ThreeDMMParams) -> ThreeDMMParams:
+        return ThreeDMMParams(p.shape * self.shape_std + self.shape_mean, p.exp * self.exp_std + self.exp_mean, p.pose)
+
+    forward = normalize
+
+
+class TDDFAEncoder(FrozenModule):
+    """3DDFA_V2 (MobileNetV1, 120x120) as a frozen, differentiable torch module: aligned faces -> ThreeDMMParams."""
+
+    input_size = TDDFA_INPUT_SIZE
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        onnx_path: str | os.PathLike | None = None,
+        stats_path: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        self.net = onnx_to_torch(resolve("tddfa_mb1_onnx", onnx_path))
+        mean, std = load_tddfa_stats(stats_path)
+        self.register_buffer("param_mean", torch.from_numpy(mean))
+        self.register_buffer("param_std", torch.from_numpy(std))
+        self.normalizer = ThreeDMMNormalizer.from_tddfa_stats(stats_path)
+        self.freeze().to(device)
+
+    # --- crops ---
+    @staticmethod
+    def aligned_roi_box(size: int) -> np.ndarray:
+        """The 3DDFA_V2 roi of an FFHQ-aligned face of side ``size`` (from the canonical 68-landmark box)."""
+        return roi_box_from_landmark_box(canonical_landmark_box(size))
+
+    def crop(self, aligned: torch.Tensor) -> torch.Tensor:
+        """FFHQ-aligned B×3×H×W in [-1, 1] -> B×3×120×120 RGB roi in [-1, 1] (zero = black outside the image)."""
+        m = box_transform(self.aligned_roi_box(aligned.shape[-1]), self.input_size)
+        return warp(aligned, m, self.input_size, fill=-1.0)
+
+    def crop_photo(self, image: np.ndarray, landmarks68: np.ndarray | None = None, box=None) -> torch.Tensor:
+        """Roi of a face in an unaligned photo, from its dlib 68 landmarks (preferred) or a detector box."""
+        if landmarks68 is not None:
+            roi = roi_box_from_landmark_box(landmark_box(to_continuous(landmarks68)))
+        elif box is not None:
+            roi = roi_box_from_face_box(box)
+        else:
+            raise ValueError("give landmarks68 or box")
+        device = self.param_mean.device
+        return warp(image_to_tensor(image, device), box_transform(roi, self.input_size), self.input_size, fill=-1.0)
+
+    # --- network ---
+    def network_input(self, crops: torch.Tensor) -> torch.Tensor:
+        """RGB [-1, 1] crops -> what the network was trained on: BGR, (x - 127.5) / 128."""
+        pixels = (crops.flip(1) + 1.0) * 127.5
+        return (pixels - 127.5) / 128.0
+
+    def params62(self, crops: torch.Tensor) -> torch.Tensor:
+        """B×62 de-normalised 3DDFA_V2 parameters of 120x120 RGB crops in [-1, 1]."""
+        return self.net(self.network_input(crops)) * self.param_std + self.param_mean
+
+    @staticmethod
+    def decode(params62: torch.Tensor) -> ThreeDMMParams:
+        pose_matrix = params62[:, TDDFA_POSE].reshape(-1, 3, 4)
+        _, rotation, _ = normalize_pose_matrix(pose_matrix)
+        return ThreeDMMParams(params62[:, TDDFA_SHAPE], params62[:, TDDFA_EXP], matrix_to_angles(rotation))
+
+    def encode_crops(self, crops: torch.Tensor) -> ThreeDMMParams:
+        return self.decode(self.params62(crops))
+
+    def forward(self, aligned: torch.Tensor) -> ThreeDMMParams:
+        """FFHQ-aligned faces B×3×H×W in [-1, 1] RGB -> ThreeDMMParams (shape B×40, exp B×10, pose B×3 radians)."""
+        return self.encode_crops(self.crop(aligned))
+
+    @torch.no_grad()
+    def from_photo(self, image: np.ndarray, landmarks68: np.ndarray | None = None, box=None) -> ThreeDMMParams:
+        """ThreeDMMParams of one face in an unaligned photo (H×W×3 uint8 RGB) given 68 landmarks or a face box."""
+        return self.encode_crops(self.crop_photo(image, landmarks68, box))
+
+
+# --- factory ------------------------------------------------------------------------------------------------------
+
+THREEDMM_ENCODERS = ("tddfa", "deca", "fitted")
+
+
+def _lookup(params: dict | None, dotted: str) -> Any:
+    node: Any = params or {}
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def build_threedmm_encoder(
+    name: str,
+    params: dict | None = None,
+    device: str | torch.device = "cpu",
+    checkpoint: str | os.PathLike | None = None,
+) -> nn.Module:
+    """A frozen 3DMM encoder by name: module(aligned B×3×H×W in [-1, 1]) -> ThreeDMMParams.
+
+    'tddfa'  3DDFA_V2 from the asset zoo (no checkpoint).
+    'deca'   DECA ``deca_model.tar``: ``checkpoint``, else params ``nets.threedmm.deca_checkpoint``, else the asset
+             cache; missing -> MissingAssetError naming the file and key.
+    'fitted' the regressor fitted by the pipeline (``mfim.nets.threedmm_regressor.load_fitted_regressor``); its path
+             comes from the caller's params group (``loss``/``evaluate``) as ``checkpoint``.
+    """
+    if name == "tddfa":
+        return TDDFAEncoder(device=device)
+    if name == "deca":
+        return DECAEncoder(checkpoint or _lookup(params, "nets.threedmm.deca_checkpoint") or None, device=device)
+    if name == "fitted":
+        if not checkpoint:
+            raise ValueError(
+                "3DMM encoder 'fitted' needs the fitted regressor checkpoint (the `threedmm` stage's output); "
+                "pass checkpoint=PATH"
+            )
+        from mfim.nets.threedmm_regressor import load_fitted_regressor
+
+        return freeze(load_fitted_regressor(checkpoint, device=device))
+    raise ValueError(f"unknown 3DMM encoder {name!r}; choose one of {', '.join(THREEDMM_ENCODERS)}")
+
+
+def build_threedmm_normalizer(name: str) -> ThreeDMMNormalizer:
+    """The coefficient normaliser matching encoder ``name`` (BFM statistics, or identity for DECA/FLAME)."""
+    if name in ("tddfa", "fitted"):
+        return ThreeDMMNormalizer.from_tddfa_stats()
+    if name == "deca":
+        return ThreeDMMNormalizer.identity(FLAME_N_SHAPE, FLAME_N_EXP)
+    raise ValueError(f"unknown 3DMM encoder {name!r}; choose one of {', '.join(THREEDMM_ENCODERS)}")
+
+
+__all__ = [
+    "TDDFAEncoder",
+    "DECAEncoder",
+    "ThreeDMMNormalizer",
+    "build_threedmm_encoder",
+    "build_threedmm_normalizer",
+    "load_tddfa_stats",
+    "roi_box_from_landmark_box",
+    "roi_box_from_face_box",
+    "THREEDMM_ENCODERS",
+]
