@@ -20,6 +20,13 @@ def register(sub) -> None:
     p.add_argument(
         "--transform-size", type=int, default=4096, help="FFHQ quad render size, capped at 4× --size (default 4096)"
     )
+    p.add_argument(
+        "--max-detect-side",
+        type=int,
+        default=1024,
+        help="search faces on a copy at most this many pixels on its longer side (landmarks use full resolution; "
+        "raise it for small faces in large photos; default 1024)",
+    )
     p.add_argument("--no-padding", action="store_true", help="leave areas outside the photo black")
     p.add_argument("--no-rotations", action="store_true", help="do not search 90/180/270° rotated images")
     p.add_argument("--no-resume", action="store_true", help="redo every file even if its output exists")
@@ -48,6 +55,7 @@ def run(args) -> int:
         transform_size=args.transform_size,
         enable_padding=not args.no_padding,
         try_rotations=not args.no_rotations,
+        max_detect_side=args.max_detect_side,
         table_path=args.table,
         rejects_path=args.rejects,
         report_path=args.report,
