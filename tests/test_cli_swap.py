@@ -237,7 +237,8 @@ def test_usage_errors(fake, inputs, tmp_path, argv_tail, capsys):
 
 
 def test_folder_source_needs_folder_target(fake, inputs, tmp_path, capsys):
-    rc = cli.main(["swap", "-s", str(inputs["obama"].parent), "-t", str(inputs["biden"]), "-o", str(tmp_path / "x.png")])
+    folder = str(inputs["obama"].parent)
+    rc = cli.main(["swap", "-s", folder, "-t", str(inputs["biden"]), "-o", str(tmp_path / "x.png")])
     assert rc == 2 and "folder" in capsys.readouterr().err
 
 
@@ -308,6 +309,14 @@ def test_swap_on_video_target(fake, inputs, tmp_path, capsys):
     assert rows == [{"file": "clip.mp4#frame2", "reason": "no face found"}]
     assert "clip.mp4#frame2: no face found" in capsys.readouterr().err
     assert wm.detect(back[0])["watermarked"]  # every frame carries the mark, through the MPEG-4 codec
+    capsys.readouterr()
+    assert cli.main(["detect", "--json", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["watermark"]["frames_watermarked"] == report["watermark"]["frames_sampled"] == 4
+    assert report["watermark"]["watermarked"] and report["record"]["watermark"] == wm.SCHEME
+    assert cli.main(["detect", "--json", str(src)]) == 0  # the input video: no sidecar, no mark
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["record"] is None and report["watermark"]["frames_watermarked"] == 0
 
 
 # --------------------------------------------------------------------------------------------------- the real model

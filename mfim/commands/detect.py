@@ -79,7 +79,8 @@ def describe(report: dict) -> str:
         lines.append(f"  metadata:  {label}, made by {rec.get('software', '?')}")
         lines.append(f"             checkpoint sha256 {rec.get('checkpoint_sha256') or 'not recorded'}")
         if rec.get("operation"):
-            lines.append(f"             operation {rec['operation']}{' (pasted back, --roi)' if rec.get('roi') else ''}")
+            roi = " (pasted back, --roi)" if rec.get("roi") else ""
+            lines.append(f"             operation {rec['operation']}{roi}")
     wm = report["watermark"]
     verdict = "DETECTED" if wm["watermarked"] else "not detected"
     detail = f"score {wm['score']:.3f}, threshold {wm['threshold']:.3f}"

@@ -34,7 +34,9 @@ on TARGET's pose, expression and background. Inputs may be files or folders, as 
 
 
 def register(sub) -> None:
-    swap = sub.add_parser("swap", help="swap a source face into target photos, folders or videos", description=SWAP_HELP)
+    swap = sub.add_parser(
+        "swap", help="swap a source face into target photos, folders or videos", description=SWAP_HELP
+    )
     swap.add_argument("--source", "-s", required=True, help="source image (the identity), or a folder of them")
     swap.add_argument("--target", "-t", required=True, help="target image, video or folder")
     _add_common(swap)
@@ -244,7 +246,7 @@ class Runner:
         from mfim.imageio import ImageRejected
         from mfim.provenance import write_sidecar
         from mfim.video import VideoError, transform_video
-        from mfim.watermark import embed
+        from mfim.watermark import SCHEME, embed
 
         def process(frame):
             return embed(self.make(frame, sources))
@@ -263,12 +265,13 @@ class Runner:
             self.reject(f"{job.label}#frame{index}", reason, echo=n < FRAME_REJECTS_SHOWN)
         if len(result.rejects) > FRAME_REJECTS_SHOWN:
             more = len(result.rejects) - FRAME_REJECTS_SHOWN
-            print(f"mfim {self.operation}: ... and {more} more frames of {job.label} (see the rejects csv)", file=sys.stderr)
+            note = f"mfim {self.operation}: ... and {more} more frames of {job.label} (see the rejects csv)"
+            print(note, file=sys.stderr)
         if result.frames_processed == 0:
             self.reject(job.label, f"no frame could be processed ({result.frames_read} frames read)")
             return
-        write_sidecar(job.output, {**self.record, "frames": result.frames_written, "frames_swapped":
-                                   result.frames_processed, "watermark": "every frame"})
+        counts = {"frames": result.frames_written, "frames_swapped": result.frames_processed}
+        write_sidecar(job.output, {**self.record, **counts, "watermark": SCHEME})  # on every frame
         self.written.append(job.output)
 
     def reject(self, label: str, reason: str, echo: bool = True) -> None:
