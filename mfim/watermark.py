@@ -40,7 +40,8 @@ MIN_PERIOD = 2 * K_MAX + 2  # smallest period at which the band renders without 
 DEFAULT_PSNR_DB = 40.0
 TARGET_FALSE_POSITIVE_RATE = 1e-8  # per image, by the Gaussian null with a Bonferroni bound
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-_PERIOD_JITTER = (0.995, 1.0, 1.005)  # the autocorrelation peak is good to ~0.5%; try its neighbours too
+_PERIOD_JITTER = (0.995, 1.0, 1.005)
+ACF_WINDOW = 1024  # side of the central window whose autocorrelation gives the period  # the autocorrelation peak is good to ~0.5%; try its neighbours too
 
 
 # ----------------------------------------------------------------------------------------------- the keyed pattern
@@ -163,7 +164,9 @@ def period_candidates(residual: np.ndarray) -> list[float]:
     """Tile periods worth trying: the strongest peaks of the residual's autocorrelation along the axes, plus the
     period the embedder would use at this size and at twice it (a resize to half), each with its jitter."""
     h, w = residual.shape
-    base = acf_periods(residual, _N_ACF_CANDIDATES)
+    # a central window is plenty to see the repeats and keeps the FFT small on large photos
+    y0, x0 = max(0, (h - ACF_WINDOW) // 2), max(0, (w - ACF_WINDOW) // 2)
+    base = acf_periods(residual[y0 : y0 + ACF_WINDOW, x0 : x0 + ACF_WINDOW], _N_ACF_CANDIDATES)
     base += [embed_period(min(h, w)), embed_period(2 * min(h, w)) / 2]
     base += [base[-1]] * (_N_ACF_CANDIDATES + 2 - len(base))  # fixed count keeps the threshold's arithmetic true
     return [p * j for p in base for j in _PERIOD_JITTER if p * j >= 8]
