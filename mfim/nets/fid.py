@@ -1,0 +1,206 @@
+"""FID with pytorch-fid's Inception when its official weights are present; otherwise an honestly named substitute.
+
+``load_fid_inception(path)`` builds pytorch-fid's own ``InceptionV3`` (the ``FIDInceptionA``..``E_2`` blocks of the
+TF-ported FID network, pool3 2048-d features) and fills it from ``pt_inception-2015-12-05-6726825d.pth`` -- the
+official file's key layout (torchvision Inception names, 1008-way ``fc``) -- taken from the given path, the MFIM asset
+cache, or the torch hub cache where pytorch-fid itself would have put it. Nothing is downloaded.
+
+``compute_fd`` returns ``{"name": "fid", ...}`` only with those weights. Without them it computes the Fréchet
+distance in the feature space of another network it does have and names the number after it (``fd_lpips_alex``:
+LPIPS AlexNet trunk, each of its five ReLU maps averaged over space, concatenated, 1152-d), with a note saying it is
+not FID and not comparable to published FID values. The Fréchet distance itself is pytorch-fid's
+``calculate_frechet_distance``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mfim.assets import cached_path, get, missing_error, resolve
+from mfim.nets.onnx_utils import FrozenModule, freeze, load_state_dict_file
+
+FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+SUBSTITUTES = ("lpips_alex",)
+
+
+def hub_cached_inception() -> Path | None:
+    """pytorch-fid's weights in the torch hub cache (``$TORCH_HOME/hub/checkpoints``), if a past run put them there."""
+    p = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILENAME
+    return p if p.is_file() else None
+
+
+def find_inception_checkpoint(path: str | os.PathLike | None = None) -> Path | None:
+    """The FID Inception weights: ``path`` (must exist, else MissingAssetError), the MFIM cache, the hub cache, or None."""
+    if path:
+        return resolve("fid_inception", path)
+    cached = cached_path(get("fid_inception"))
+    if cached.is_file():
+        return cached
+    return hub_cached_inception()
+
+
+def load_fid_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """pytorch-fid's ``InceptionV3`` (pool3 block) with the official FID weights; frozen.
+
+    Input B×3×H×W in [0, 1] (it resizes to 299 and rescales itself), output a list holding B×2048×1×1.
+    Raises MissingAssetError (file, params key ``evaluate.fid.inception_checkpoint``, where to get it) when absent.
+    """
+    from pytorch_fid import inception as fid_inception
+
+    found = find_inception_checkpoint(path)
+    if found is None:
+        raise missing_error(get("fid_inception"))
+    state = load_state_dict_file(found)
+
+    # pytorch-fid fetches its weights with load_state_dict_from_url(FID_WEIGHTS_URL); hand it the local file instead.
+    def local_weights(url, *args, **kwargs):
+        return state
+
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", local_weights):
+        model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    return freeze(model).to(device)
+
+
+class InceptionFeatures(FrozenModule):
+    """[-1, 1] images -> B×2048 FID pool3 features."""
+
+    name = "fid"
+
+    def __init__(self, inception: nn.Module):
+        super().__init__()
+        self.inception = inception
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inception((images + 1.0) / 2.0)[0].flatten(1)
+
+
+class LPIPSAlexFeatures(FrozenModule):
+    """[-1, 1] images -> B×1152: LPIPS AlexNet's five ReLU maps, spatially averaged and concatenated.
+
+    Images are first resized to 224 px (antialiased) so the features describe the same image scale whatever the
+    generator's resolution.
+    """
+
+    name = "fd_lpips_alex"
+    input_size = 224
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__()
+        from mfim.nets.perceptual import load_lpips
+
+        lp = load_lpips("alex", device=device)
+        self.scaling_layer, self.trunk = lp.scaling_layer, lp.net
+        self.freeze()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
+        maps = self.trunk(self.scaling_layer(x))
+        return torch.cat([m.mean(dim=(2, 3)) for m in maps], 1)
+
+
+def _batches(images, batch_size: int) -> Iterator[torch.Tensor]:
+    """Accept an N×3×H×W tensor, an iterable of such batches, or a sequence of H×W×3 uint8 arrays."""
+    if torch.is_tensor(images):
+        yield from images.split(batch_size)
+        return
+    pending: list[np.ndarray] = []
+    for item in images:
+        if torch.is_tensor(item):
+            yield item if item.ndim == 4 else item[None]
+            continue
+        pending.append(np.asarray(item))
+        if len(pending) == batch_size:
+            yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            pending = []
+    if pending:
+        yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def feature_statistics(extractor: nn.Module, images, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, covariance, count) of the extractor's features over all images."""
+    device = next(extractor.parameters()).device
+    feats = [extractor(b.to(device, torch.float32)).double().cpu() for b in _batches(images, batch_size)]
+    f = torch.cat(feats).numpy()
+    if len(f) < 2:
+        raise ValueError("a Fréchet distance needs at least two images per set")
+    return f.mean(0), np.cov(f, rowvar=False), len(f)
+
+
+def _frechet(real_stats, fake_stats) -> float:
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return float(calculate_frechet_distance(real_stats[0], real_stats[1], fake_stats[0], fake_stats[1]))
+
+
+def build_substitute_extractor(network: str = "lpips_alex", device: str | torch.device = "cpu") -> nn.Module:
+    if network == "lpips_alex":
+        return LPIPSAlexFeatures(device=device)
+    raise ValueError(f"unknown substitute feature network {network!r}; choose one of {', '.join(SUBSTITUTES)}")
+
+
+def frechet_distance_report(
+    real_images,
+    fake_images,
+    network: str = "lpips_alex",
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    reason: str = "",
+) -> dict:
+    """Fréchet distance in a non-Inception feature space, named after that network (never "fid")."""
+    extractor = build_substitute_extractor(network, device)
+    real, fake = feature_statistics(extractor, real_images, batch_size), feature_statistics(extractor, fake_images, batch_size)
+    note = (
+        f"{reason}Fréchet distance between {real[2]} real and {fake[2]} generated images in the feature space of "
+        f"{extractor.name[3:]} ({real[0].shape[0]}-d); NOT FID and not comparable to published FID numbers."
+    )
+    return {"name": extractor.name, "value": _frechet(real, fake), "note": note, "n_real": real[2], "n_fake": fake[2]}
+
+
+def compute_fd(
+    real_images,
+    fake_images,
+    inception_checkpoint: str | os.PathLike | None = None,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    substitute: str = "lpips_alex",
+) -> dict:
+    """FID when the official Inception weights are found, else the substitute Fréchet distance.
+
+    Returns ``{"name": "fid" | "fd_lpips_alex", "value": float, "note": str, "n_real": int, "n_fake": int}``.
+    A ``inception_checkpoint`` that is given but missing raises MissingAssetError (a typo should not silently
+    switch metrics); an empty one falls back to the caches, then to the substitute.
+    """
+    found = find_inception_checkpoint(inception_checkpoint)
+    if found is None:
+        reason = (
+            f"FID Inception weights {FID_WEIGHTS_FILENAME} not found (params.yaml `evaluate.fid.inception_checkpoint`, "
+            "MFIM asset cache, torch hub cache). "
+        )
+        return frechet_distance_report(real_images, fake_images, substitute, batch_size, device, reason=reason)
+    extractor = InceptionFeatures(load_fid_inception(found, device))
+    real = feature_statistics(extractor, real_images, batch_size)
+    fake = feature_statistics(extractor, fake_images, batch_size)
+    note = f"FID (pytorch-fid Inception pool3, {found.name}) between {real[2]} real and {fake[2]} generated images."
+    return {"name": "fid", "value": _frechet(real, fake), "note": note, "n_real": real[2], "n_fake": fake[2]}
+
+
+__all__ = [
+    "load_fid_inception",
+    "compute_fd",
+    "frechet_distance_report",
+    "feature_statistics",
+    "find_inception_checkpoint",
+    "hub_cached_inception",
+    "InceptionFeatures",
+    "LPIPSAlexFeatures",
+    "FID_WEIGHTS_FILENAME",
+]
