@@ -265,8 +265,7 @@ class Runner:
             self.reject(f"{job.label}#frame{index}", reason, echo=n < FRAME_REJECTS_SHOWN)
         if len(result.rejects) > FRAME_REJECTS_SHOWN:
             more = len(result.rejects) - FRAME_REJECTS_SHOWN
-            note = f"mfim {self.operation}: ... and {more} more frames of {job.label} (see the rejects csv)"
-            print(note, file=sys.stderr)
+            say(f"mfim {self.operation}: ... and {more} more frames of {job.label} (see the rejects csv)")
         if result.frames_processed == 0:
             self.reject(job.label, f"no frame could be processed ({result.frames_read} frames read)")
             return
@@ -277,7 +276,14 @@ class Runner:
     def reject(self, label: str, reason: str, echo: bool = True) -> None:
         self.rejects.append((label, reason))
         if echo:
-            print(f"mfim {self.operation}: skipped {label}: {reason}", file=sys.stderr)
+            say(f"mfim {self.operation}: skipped {label}: {reason}")
+
+
+def say(message: str) -> None:
+    """A line on stderr that does not tear a running progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def upscale_to(image, min_side: int):
@@ -324,7 +330,12 @@ def execute(operation: str, target, sources: dict, args) -> int:
         table = write_rejects(Path(args.output) / REJECTS_CSV, runner.rejects)
         if not args.quiet:
             total = len(the_plan.jobs) + len(the_plan.rejects)
-            print(f"wrote {len(runner.written)} of {total} to {args.output}; {len(runner.rejects)} rejected ({table})")
+            frames = sum("#frame" in label for label, _ in runner.rejects)
+            files = len(runner.rejects) - frames
+            summary = f"wrote {len(runner.written)} of {total} files to {args.output}; {files} rejected"
+            if frames:
+                summary += f", and {frames} video frames could not be swapped"
+            print(f"{summary} (see {table})")
     else:
         job = the_plan.jobs[0]
         frame_rejects = [r for r in runner.rejects if r[0].startswith(f"{job.label}#frame")]
