@@ -129,7 +129,10 @@ def _process_unsafe(path: Path, rel: str, out_rel: str) -> dict:
         turned = f"face found after rotating the image {face.rotation}° counter-clockwise"
         note = f"{note}; {turned}" if note else turned
     aligned = align_face(img, face.landmarks, config.size, config.transform_size, config.enable_padding)
-    save_image(_WORKER["out_dir"] / out_rel, aligned.image, _output_record(path, rel))
+    # Aligned crops are training/evaluation inputs: they keep the input's provenance record (synthetic for the
+    # renders) but get no watermark of their own -- a pattern in every training image would be learned by the
+    # generator. Generated outputs (swaps, samples, CLI results) carry the watermark.
+    save_image(_WORKER["out_dir"] / out_rel, aligned.image, _output_record(path, rel), watermark=False)
     h, w = img.shape[:2]
     row = {
         "key": str(Path(rel).with_suffix("").as_posix()),
