@@ -52,8 +52,11 @@ class ArcFaceCropEmbedder(FrozenModule):
 
     def embed_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """ArcFace-aligned 112x112 crops in [-1, 1] -> B×D raw (not normalised) embeddings."""
-        pixels = (crops + 1.0) * 127.5
-        return self.net((pixels - self.pixel_mean) / self.pixel_std)
+        # pixels = (crops + 1) * 127.5, then (pixels - mean) / std, folded into one scale and shift (exactly the
+        # identity for arcface_torch's (x - 127.5) / 127.5)
+        scale = 127.5 / self.pixel_std
+        shift = (127.5 - self.pixel_mean) / self.pixel_std
+        return self.net(crops * scale + shift)
 
     def forward(self, aligned: torch.Tensor) -> torch.Tensor:
         """FFHQ-aligned faces B×3×H×W in [-1, 1] RGB -> B×D raw embeddings."""
