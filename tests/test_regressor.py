@@ -69,6 +69,19 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
                        .pose.numpy(), atol=1e-6)
 
 
+def test_loaded_regressor_stays_in_eval_mode_inside_a_training_parent(tmp_path):
+    model = ThreeDMMRegressor(RegressorConfig(input_size=16, width=4))
+    model.train()
+    model(torch.rand(4, 3, 16, 16))  # moves the BatchNorm running statistics away from their init
+    path = save_regressor(model.freeze(), tmp_path / "r.pt", "estimate", {})
+    parent = torch.nn.Sequential(load_fitted_regressor(path))
+    parent.train()
+    assert not parent[0].training and not any(m.training for m in parent[0].modules())
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.allclose(parent[0](x).shape[:1], parent[0](x[:1]).shape, atol=1e-5)  # no batch statistics
+    assert not any(p.requires_grad for p in parent.parameters())
+
+
 def test_other_files_are_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an MFIM"):

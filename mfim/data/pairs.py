@@ -15,10 +15,10 @@ image when the flip augmentation is on. A pair whose source fails to decode is s
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from mfim.data.shards import (
     BatchIterator,
@@ -28,7 +28,6 @@ from mfim.data.shards import (
     ReaderPosition,
     ShardIndex,
     sample_rng,
-    to_float_images,
 )
 from mfim.nets.types import ThreeDMMParams
 
@@ -36,6 +35,8 @@ _TRIES = 64  # rejection sampling for a different identity: P(64 misses) is nil 
 
 
 class PairItems(ItemSource):
+    image_fields = ("src", "tgt")
+
     def __init__(self, index: ShardIndex, plan: EpochPlan, resolution: int | None, same_identity_fraction: float,
                  augment=None, threedmm: Mapping[str, np.ndarray] | None = None):
         if not 0.0 <= same_identity_fraction <= 1.0:
@@ -51,8 +52,6 @@ class PairItems(ItemSource):
             self._row = {k: i for i, k in enumerate(threedmm["key"])}
             missing = sum(k not in self._row for k in index.keys)
             if missing:
-                import logging
-
                 logging.getLogger(__name__).warning(
                     "%d of %d shard samples have no row in the 3DMM table; pairs using them are skipped",
                     missing, len(index))
@@ -109,7 +108,7 @@ class PairItems(ItemSource):
 
 
 def _finish(batch: dict) -> dict:
-    out = {"src": to_float_images(batch["src"]), "tgt": to_float_images(batch["tgt"]),
+    out = {"src": batch["src"], "tgt": batch["tgt"],
            "src_key": list(batch["src_key"]), "tgt_key": list(batch["tgt_key"]),
            "same_identity": batch["same_identity"].bool()}
     for role in ("src", "tgt"):
@@ -139,6 +138,3 @@ def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch
                        augmenter, labels)
     return BatchIterator(source, batch_size, workers, position, finish=_finish)
 
-
-def same_identity_rate(batch: dict) -> float:
-    return float(torch.as_tensor(batch["same_identity"]).float().mean())

@@ -68,6 +68,16 @@ class ThreeDMMRegressor(nn.Module):
                                   nn.Linear(8 * w, c.n_out))
         self.register_buffer("mean", torch.zeros(c.n_out) if mean is None else mean.float().clone())
         self.register_buffer("std", torch.ones(c.n_out) if std is None else std.float().clone())
+        self.frozen = False
+
+    def train(self, mode: bool = True) -> "ThreeDMMRegressor":
+        # Once fitted it is a loss network: a trainer calling .train() on its parent must not switch BatchNorm to
+        # batch statistics.
+        return super().train(mode and not self.frozen)
+
+    def freeze(self) -> "ThreeDMMRegressor":
+        self.frozen = True
+        return self.eval().requires_grad_(False)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         s = self.config.input_size
@@ -107,7 +117,8 @@ def save_regressor(model: ThreeDMMRegressor, path: str | Path, target: str, val_
 
 
 def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") -> ThreeDMMRegressor:
-    """The fitted regressor in eval mode with frozen weights (gradients still flow to the input)."""
+    """The fitted regressor, frozen: eval mode for good (``.train()`` is ignored), no parameter gradients; gradients
+    still flow to the input."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fitted 3DMM regressor not found at {path} (made by `dvc repro fit_regressor`)")
@@ -118,8 +129,7 @@ def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") 
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} (this code reads {VERSION})")
     model = ThreeDMMRegressor(RegressorConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    return model.freeze().to(device)
 
 
 # ------------------------------------------------------------------------------------------------------- fitting
@@ -212,7 +222,7 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
             total += loss.item() * len(sel)
         curve.append(total / len(train_idx))
         log(f"regressor epoch {epoch + 1}/{fit.epochs}: train loss {curve[-1]:.4f}")
-    model.eval().requires_grad_(False)
+    model.freeze()
     gt_val = {k: np.asarray(targets[k])[val_idx] for k in ("shape", "exp", "pose")}
     report = {
         "n_train": int(len(train_idx)),
@@ -225,3 +235,45 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
         "seconds": round(time.time() - t0, 1),
     }
     return model, report
+
+
+def load_training_data(pattern: str, table_path: str | Path, target: str, input_size: int):
+    """Shard images at ``input_size`` joined by key with the table's targets: (images, targets, identities, keys).
+
+    ``target``: 'ground_truth' (synthetic data) or 'estimate' (distillation of the table's encoder).
+    """
+    from mfim.data.shards import iter_samples
+    from mfim.data.threedmm_table import COLUMN_SETS, GROUPS, has_ground_truth, read_table, stack_column
+
+    if target not in COLUMN_SETS:
+        raise ValueError(f"threedmm.regressor.target must be one of {sorted(COLUMN_SETS)}, got {target!r}")
+    table = read_table(table_path).set_index("key", drop=False)
+    if target == "ground_truth" and not has_ground_truth(table):
+        raise ValueError("threedmm.regressor.target=ground_truth needs ground truth in the 3DMM table (the synthetic "
+                         "set); for real photos use target: estimate (distils the DECA/3DDFA_V2 estimates)")
+    images, keys = [], []
+    for s in iter_samples(pattern, resolution=input_size):
+        if s.key in table.index:  # samples the precompute could not read are not in the table
+            images.append(s.image)
+            keys.append(s.key)
+    rows = table.loc[keys]
+    targets = {name: stack_column(rows, col) for name, col in zip(GROUPS, COLUMN_SETS[target])}
+    return np.stack(images), targets, rows["identity"].to_numpy(np.int64), keys
+
+
+def fit_from_table(train_pattern: str, table_path: str | Path, out_path: str | Path, target: str,
+                   model_config: RegressorConfig, fit: FitConfig, eval_pattern: str | None = None, log=print) -> dict:
+    """Fit on the train split, report validation error (held-out train identities) and, when given, the error on
+    the eval split (identities never used for fitting), save the checkpoint; returns the report."""
+    from mfim.data.threedmm_table import group_errors
+
+    images, targets, identities, _ = load_training_data(train_pattern, table_path, target, model_config.input_size)
+    log(f"regressor: {len(images)} images, target {target}, {len(np.unique(identities[identities >= 0]))} identities")
+    model, report = fit_regressor(images, targets, identities, model_config, fit, log)
+    if eval_pattern is not None:
+        ev_images, ev_targets, _, _ = load_training_data(eval_pattern, table_path, target, model_config.input_size)
+        report["eval_split_error"] = group_errors(predict(model, ev_images), ev_targets)
+    report.update(target=target, config=asdict(model_config), fit=asdict(fit))
+    save_regressor(model, out_path, target, report["val_error"],
+                   extra={"eval_split_error": report.get("eval_split_error")})
+    return report
