@@ -47,7 +47,9 @@ MIRROR_LANDMARKS = np.array(
 )
 """Index permutation that maps iBUG-68 landmarks of a face to those of its horizontal mirror image."""
 
-SKIN_LIGHT, SKIN_DARK = np.array([0.94, 0.79, 0.68]), np.array([0.33, 0.21, 0.14])
+# Skin tones between these two. The dark end is a compromise: darker albedo under these lights dropped dlib's HOG
+# detection (the `align` stage) well below that of light faces (misses averaged 0.40 mean RGB vs 0.57 for hits).
+SKIN_LIGHT, SKIN_DARK = np.array([0.94, 0.79, 0.68]), np.array([0.42, 0.27, 0.18])
 IRIS_PALETTE = np.array(
     [[0.33, 0.19, 0.09], [0.17, 0.10, 0.05], [0.45, 0.34, 0.16], [0.30, 0.40, 0.24], [0.30, 0.45, 0.62], [0.45, 0.50, 0.55]]
 )

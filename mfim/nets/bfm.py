@@ -12,7 +12,6 @@ The camera is 3DDFA_V2's scaled orthographic one: a 3×4 matrix ``P = [s·R | t]
 
 from __future__ import annotations
 
-import pickle
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,37 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mfim.nets.onnx_utils import load_numpy_pickle  # official pickles: numpy arrays only, nothing executable
 from mfim.nets.rotation import angles_to_matrix
 from mfim.nets.types import N_EXP, N_SHAPE
 
 N_LANDMARKS = 68
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """The BFM pickle holds a dict of numpy arrays; refuse anything else a pickle could construct."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a BFM pickle")
-        return super().find_class(module, name)
-
-
-def load_numpy_pickle(path: str | Path) -> dict:
-    """A dict of numpy arrays from an official pickle (BFM, 3DDFA_V2 parameter statistics), nothing executable."""
-    with open(path, "rb") as f:
-        data = _NumpyOnlyUnpickler(f).load()
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of arrays, got {type(data).__name__}")
-    return data
 
 
 def mesh_triangles(tri: np.ndarray, n_vertices: int) -> np.ndarray:
@@ -163,6 +136,8 @@ class BFMModel(nn.Module):
 
             path = resolve("bfm_noneck")
         data = load_numpy_pickle(path)
+        if not isinstance(data, dict) or not {"u", "w_shp", "w_exp", "tri", "keypoints"} <= set(data):
+            raise ValueError(f"{path}: not a 3DDFA_V2 BFM pickle (expected keys u, w_shp, w_exp, tri, keypoints)")
         mean = np.asarray(data["u"], np.float32).reshape(-1, 3)  # x0 y0 z0 x1 ... (3DDFA_V2's order='F' reshape)
         n = mean.shape[0]
         w_shp = np.asarray(data["w_shp"], np.float32)[:, :n_shape].reshape(n, 3, n_shape)
