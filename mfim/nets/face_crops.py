@@ -81,11 +81,6 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return estimate_similarity(src, dst)[:2]
 
 
-def invert_affine(m: np.ndarray) -> np.ndarray:
-    full = np.vstack([m, [0.0, 0.0, 1.0]])
-    return np.linalg.inv(full)[:2]
-
-
 def box_transform(box, out_size: int) -> np.ndarray:
     """2x3 matrix mapping output pixels of an out_size x out_size crop to input pixels of box (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = [float(v) for v in box]
@@ -93,6 +88,7 @@ def box_transform(box, out_size: int) -> np.ndarray:
 
 
 def square_box(center, side: float) -> np.ndarray:
+    """(x0, y0, x1, y1) of a square of side ``side`` centred on ``center``."""
     cx, cy = center
     return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
 
