@@ -104,7 +104,8 @@ def test_project_matches_3ddfa_reconstruction(bfm):
     rng = np.random.default_rng(0)
     alpha_shp, alpha_exp = rng.normal(0, 1e5, (40, 1)), rng.normal(0, 1, (10, 1))
     angles = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
-    camera = pose_matrix(angles, torch.tensor([7e-4], dtype=torch.float64), torch.tensor([[60.0, 58.0, 5.0]], dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    camera = pose_matrix(angles, torch.tensor([7e-4], **f64), torch.tensor([[60.0, 58.0, 5.0]], **f64))
     p = camera[0].numpy()
     flat = data["u"] + data["w_shp"] @ alpha_shp + data["w_exp"] @ alpha_exp
     ref = p[:, :3] @ flat.reshape(3, -1, order="F") + p[:, 3:]

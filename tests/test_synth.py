@@ -147,7 +147,8 @@ def test_mirror_negates_yaw_and_roll(synth):
     assert np.abs(lm_mirror - b.landmarks).max() < 1.5  # BFM's mean face is symmetric to ~1 mm
     # Sign, for the record: positive yaw turns the nose towards the image's right.
     eyes_mid = (a.landmarks[36] + a.landmarks[45]) / 2
-    assert a.landmarks[30, 0] > eyes_mid[0] + 3 and b.landmarks[30, 0] < (b.landmarks[36, 0] + b.landmarks[45, 0]) / 2 - 3
+    assert a.landmarks[30, 0] > eyes_mid[0] + 3
+    assert b.landmarks[30, 0] < (b.landmarks[36, 0] + b.landmarks[45, 0]) / 2 - 3
 
 
 def test_roll_is_the_in_plane_rotation(synth):
@@ -158,7 +159,8 @@ def test_roll_is_the_in_plane_rotation(synth):
     b = _symmetric_render(synth, [0.3, -0.1, theta], center)
     rel = a.landmarks - center
     # Counter-clockwise on screen with rows growing downwards: (x, y) -> (x cos + y sin, -x sin + y cos).
-    rotated = np.stack([rel[:, 0] * np.cos(theta) + rel[:, 1] * np.sin(theta), -rel[:, 0] * np.sin(theta) + rel[:, 1] * np.cos(theta)], 1)
+    c, s = np.cos(theta), np.sin(theta)
+    rotated = np.stack([rel[:, 0] * c + rel[:, 1] * s, -rel[:, 0] * s + rel[:, 1] * c], 1)
     np.testing.assert_allclose(rotated + center, b.landmarks, atol=1e-3)
     # And that is what R = Rz(roll) Ry(yaw) Rx(pitch) means: the roll is read back from the matrix.
     r = angles_to_matrix(torch.tensor([0.3, -0.1, theta], dtype=torch.float64))
@@ -254,9 +256,11 @@ def test_dataset_layout_and_table(tmp_path):
     assert stored["key"].tolist() == table["key"].tolist() == sorted(table["key"])
     row = stored.iloc[0]
     assert row["key"] == "eval/00003_00" and row["file"] == "images/eval/00003_00.png"
-    assert len(row["shape"]) == 40 and len(row["exp"]) == 10 and len(row["landmarks"]) == 136 and len(row["face_box"]) == 4
+    assert len(row["shape"]) == 40 and len(row["exp"]) == 10
+    assert len(row["landmarks"]) == 136 and len(row["face_box"]) == 4
     assert set(stored.groupby("split")["identity"].unique().map(tuple)) == {(0, 1, 2), (3, 4)}
-    assert np.all(np.abs(stored["yaw"]) <= np.radians(CFG.yaw_deg)) and np.all(np.abs(stored["roll"]) <= np.radians(CFG.roll_deg))
+    assert np.all(np.abs(stored["yaw"]) <= np.radians(CFG.yaw_deg))
+    assert np.all(np.abs(stored["roll"]) <= np.radians(CFG.roll_deg))
     for _, r in stored.iterrows():
         path = tmp_path / "raw" / r["file"]
         image = np.asarray(Image.open(path))

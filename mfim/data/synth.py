@@ -12,7 +12,6 @@ its image ``j`` from (seed, 1, i, j), so the result does not depend on worker co
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -50,12 +49,14 @@ MIRROR_LANDMARKS = np.array(
 # Skin tones between these two. The dark end is a compromise: darker albedo under these lights dropped dlib's HOG
 # detection (the `align` stage) well below that of light faces (misses averaged 0.40 mean RGB vs 0.57 for hits).
 SKIN_LIGHT, SKIN_DARK = np.array([0.94, 0.79, 0.68]), np.array([0.42, 0.27, 0.18])
-IRIS_PALETTE = np.array(
-    [[0.33, 0.19, 0.09], [0.17, 0.10, 0.05], [0.45, 0.34, 0.16], [0.30, 0.40, 0.24], [0.30, 0.45, 0.62], [0.45, 0.50, 0.55]]
-)
-HAIR_PALETTE = np.array(
-    [[0.07, 0.05, 0.04], [0.18, 0.11, 0.07], [0.33, 0.21, 0.11], [0.58, 0.46, 0.28], [0.48, 0.23, 0.11], [0.55, 0.54, 0.52]]
-)
+IRIS_PALETTE = np.array(  # brown, dark brown, hazel, green, blue, grey
+    [[0.33, 0.19, 0.09], [0.17, 0.10, 0.05], [0.45, 0.34, 0.16], [0.30, 0.40, 0.24], [0.30, 0.45, 0.62],
+     [0.45, 0.50, 0.55]]
+)  # fmt: skip
+HAIR_PALETTE = np.array(  # black, dark brown, brown, blond, red, grey
+    [[0.07, 0.05, 0.04], [0.18, 0.11, 0.07], [0.33, 0.21, 0.11], [0.58, 0.46, 0.28], [0.48, 0.23, 0.11],
+     [0.55, 0.54, 0.52]]
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -215,9 +216,8 @@ class FaceRegions:
             cheeks = np.maximum(cheeks, np.exp(-np.sum((xy - c) ** 2, 1) / (2 * 14.0**2)))
         return cls(lips, mouth_gap, sclera, iris, pupil, lid, brow, cheeks, xy)
 
-    def albedo(self, who: Identity, rng_texture: np.random.Generator | None = None) -> np.ndarray:
-        """N×3 per-vertex colour of an identity (before shading)."""
-        rng = rng_texture or np.random.default_rng([who.identity, 7])
+    def albedo(self, who: Identity, rng: np.random.Generator) -> np.ndarray:
+        """N×3 per-vertex colour of an identity (before shading); ``rng`` draws its skin texture and blush."""
         skin = np.tile(who.skin_rgb, (len(self.lips), 1))
         # Low-frequency skin variation (a few random plane waves over the face, ~3%) and cheek blush.
         variation = np.zeros(len(skin))
@@ -253,6 +253,10 @@ def identity_rng(seed: int, identity: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0, identity])
 
 
+def texture_rng(seed: int, identity: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 2, identity])
+
+
 def image_rng(seed: int, identity: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, 1, identity, index])
 
@@ -279,11 +283,14 @@ def sample_identity(cfg: SynthConfig, identity: int, shape_std: np.ndarray) -> I
     )
 
 
-def sample_image(cfg: SynthConfig, identity: int, index: int, exp_std: np.ndarray) -> tuple[ImageSpec, np.random.Generator]:
+def sample_image(
+    cfg: SynthConfig, identity: int, index: int, exp_std: np.ndarray
+) -> tuple[ImageSpec, np.random.Generator]:
     """The per-image draw, and the generator (continued) for the background and noise."""
     rng = image_rng(cfg.seed, identity, index)
     exp = np.clip(rng.standard_normal(N_EXP), -2.5, 2.5) * cfg.expression_sigma * exp_std
-    pose = np.radians([rng.uniform(-1, 1) * cfg.yaw_deg, rng.uniform(-1, 1) * cfg.pitch_deg, rng.uniform(-1, 1) * cfg.roll_deg])
+    limits = np.array([cfg.yaw_deg, cfg.pitch_deg, cfg.roll_deg])
+    pose = np.radians(rng.uniform(-1, 1, 3) * limits)
     face_width = rng.uniform(*cfg.face_size) * cfg.canvas
     position = rng.uniform(0, 1, 2)
     # Moderate key light from the front-above: strong side light hides half the face from dlib's HOG detector.
@@ -364,7 +371,7 @@ def render_face(
     camera: np.ndarray,
     canvas: int,
     background: np.ndarray,
-    light: np.ndarray = np.array([0.0, 0.0, 1.0]),
+    light: tuple[float, float, float] | np.ndarray = (0.0, 0.0, 1.0),
     ambient: float = 0.4,
     diffuse: float = 0.7,
     supersample: int = 2,
@@ -400,13 +407,16 @@ class Synthesizer:
     def identity(self, identity: int) -> Identity:
         return sample_identity(self.cfg, identity, self.shape_std)
 
+    def albedo(self, who: Identity) -> np.ndarray:
+        return self.regions.albedo(who, texture_rng(self.cfg.seed, who.identity))
+
     def render(self, who: Identity, index: int, albedo: np.ndarray | None = None) -> tuple[FaceRender, ImageSpec]:
         cfg = self.cfg
         spec, rng = sample_image(cfg, who.identity, index, self.exp_std)
         background = make_background(rng, cfg.canvas)
         center = face_center(self.bfm, spec.pose, spec.face_width, spec.position, cfg.canvas)
         camera = placement(self.bfm, spec.pose, spec.face_width, center, cfg.canvas)
-        albedo = self.regions.albedo(who) if albedo is None else albedo
+        albedo = self.albedo(who) if albedo is None else albedo
         out = render_face(
             self.bfm, albedo, who.shape, spec.exp, camera, cfg.canvas, background,
             spec.light, spec.ambient, spec.diffuse, cfg.supersample,
@@ -441,7 +451,7 @@ def render_identity(synth: Synthesizer, identity: int, split: str, images_dir: P
 
     cfg = synth.cfg
     who = synth.identity(identity)
-    albedo = synth.regions.albedo(who)
+    albedo = synth.albedo(who)
     record = provenance_record("synthetic", source=SOURCE)
     rows = []
     for index in range(cfg.images_per_identity):
@@ -517,7 +527,8 @@ def synthesize_dataset(
             bar.update(cfg.images_per_identity)
     else:
         # spawn, not fork: a forked child inherits torch's thread pool state and can deadlock in it.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(cfg,)) as pool:
+        context = get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(cfg,)) as pool:
             futures = [pool.submit(_render_identity_in_worker, i, split, str(images_dir)) for i, split in jobs]
             for future in as_completed(futures):
                 rows += future.result()
