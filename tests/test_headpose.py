@@ -46,7 +46,8 @@ def test_hopenet_onnx_matches_onnxruntime_and_any_batch(hopenet):
     with torch.no_grad():
         batched = hopenet.net(x)
         single = [torch.cat(t) for t in zip(*[hopenet.net(x[i : i + 1]) for i in range(3)])]
-    reference = [np.concatenate(t) for t in zip(*[session.run(None, {"input": x[i : i + 1].numpy()}) for i in range(3)])]
+    per_sample = [session.run(None, {"input": x[i : i + 1].numpy()}) for i in range(3)]
+    reference = [np.concatenate(t) for t in zip(*per_sample)]
     assert len(batched) == 3 and all(t.shape == (3, 66) for t in batched)
     for b, s, r in zip(batched, single, reference):
         # logits reach ~10; float32 accumulation differences stay far below a bin's effect on the angle

@@ -108,7 +108,8 @@ def test_wrong_checkpoint_names_the_file(tmp_path):
     from mfim.nets.iresnet import load_iresnet
 
     bad = tmp_path / "backbone.pth"
-    torch.save({f"layer{s}.0.conv1.weight": torch.zeros(1) for s in (1, 2, 3, 4)} | {"fc.weight": torch.zeros(512, 3)}, bad)
+    state = {f"layer{s}.0.conv1.weight": torch.zeros(1) for s in (1, 2, 3, 4)}
+    torch.save(state | {"fc.weight": torch.zeros(512, 3)}, bad)
     with pytest.raises(ValueError, match="backbone.pth.*key layout"):
         load_iresnet(bad)
 

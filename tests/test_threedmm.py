@@ -132,7 +132,8 @@ def test_photo_path_agrees_with_aligned_path(faces, tddfa):
 
 def test_roi_boxes_follow_3ddfa():
     # landmarks: square grown to its diagonal; detector box: 1.58x, shifted down by 0.14x
-    assert np.allclose(roi_box_from_landmark_box([0, 0, 100, 50]), [50 - 50 * 2**0.5, 25 - 50 * 2**0.5, 50 + 50 * 2**0.5, 25 + 50 * 2**0.5])
+    half = 50 * 2**0.5
+    assert np.allclose(roi_box_from_landmark_box([0, 0, 100, 50]), [50 - half, 25 - half, 50 + half, 25 + half])
     assert np.allclose(roi_box_from_face_box([0, 0, 100, 100]), [50 - 79, 64 - 79, 50 + 79, 64 + 79])
     roi = TDDFAEncoder.aligned_roi_box(256)
     assert abs((roi[0] + roi[2]) / 2 - 128) < 1 and roi[2] - roi[0] > 200

@@ -38,7 +38,8 @@ def hub_cached_inception() -> Path | None:
 
 
 def find_inception_checkpoint(path: str | os.PathLike | None = None) -> Path | None:
-    """The FID Inception weights: ``path`` (must exist, else MissingAssetError), the MFIM cache, the hub cache, or None."""
+    """The FID Inception weights: ``path`` (must exist, else MissingAssetError), the MFIM cache, the hub cache, or
+    None."""
     if path:
         return resolve("fid_inception", path)
     cached = cached_path(get("fid_inception"))
@@ -101,7 +102,8 @@ class LPIPSAlexFeatures(FrozenModule):
         self.freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
+        size = (self.input_size, self.input_size)
+        x = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
         maps = self.trunk(self.scaling_layer(x))
         return torch.cat([m.mean(dim=(2, 3)) for m in maps], 1)
 
@@ -157,7 +159,8 @@ def frechet_distance_report(
 ) -> dict:
     """Fréchet distance in a non-Inception feature space, named after that network (never "fid")."""
     extractor = build_substitute_extractor(network, device)
-    real, fake = feature_statistics(extractor, real_images, batch_size), feature_statistics(extractor, fake_images, batch_size)
+    real = feature_statistics(extractor, real_images, batch_size)
+    fake = feature_statistics(extractor, fake_images, batch_size)
     note = (
         f"{reason}Fréchet distance between {real[2]} real and {fake[2]} generated images in the feature space of "
         f"{extractor.name[3:]} ({real[0].shape[0]}-d); NOT FID and not comparable to published FID numbers."

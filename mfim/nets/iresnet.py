@@ -113,4 +113,11 @@ def load_iresnet(path: str | os.PathLike | None = None, device: str | torch.devi
     return IResNetEmbedder(net).to(device)
 
 
-__all__ = ["IRESNET_LAYERS", "IBasicBlock", "IResNet", "IResNetEmbedder", "load_iresnet", "iresnet_layers_from_state_dict"]
+__all__ = [
+    "IRESNET_LAYERS",
+    "IBasicBlock",
+    "IResNet",
+    "IResNetEmbedder",
+    "load_iresnet",
+    "iresnet_layers_from_state_dict",
+]

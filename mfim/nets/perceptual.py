@@ -77,11 +77,12 @@ def load_lpips(
             layer = weights[group][f"Conv_{k}"]
             kernel, bias = hwio_to_oihw(layer["kernel"]), torch.from_numpy(np.asarray(layer["bias"], np.float32))
             if kernel.shape != convs[idx].weight.shape:
-                raise ValueError(f"{asset}: Conv_{k} has shape {tuple(kernel.shape)}, expected {tuple(convs[idx].weight.shape)}")
+                expected = tuple(convs[idx].weight.shape)
+                raise ValueError(f"{asset}: Conv_{k} has shape {tuple(kernel.shape)}, expected {expected}")
             convs[idx].weight.copy_(kernel)
             convs[idx].bias.copy_(bias)
     if not heads_match_package(model, weights):
-        raise ValueError(f"{asset}: the LPIPS heads in the pickle differ from the lpips package's -- wrong weights file")
+        raise ValueError(f"{asset}: the LPIPS heads in the pickle differ from the lpips package's (wrong weights file)")
     return freeze(model).to(device)
 
 

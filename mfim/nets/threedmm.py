@@ -73,7 +73,8 @@ class ThreeDMMNormalizer(nn.Module):
 
     def __init__(self, shape_mean, shape_std, exp_mean, exp_std):
         super().__init__()
-        for name, value in [("shape_mean", shape_mean), ("shape_std", shape_std), ("exp_mean", exp_mean), ("exp_std", exp_std)]:
+        values = {"shape_mean": shape_mean, "shape_std": shape_std, "exp_mean": exp_mean, "exp_std": exp_std}
+        for name, value in values.items():
             self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32).clone())
 
     @classmethod
@@ -88,7 +89,8 @@ class ThreeDMMNormalizer(nn.Module):
         return cls(np.zeros(n_shape), np.ones(n_shape), np.zeros(n_exp), np.ones(n_exp))
 
     def normalize(self, p: ThreeDMMParams) -> ThreeDMMParams:
-        return ThreeDMMParams((p.shape - self.shape_mean) / self.shape_std, (p.exp - self.exp_mean) / self.exp_std, p.pose)
+        shape = (p.shape - self.shape_mean) / self.shape_std
+        return ThreeDMMParams(shape, (p.exp - self.exp_mean) / self.exp_std, p.pose)
 
     def denormalize(self, p: ThreeDMMParams) -> ThreeDMMParams:
         return ThreeDMMParams(p.shape * self.shape_std + self.shape_mean, p.exp * self.exp_std + self.exp_mean, p.pose)
