@@ -19,7 +19,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/raw")
     parser.add_argument("--report", default="reports/synthesize.json")
     args = parser.parse_args(argv)
-    cfg = SynthConfig.from_params(load_params(args.params)["synthesize"])
+    params = load_params(args.params)
+    if params.get("data", {}).get("source", "synthetic") != "synthetic":
+        # Real photos (align.input_dir) replace the renders; keep the stage's outputs so the DAG stays whole.
+        import json
+        from pathlib import Path
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "SKIPPED").write_text("data.source is not 'synthetic': nothing rendered\n")
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps({"skipped": True, "data_source": params["data"]["source"]}) + "\n")
+        print("synthesize: skipped (data.source is not 'synthetic')")
+        return
+    cfg = SynthConfig.from_params(params["synthesize"])
     table = synthesize_dataset(cfg, args.out, report_path=args.report)
     print(f"synthesize: {len(table)} images, {table['identity'].nunique()} identities -> {args.out}")
 

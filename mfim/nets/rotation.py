@@ -1,8 +1,10 @@
 """Euler angles <-> rotation matrices in the 3DDFA_V2 convention (shared by ground truth, 3DDFA_V2, metrics).
 
-3DDFA_V2 reads (yaw, pitch, roll) off its rotation R with yaw = -asin(R[2,0]), pitch = atan2(R[2,1], R[2,2]),
-roll = atan2(R[1,0], R[0,0]); that is R = Rz(roll) @ Ry(yaw) @ Rx(pitch). Angles are radians. Works on tensors of
-any batch shape (..., 3) / (..., 3, 3) and is differentiable.
+We read (yaw, pitch, roll) off a rotation R as yaw = -asin(R[2,0]), pitch = atan2(R[2,1], R[2,2]),
+roll = atan2(R[1,0], R[0,0]); that is R = Rz(roll) @ Ry(yaw) @ Rx(pitch), with positive yaw turning the nose toward
+the image's right. Pitch and roll are 3DDFA_V2's; cleardusk/3DDFA_V2's utils/pose.py prints yaw = +asin(R[2,0]), so
+our yaw is the negative of the number its demo shows (some forks use the minus sign, as here). Angles are radians.
+Works on tensors of any batch shape (..., 3) / (..., 3, 3) and is differentiable.
 """
 
 from __future__ import annotations
