@@ -189,3 +189,26 @@ def test_grid_and_frechet_helpers():
     same = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
     shifted = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb + 1.0))
     assert same < 2.0 and shifted == pytest.approx(same + 48.0, rel=0.1)  # +1 on 48 features adds ~48
+
+
+def test_stage_imports_a_given_checkpoint_instead_of_training(tmp_path):
+    from mfim.assets import sha256_file
+    from mfim.models.checkpoints import save_checkpoint, write_rosinality_checkpoint
+    from pipelines.pretrain_generator import import_checkpoint
+
+    G, D = tiny_nets(10)
+    with torch.no_grad():
+        G.mapping.w_avg.normal_()
+    # an official layout is converted to our format, bit-exact
+    src = write_rosinality_checkpoint(tmp_path / "r.pt", G, D)
+    out = tmp_path / "gen" / "generator.pt"
+    rep = import_checkpoint(str(src), str(out))
+    assert rep["mode"] == "imported" and rep["source_format"] == "rosinality" and rep["has_discriminator"]
+    raw = read_checkpoint(out)
+    assert raw.format == "mfim" and raw.data["extra"]["source_sha256"] == sha256_file(src)
+    G2 = load_generator(out)
+    assert all(torch.equal(a, b) for a, b in zip(G.state_dict().values(), G2.state_dict().values()))
+    # our own format is copied byte for byte
+    ours = save_checkpoint(tmp_path / "ours.pt", G)
+    rep = import_checkpoint(str(ours), str(out))
+    assert sha256_file(out) == sha256_file(ours) and not rep["has_discriminator"]

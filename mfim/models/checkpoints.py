@@ -205,23 +205,57 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable] = {
 }
 
 
+class RefusedGlobal:
+    """Stands in for a global the allow-list does not cover: created and called with the pickled arguments, it only
+    records them. Nothing named by the pickle is imported or run; an official pickle whose optional parts (training
+    set kwargs, augmentation pipeline) use other types still loads, and a network built from such objects fails
+    with a clear error later."""
+
+    qualified_name = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+    def __repr__(self) -> str:
+        return f"<refused global {self.qualified_name}>"
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the allow-listed globals; never imports or runs code named by the pickle."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.refused: set[str] = set()
 
     def find_class(self, module: str, name: str):
         fn = _ALLOWED_GLOBALS.get((module, name))
         if fn is None:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not on the allow-list)")
+            qualified = f"{module}.{name}"
+            self.refused.add(qualified)
+            return type("RefusedGlobal", (RefusedGlobal,), {"qualified_name": qualified})
         return fn
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not used by network pickles")
 
 
-def _restricted_load(f) -> Any:
+def _restricted_load(f) -> tuple[Any, set[str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation chatter from torch
-        return _RestrictedUnpickler(f).load()
+        u = _RestrictedUnpickler(f)
+        return u.load(), u.refused
 
 
 # ====================================================================================================================
@@ -255,6 +289,7 @@ def _torch_load(path: Path) -> Any:
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     """Read and classify a checkpoint without building networks. Raises CheckpointError for anything unusable."""
     path = Path(path)
+    refused: set[str] = set()
     try:
         if zipfile.is_zipfile(path):
             data = _torch_load(path)
@@ -264,7 +299,7 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
                 if not head or head[0] != 0x80:
                     raise CheckpointError("not a pickle or torch checkpoint (unrecognised header)")
                 f.seek(0)
-                data = _restricted_load(f)
+                data, refused = _restricted_load(f)
             if isinstance(data, int) and data == _TORCH_LEGACY_MAGIC:  # pre-1.6 torch.save layout
                 data = _torch_load(path)
     except CheckpointError as e:
@@ -279,14 +314,16 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
         )
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, found {type(data).__name__}")
+    notes = [f"ignored (not loaded) global {r}" for r in sorted(refused)]
     if data.get("format") == FORMAT:
         return RawCheckpoint("mfim", data, path)
     if isinstance(data.get("G_ema"), PersistentRecord):
-        return RawCheckpoint("nvidia", data, path)
+        return RawCheckpoint("nvidia", data, path, notes)
     if isinstance(data.get("g_ema"), dict) and any(str(k).startswith("style.") for k in data["g_ema"]):
         return RawCheckpoint("rosinality", data, path)
     keys = ", ".join(sorted(map(str, data))[:8])
-    raise CheckpointError(f"{path}: not a StyleGAN2 checkpoint this loader knows (top-level keys: {keys})")
+    why = f"; refused globals: {', '.join(sorted(refused))}" if refused else ""
+    raise CheckpointError(f"{path}: not a StyleGAN2 checkpoint this loader knows (top-level keys: {keys}){why}")
 
 
 def _resolve(path: str | os.PathLike | None) -> Path:

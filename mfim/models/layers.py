@@ -65,6 +65,8 @@ def upfirdn2d(
         top, left = py0 - (kh - 1), px0 - (kw - 1)
         y = F.pad(y, [left, out_w - left - y.shape[3], top, out_h - top - y.shape[2]])
         return y[:, :, ::down, ::down] if down > 1 else y
+    if px0 == px1 == py0 == py1 and px0 >= 0:  # let the convolution pad: saves a copy of the activations
+        return F.conv2d(x, k.flip([2, 3]), stride=down, padding=px0, groups=c)
     x = F.pad(x, [px0, px1, py0, py1])
     return F.conv2d(x, k.flip([2, 3]), stride=down, groups=c)
 
