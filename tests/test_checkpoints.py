@@ -91,9 +91,11 @@ ROSINALITY_G_16 = [
     ("convs.2.conv.modulation.bias", ("C",)), ("convs.2.noise.weight", (1,)), ("convs.2.activate.bias", ("C",)),
     ("convs.3.conv.weight", (1, "C", "C", 3, 3)), ("convs.3.conv.modulation.weight", ("C", "S")),
     ("convs.3.conv.modulation.bias", ("C",)), ("convs.3.noise.weight", (1,)), ("convs.3.activate.bias", ("C",)),
-    ("to_rgbs.0.bias", (1, 3, 1, 1)), ("to_rgbs.0.upsample.kernel", (4, 4)), ("to_rgbs.0.conv.weight", (1, 3, "C", 1, 1)),
+    ("to_rgbs.0.bias", (1, 3, 1, 1)), ("to_rgbs.0.upsample.kernel", (4, 4)),
+    ("to_rgbs.0.conv.weight", (1, 3, "C", 1, 1)),
     ("to_rgbs.0.conv.modulation.weight", ("C", "S")), ("to_rgbs.0.conv.modulation.bias", ("C",)),
-    ("to_rgbs.1.bias", (1, 3, 1, 1)), ("to_rgbs.1.upsample.kernel", (4, 4)), ("to_rgbs.1.conv.weight", (1, 3, "C", 1, 1)),
+    ("to_rgbs.1.bias", (1, 3, 1, 1)), ("to_rgbs.1.upsample.kernel", (4, 4)),
+    ("to_rgbs.1.conv.weight", (1, 3, "C", 1, 1)),
     ("to_rgbs.1.conv.modulation.weight", ("C", "S")), ("to_rgbs.1.conv.modulation.bias", ("C",)),
     ("noises.noise_0", (1, 1, 4, 4)), ("noises.noise_1", (1, 1, 8, 8)), ("noises.noise_2", (1, 1, 8, 8)),
     ("noises.noise_3", (1, 1, 16, 16)), ("noises.noise_4", (1, 1, 16, 16)),
@@ -108,6 +110,15 @@ ROSINALITY_D_16 = [
     ("final_conv.1.bias", ("C",)), ("final_linear.0.weight", ("C", "16C")), ("final_linear.0.bias", ("C",)),
     ("final_linear.1.weight", (1, "C")), ("final_linear.1.bias", (1,)),
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: one intra-op thread is as fast, and immune to spin-waiting when cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _perturbed(net: torch.nn.Module, seed: int) -> torch.nn.Module:

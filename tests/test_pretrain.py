@@ -26,6 +26,15 @@ from mfim.training.pretrain import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: one intra-op thread is as fast, and immune to spin-waiting when cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_nets(seed=0):
     torch.manual_seed(seed)
     G = Generator(resolution=16, style_dim=32, n_mlp=2, channel_base=128, channel_max=16)

@@ -111,6 +111,15 @@ def naive_discriminator(D: Discriminator, img: torch.Tensor) -> torch.Tensor:
     return x @ (out.weight * out.weight_gain).t() + out.bias
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small networks: one intra-op thread is as fast, and immune to spin-waiting when cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_generator(seed=0, resolution=32, **kw) -> Generator:
     torch.manual_seed(seed)
     G = Generator(resolution=resolution, style_dim=32, n_mlp=2, channel_base=256, channel_max=16, **kw)
@@ -155,6 +164,7 @@ def test_style_and_noise_layers(resolution, n_styles, n_conv):
 
 
 def test_official_config_1024_builds_and_runs():
+    torch.set_num_threads(2)  # a real workload (restored by the fixture)
     torch.manual_seed(0)
     G = Generator(resolution=1024, style_dim=512, n_mlp=8, channel_base=32768, channel_max=512).eval()
     n_params = sum(p.numel() for p in G.parameters())

@@ -434,7 +434,8 @@ def rosinality_generator_keys(G: Generator) -> list[tuple[str, str, Any, Any]]:
         m += rgb_entries(i, f"to_rgbs.{i - 1}")
     for i, layer in enumerate(G.synthesis.convs):
         r = layer.resolution
-        m.append((f"synthesis.convs.{i}.noise_const", f"noises.noise_{i}", _reshape_to((1, 1, r, r)), _reshape_to((r, r))))
+        m.append((f"synthesis.convs.{i}.noise_const", f"noises.noise_{i}",
+                  _reshape_to((1, 1, r, r)), _reshape_to((r, r))))  # fmt: skip
     return m
 
 
@@ -650,8 +651,8 @@ def _rosinality_discriminator_config(sd: dict[str, torch.Tensor]) -> dict:
     for j in range(1, n_blocks + 1):
         channels[resolution // 2 ** (j - 1)] = int(sd[f"convs.{j}.conv1.0.weight"].shape[0])
     channel_base, channel_max = _channel_rule(channels, "discriminator")
-    return dict(resolution=resolution, channel_base=channel_base, channel_max=channel_max,
-                mbstd_group_size=4, mbstd_channels=1, conv_clamp=None, img_channels=int(sd["convs.0.0.weight"].shape[1]))  # fmt: skip
+    return dict(resolution=resolution, channel_base=channel_base, channel_max=channel_max, mbstd_group_size=4,
+                mbstd_channels=1, conv_clamp=None, img_channels=int(sd["convs.0.0.weight"].shape[1]))  # fmt: skip
 
 
 # ====================================================================================================================
@@ -836,7 +837,9 @@ def _module_record(
 ) -> _Reduce:
     """A persistent-object reconstruction record as torch_utils.persistence writes it (nn.Module state)."""
     state: dict[str, Any] = {"training": False}
-    state["_parameters"] = collections.OrderedDict((k, None if v is None else _param(v)) for k, v in (params or {}).items())
+    state["_parameters"] = collections.OrderedDict(
+        (k, None if v is None else _param(v)) for k, v in (params or {}).items()
+    )
     state["_buffers"] = collections.OrderedDict((k, v.detach().clone()) for k, v in (buffers or {}).items())
     state["_non_persistent_buffers_set"] = set()
     for k in _MODULE_INTERNALS:
@@ -1138,7 +1141,7 @@ def write_rosinality_checkpoint(
     if D is not None:
         dt = _export_state(D, rosinality_discriminator_keys(D))
         blur = make_fir_kernel()
-        d: dict[str, torch.Tensor] = {"convs.0.0.weight": dt["convs.0.0.weight"], "convs.0.1.bias": dt["convs.0.1.bias"]}
+        d: dict[str, torch.Tensor] = {k: dt[k] for k in ("convs.0.0.weight", "convs.0.1.bias")}
         for j in range(1, len(D.blocks) + 1):
             p = f"convs.{j}"
             d[f"{p}.conv1.0.weight"] = dt[f"{p}.conv1.0.weight"]

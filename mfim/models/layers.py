@@ -232,9 +232,9 @@ def modulated_conv2d(
     fir: torch.Tensor | None = None,
     fused: bool = True,
 ) -> torch.Tensor:
-    """StyleGAN2 modulated convolution of ``x`` (B×I×H×W) with ``weight`` (O×I×k×k) scaled per sample by ``styles``
-    (B×I), optionally demodulated (each output channel renormalised to unit expected variance) and optionally 2x
-    upsampled (transposed conv, then the FIR blur).
+    """StyleGAN2 modulated convolution of ``x`` (B×I×H×W) with ``weight`` (O×I×k×k) scaled per sample by
+    ``styles`` (B×I), optionally demodulated (each output channel renormalised to unit expected variance) and
+    optionally 2x upsampled (transposed conv, then the FIR blur).
 
     ``fused``: one grouped convolution with a per-sample weight (the official inference path); otherwise scale the
     activations before and after a shared convolution (the official training path, cheaper to differentiate).

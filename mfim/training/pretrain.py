@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -311,7 +310,8 @@ def pretrain(
         history.append(stats)
         step = it + 1
         if step % c.log_every == 0 or step == c.iterations:
-            stats = dict(stats, img_per_s=trainer.images_seen / max(train_seconds, 1e-9), kimg=trainer.images_seen / 1e3)
+            rate = trainer.images_seen / max(train_seconds, 1e-9)
+            stats = dict(stats, img_per_s=rate, kimg=trainer.images_seen / 1e3)
             if log_fn is not None:
                 log_fn(step, {k: float(v) for k, v in stats.items()})
             bar.set_postfix(loss_G=f"{stats['loss_G']:.3f}", loss_D=f"{stats['loss_D']:.3f}",
