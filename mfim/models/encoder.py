@@ -48,6 +48,7 @@ class EncoderConfig:
     backbone: str = "small"  # small | ir_se50
     width: int = 32  # small backbone: channels of the first stage (doubling per stage)
     latent_channels: int | None = None  # FPN width; default 512 for ir_se50, 4*width for small
+    code_channels: int | None = None  # hidden width of the M2C blocks; default: latent_channels (pSp: 512)
     style_maps: bool = True
     style_map_resolutions: tuple[int, ...] = (8, 16, 32)
     style_map_channels: int = 1  # 1: B×1×H×W maps like StyleGAN noise; 0: per-channel maps (B×C×H×W)
@@ -60,6 +61,7 @@ class EncoderConfig:
             backbone=enc.get("backbone", "small"),
             width=int(enc.get("width", 32)),
             latent_channels=enc.get("latent_channels"),
+            code_channels=enc.get("code_channels"),
             style_maps=bool(enc.get("style_maps", True)),
             style_map_resolutions=tuple(int(r) for r in enc.get("style_map_resolutions", (8, 16, 32))),
             style_map_channels=int(enc.get("style_map_channels", 1)),
@@ -76,14 +78,15 @@ class MapToCode(nn.Module):
     The output layer starts at zero so that the code starts at the generator's average style.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, spatial: int):
+    def __init__(self, in_ch: int, out_ch: int, spatial: int, hidden: int | None = None):
         super().__init__()
+        hidden = hidden or in_ch
         n = max(int(math.log2(spatial)), 1)
-        layers = _conv_lrelu(in_ch, in_ch, 2)
+        layers = _conv_lrelu(in_ch, hidden, 2)
         for _ in range(n - 1):
-            layers += _conv_lrelu(in_ch, in_ch, 2)
+            layers += _conv_lrelu(hidden, hidden, 2)
         self.convs = nn.Sequential(*layers)
-        self.linear = nn.Linear(in_ch, out_ch)
+        self.linear = nn.Linear(hidden, out_ch)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
@@ -156,7 +159,7 @@ class FacialAttributeEncoder(nn.Module):
         self.code_level = {l.index: level_for_resolution(l.resolution) for l in self.style_layers}
         self.m2c = nn.ModuleDict(
             {
-                str(l.index): MapToCode(lat, l.channels, self.level_res[self.code_level[l.index]])
+                str(l.index): MapToCode(lat, l.channels, self.level_res[self.code_level[l.index]], cfg.code_channels)
                 for l in self.style_layers
             }
         )
