@@ -15,8 +15,9 @@ OUT_DIR = "data/shards"
 REPORT = "reports/shard.json"
 
 
-def aligned_landmarks(table_path: str) -> dict:
-    """key -> (68, 2) landmarks in aligned pixels, keyed like the shards (the aligned file's path, sanitised)."""
+def align_table(table_path: str) -> tuple[dict, dict]:
+    """key -> (68, 2) landmarks in aligned pixels, and key -> 2×3 original -> aligned transform, keyed like the
+    shards (the aligned file's relative path, sanitised)."""
     from pathlib import Path
 
     import numpy as np
@@ -25,9 +26,12 @@ def aligned_landmarks(table_path: str) -> dict:
     from mfim.data.shards import make_key
 
     if not Path(table_path).is_file():
-        return {}
-    df = pd.read_parquet(table_path, columns=["output", "landmarks"])
-    return {make_key(out): np.asarray(lm, np.float32).reshape(68, 2) for out, lm in zip(df["output"], df["landmarks"])}
+        return {}, {}
+    df = pd.read_parquet(table_path, columns=["output", "landmarks", "transform"])
+    keys = [make_key(out) for out in df["output"]]
+    landmarks = {k: np.asarray(lm, np.float32).reshape(68, 2) for k, lm in zip(keys, df["landmarks"])}
+    transforms = {k: np.asarray(t, np.float64).reshape(2, 3) for k, t in zip(keys, df["transform"])}
+    return landmarks, transforms
 
 
 def main(params_path: str = "params.yaml") -> dict:
@@ -49,10 +53,12 @@ def main(params_path: str = "params.yaml") -> dict:
             raise SystemExit(f"shard: data.source is synthetic but {GROUND_TRUTH} is missing (run `dvc repro synthesize`)")
         ground_truth = pd.read_parquet(GROUND_TRUTH, columns=["key", "file", "identity", "split", "shape", "exp",
                                                                 "yaw", "pitch", "roll"])
+    landmarks, transforms = align_table(ALIGNED_TABLE)
     inputs = ShardInputs(
         aligned_dir=Path(ALIGNED_DIR),
         ground_truth=ground_truth,
-        landmarks=aligned_landmarks(ALIGNED_TABLE),
+        landmarks=landmarks,
+        transforms=transforms,
         source=source,
         eval_fraction=float(lookup(params, "shard.eval_fraction", 0.1)),
         seed=int(lookup(params, "shard.seed", 0)),

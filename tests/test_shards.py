@@ -220,6 +220,15 @@ def test_resume_from_position_is_exact_with_any_worker_count(tmp_path):
     assert all(torch.equal(next(with_workers), e) for e in expected)
 
 
+def test_all_corrupt_shards_raise_instead_of_spinning(tmp_path):
+    samples = make_fixture_shards(tmp_path, n_identities=2, per_identity=2)
+    shard = Path(S.expand_shards(str(tmp_path / "train-*.tar"))[0])
+    for key in samples:
+        corrupt_member(shard, f"{key}.png")
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        next(S.image_batches(str(shard), 32, batch_size=3, seed=0))
+
+
 def test_resume_skips_past_corrupt_samples_consistently(tmp_path):
     make_fixture_shards(tmp_path, n_identities=3, per_identity=4)
     shard = Path(S.expand_shards(str(tmp_path / "train-*.tar"))[0])
@@ -256,7 +265,10 @@ def test_build_shards_from_an_aligned_folder(tmp_path):
                              "roll": 0.3})
     (aligned / "train" / "broken.png").write_bytes(b"not a png")
     gt = pd.DataFrame(rows)
-    report = S.build_shards(S.ShardInputs(aligned, gt, landmarks), tmp_path / "shards", resolution=32,
+    # the aligner turned eval/00003_00 by +0.5 rad (scale 2): its ground-truth roll in the crop is 0.3 - 0.5
+    c, s = 2 * np.cos(0.5), 2 * np.sin(0.5)
+    transforms = {"eval/00003_00": np.array([[c, -s, 10.0], [s, c, -4.0]])}
+    report = S.build_shards(S.ShardInputs(aligned, gt, landmarks, transforms), tmp_path / "shards", resolution=32,
                             max_shard_bytes=10**6)
     assert report["counts"] == {"train": 6, "eval": 4} and report["identities"] == {"train": 3, "eval": 2}
     assert report["rejected"] == 1 and "ground-truth" in report["rejects"][0]["reason"]
@@ -265,7 +277,11 @@ def test_build_shards_from_an_aligned_folder(tmp_path):
     idx = S.ShardIndex(str(tmp_path / "shards" / "eval-*.tar"))
     s = idx.read(0)
     assert s.image.shape == (32, 32, 3) and s.meta["identity"] == 3 and s.meta["split"] == "eval"
-    assert s.meta["ground_truth"]["pose"] == [0.1, -0.2, 0.3]
+    assert s.key == "eval/00003_00" and s.meta["ground_truth"]["pose_frame"] == "aligned"
+    assert np.allclose(s.meta["ground_truth"]["pose"], [0.1, -0.2, 0.3 - 0.5])
+    assert s.meta["ground_truth"]["roll"] == s.meta["ground_truth"]["pose"][2]
+    assert idx.read(1).meta["ground_truth"]["pose"] == [0.1, -0.2, 0.3]  # no transform: left as rendered
+    assert report["ground_truth_pose_not_aligned"] == 9
     assert np.allclose(s.meta["landmarks"], 15.5)  # centre of 64 px -> centre of 32 px
 
 

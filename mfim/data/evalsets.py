@@ -152,6 +152,8 @@ def synthetic_from_shards(shard_pattern: str, aligned_dir: str | Path, n_pairs: 
                  "uniformly drawn image of a different identity",
         "triplets": f"{len(triplets)}: (target, global source, local source) with three different identities, "
                     "as §4.4 of the paper",
+        "alignment": "FFHQ recipe from dlib landmarks (align stage), resized to data.resolution in the shards",
+        "ground_truth": "3DMM shape/exp/pose of every image in its shard metadata (pose in the aligned frame)",
         "seed": seed,
     }
     index.close()

@@ -21,7 +21,7 @@ Reader. ``image_batches`` (here) and ``mfim.data.pairs.pair_batches`` share one 
 * Workers: position chunks of one batch go round-robin to DataLoader workers (decoding only); the main process
   assembles batches in position order, so the output does not depend on the worker count.
 * Corrupt samples (undecodable PNG, bad JSON, bad or missing member) are logged once per process and skipped; the
-  batch is filled with the following samples.
+  batch is filled with the following samples. A whole epoch without one readable sample raises RuntimeError.
 * Position: ``ReaderPosition(epoch, offset)`` names the first sample of this rank's stream not yet handed out.
   Guarantee: a reader built over the same shards with the same ``seed``, ``rank``, ``world`` (and for pairs the same
   fraction and table) and ``position=`` that value yields exactly the samples, with exactly the augmentations, that the
@@ -240,7 +240,7 @@ def iter_samples(pattern: str | Sequence[str], resolution: int | None = None) ->
     """Every valid sample once, in shard order, streamed with ``webdataset.WebDataset``; corrupt ones logged, skipped."""
 
     def handler(exn: Exception) -> bool:
-        _warn_once(f"in {pattern}", f"{type(exn).__name__}: {str(exn)[:300]}")
+        _warn_once(f"{type(exn).__name__}: {str(exn)[:300]}", "tar read error")
         return True
 
     ds = wds.WebDataset(expand_shards(pattern), shardshuffle=False, handler=handler, nodesplitter=None,
@@ -502,7 +502,6 @@ class BatchIterator:
             self._chunks = iter(loader)
         else:
             self._chunks = (_to_tensors(c) for c in stream)
-        self._loader_workers = workers
         self._pending: deque[tuple[dict, int]] = deque()  # (chunk, first unused row)
         self._next = start  # first position not yet handed out
 
@@ -513,6 +512,13 @@ class BatchIterator:
     def state_dict(self) -> dict:
         return self.position.as_dict()
 
+    def close(self) -> None:
+        """Stop the workers and close the shard files (also happens when the iterator is garbage-collected)."""
+        self._chunks = iter(())
+        index = getattr(self.source, "index", None)
+        if index is not None:
+            index.close()
+
     def __iter__(self):
         return self
 
@@ -520,8 +526,13 @@ class BatchIterator:
         return sum(len(c["_positions"]) - r for c, r in self._pending)
 
     def __next__(self):
+        barren = 0  # positions in a row that gave no sample: a whole epoch of them means nothing is readable
         while self._available() < self.batch_size:
-            self._pending.append((next(self._chunks), 0))
+            chunk = next(self._chunks)
+            self._pending.append((chunk, 0))
+            barren = 0 if len(chunk["_positions"]) else barren + self.batch_size
+            if barren >= max(self.source.plan.epoch_length, self.batch_size):
+                raise RuntimeError("no readable sample in a whole epoch of the shards (see the warnings above)")
         parts, need = [], self.batch_size
         while need:
             chunk, row = self._pending[0]
@@ -591,22 +602,39 @@ def image_batches(pattern: str | Sequence[str], resolution: int, batch_size: int
 @dataclass
 class ShardInputs:
     """What the shard stage reads. ``ground_truth``: the synthetic table (key, file, identity, split, shape, exp, yaw,
-    pitch, roll, ...) or None for a real folder; ``landmarks``: key -> (68, 2) in aligned-image pixels, or None."""
+    pitch, roll, ...) or None for a real folder; ``landmarks``: key -> (68, 2) in aligned-image pixels, or None;
+    ``transforms``: key -> the 2×3 original -> aligned matrix of the align stage (its in-plane rotation moves the
+    ground-truth roll), or None."""
 
     aligned_dir: Path
     ground_truth: "Any | None" = None  # pandas.DataFrame
     landmarks: Mapping[str, np.ndarray] | None = None
+    transforms: Mapping[str, np.ndarray] | None = None
     source: str = "synthetic"
     eval_fraction: float = 0.1
     seed: int = 0
     extra_rejects: list[dict] = field(default_factory=list)
 
 
-def _gt_record(row) -> dict:
-    # pose both as the (yaw, pitch, roll) vector and by name, for readers that want either
+def alignment_rotation(transform) -> float:
+    """In-plane angle (radians) of a 2×3 original -> aligned similarity, atan2(m10, m00) in image coordinates."""
+    m = np.asarray(transform, np.float64).reshape(2, 3)
+    return float(np.arctan2(m[1, 0], m[0, 0]))
+
+
+def _gt_record(row, transform=None) -> dict:
+    """Ground truth as it holds in the *aligned* image. The synthetic pose is the face's pose in the raw render; the
+    FFHQ alignment is a similarity transform, i.e. a rotation about the camera axis, which in the 3DDFA_V2
+    convention R = Rz(roll) Ry(yaw) Rx(pitch) leaves yaw and pitch alone and moves roll by minus its angle."""
     yaw, pitch, roll = float(row["yaw"]), float(row["pitch"]), float(row["roll"])
+    frame = "raw"
+    if transform is not None:
+        roll = float(np.angle(np.exp(1j * (roll - alignment_rotation(transform)))))  # wrapped to (-pi, pi]
+        frame = "aligned"
+    # pose both as the (yaw, pitch, roll) vector and by name, for readers that want either
     return {"shape": [float(v) for v in row["shape"]], "exp": [float(v) for v in row["exp"]],
-            "pose": [yaw, pitch, roll], "yaw": yaw, "pitch": pitch, "roll": roll}
+            "pose": [yaw, pitch, roll], "yaw": yaw, "pitch": pitch, "roll": roll, "pose_frame": frame,
+            "raw_roll": float(row["roll"])}
 
 
 def _plan_samples(inputs: ShardInputs, image_paths: list[Path]) -> tuple[dict[str, list], list[dict]]:
@@ -637,7 +665,7 @@ def _plan_samples(inputs: ShardInputs, image_paths: list[Path]) -> tuple[dict[st
             "identity": int(row["identity"]) if row is not None and row.get("identity") is not None else None,
             "source_file": str(row["file"]) if row is not None and row.get("file") is not None else str(rel),
             "aligned_file": str(rel),
-            "ground_truth": _gt_record(row) if row is not None else None,
+            "ground_truth": _gt_record(row, (inputs.transforms or {}).get(key)) if row is not None else None,
             "provenance": "synthetic" if inputs.source == "synthetic" else "processed",
         }
         plan[split].append((key, path, meta))
@@ -709,6 +737,10 @@ def build_shards(inputs: ShardInputs, out_dir: str | Path, resolution: int, max_
         "rejected": len(rejects),
         "rejects": rejects[:200],
         "samples_without_landmarks": missing_landmarks,
+        # ground-truth pose left in the raw image's frame because the align table had no transform for the key
+        "ground_truth_pose_not_aligned": sum(
+            1 for split in SPLITS for _, _, m in plan[split]
+            if m["ground_truth"] is not None and m["ground_truth"]["pose_frame"] != "aligned"),
         "seconds": round(time.time() - t0, 2),
     }
     return report
