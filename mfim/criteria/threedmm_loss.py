@@ -4,6 +4,9 @@ L_shape = ||s_swap - s_src||, L_pose = ||p_swap - p_tgt||, L_exp = ||e_swap - e_
 norm averaged over the batch. Shape and expression are compared after standardising with the 3DMM's parameter
 statistics (so one λ scale fits both and a different encoder family does not change the loss magnitude by orders);
 pose is in radians. The encoder is frozen; gradients flow through it into x_swap only.
+
+``shape_coefficients`` keeps only the leading shape coefficients in L_shape: at low resolution only the first PCA
+components are visible to the encoder (on the 64 px embedded default its predictions of the rest are noise).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class ThreeDMMLoss(nn.Module):
-    def __init__(self, encoder: nn.Module, shape_std: torch.Tensor | None = None, exp_std: torch.Tensor | None = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        shape_std: torch.Tensor | None = None,
+        exp_std: torch.Tensor | None = None,
+        shape_coefficients: int | None = None,
+    ):
         super().__init__()
         self.encoder = encoder  # aligned B×3×H×W in [-1,1] -> ThreeDMMParams
+        self.k = int(shape_coefficients) if shape_coefficients else None
         self.register_buffer("shape_std", shape_std if shape_std is not None else torch.ones(1))
         self.register_buffer("exp_std", exp_std if exp_std is not None else torch.ones(1))
 
@@ -33,7 +43,8 @@ class ThreeDMMLoss(nn.Module):
         p = self.encoder(x_swap)
         out = {}
         if "shape" in terms:
-            out["shape"] = _l2(p.shape / self.shape_std, src.shape.detach() / self.shape_std)
+            a, b = p.shape / self.shape_std, src.shape.detach() / self.shape_std
+            out["shape"] = _l2(a[:, : self.k], b[:, : self.k])
         if "pose" in terms:
             out["pose"] = _l2(p.pose, tgt.pose.detach())
         if "exp" in terms:

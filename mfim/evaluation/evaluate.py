@@ -81,6 +81,16 @@ def ground_truth(shard_pattern: str) -> dict[str, dict]:
     return gt
 
 
+def source_groups(pairs: pd.DataFrame) -> np.ndarray:
+    """Integer source identity per pair: the label when known, else the source video / image from its key."""
+    ids = pairs.source_identity.to_numpy()
+    if (ids >= 0).all():
+        return ids
+    groups = [str(k).rsplit("/", 1)[0] if int(f) >= 0 else str(k) for k, f in
+              zip(pairs.source_key, pairs.source_frame_index)]
+    return pd.factorize(pd.Series(groups))[0].astype(np.int64)
+
+
 def summarize(values: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, dict]:
     return {k: M.bootstrap_ci(v, n_boot=n_boot, seed=seed) for k, v in values.items()}
 
@@ -133,7 +143,9 @@ def run_evaluation(
     f_swap, f_src, f_tgt = (evaluators.features(x) for x in (x_swap, x_src, x_tgt))
 
     # --- swap metrics (Tables 2-4 columns) ---------------------------------------------------------------------
-    src_ids = pairs.source_identity.to_numpy()
+    # Retrieval gallery: one entry per source identity (mean feature of its images). Real-data manifests have no
+    # identity labels (-1): there a source is its video (FF++: the frames of one video) or its image (CelebA-HQ).
+    src_ids = source_groups(pairs)
     gallery_ids = np.unique(src_ids)
     gallery = np.stack([f_src.identity[src_ids == i].mean(axis=0) for i in gallery_ids])
     true_index = np.searchsorted(gallery_ids, src_ids)

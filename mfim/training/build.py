@@ -114,6 +114,6 @@ def build_objective(params: dict, G, device):
         name = loss.get("threedmm_encoder", "fitted")
         enc = build_threedmm_encoder(name, device, params=params)
         shape_std, exp_std = threedmm_std(name)
-        tdmm = ThreeDMMLoss(enc, shape_std, exp_std)
+        tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"))
     D = build_discriminator(params, G, device) if (w.adv > 0 or w.r1 > 0) else None
     return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D)
