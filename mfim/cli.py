@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from mfim.assets import MissingAssetError
+    from mfim.models.checkpoints import CheckpointError
 
     try:
         return int(args.func(args) or 0)
-    except MissingAssetError as e:
+    except (MissingAssetError, CheckpointError) as e:
         print(f"mfim: {e}", file=sys.stderr)
         return 3
 
