@@ -91,6 +91,28 @@ def source_groups(pairs: pd.DataFrame) -> np.ndarray:
     return pd.factorize(pd.Series(groups))[0].astype(np.int64)
 
 
+def identity_separation(pairs: pd.DataFrame, f_src: np.ndarray, f_tgt: np.ndarray) -> dict[str, np.ndarray]:
+    """How well the evaluation embedder separates people on real eval images: distances between images of the same
+    identity and of different identities, and the verification AUC (P[same-pair distance < different-pair one])."""
+    ids = np.concatenate([pairs.source_identity.to_numpy(), pairs.target_identity.to_numpy()])
+    keys = np.concatenate([pairs.source_key.to_numpy(), pairs.target_key.to_numpy()])
+    feats = np.concatenate([f_src, f_tgt])
+    _, first = np.unique(keys, return_index=True)
+    ids, feats = ids[first], feats[first]
+    if (ids < 0).any() or len(ids) < 3:
+        return {}
+    d = np.linalg.norm(feats[:, None] - feats[None], axis=-1)
+    iu = np.triu_indices(len(ids), 1)
+    same = (ids[:, None] == ids[None])[iu]
+    dist = d[iu]
+    out = {"identity_distance_different_people": dist[~same]}
+    if same.any():
+        out["identity_distance_same_person"] = dist[same]
+        diff = np.sort(dist[~same])
+        out["identity_verification_auc"] = 1.0 - np.searchsorted(diff, dist[same]) / max(len(diff), 1)
+    return out
+
+
 def summarize(values: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, dict]:
     return {k: M.bootstrap_ci(v, n_boot=n_boot, seed=seed) for k, v in values.items()}
 
@@ -180,9 +202,7 @@ def run_evaluation(
         per_pair["pose_hn_gt_deg"] = M.l2_distance(f_swap.pose_hn, np.degrees(gt_pose))
         evaluator_error["threedmm_pose_deg_on_real"] = M.angle_error_deg(f_tgt.pose, gt_pose)
         evaluator_error["pose_hn_deg_on_real"] = M.l2_distance(f_tgt.pose_hn, np.degrees(gt_pose))
-    same = src_ids == pairs.target_identity.to_numpy()
-    diff_pairs = M.l2_distance(f_src.identity, f_tgt.identity)[~same]
-    evaluator_error["identity_distance_different_people"] = diff_pairs
+    evaluator_error.update(identity_separation(pairs, f_src.identity, f_tgt.identity))
 
     # --- reconstruction: self-swap, with and without style maps ------------------------------------------------
     from mfim.nets.perceptual import load_lpips
