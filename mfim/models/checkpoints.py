@@ -25,7 +25,6 @@ import io
 import math
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mfim.atomic import atomic_torch_save
 from mfim.models.layers import make_fir_kernel
 from mfim.models.stylegan2 import Discriminator, Generator, channels_at
 
@@ -53,28 +53,6 @@ class CheckpointError(ValueError):
 # ====================================================================================================================
 # Our own format
 # ====================================================================================================================
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def checkpoint_dict(G: Generator, D: Discriminator | None = None, extra: dict | None = None) -> dict:
@@ -98,7 +76,7 @@ def save_checkpoint(
     """Write our format atomically (temp file in the same folder, fsync, rename). ``extra`` must hold only what
     ``torch.load(weights_only=True)`` accepts (tensors, numbers, strings, lists, dicts)."""
     path = Path(path)
-    _atomic_torch_save(checkpoint_dict(G, D, extra), path)
+    atomic_torch_save(checkpoint_dict(G, D, extra), path)
     return path
 
 

@@ -1,43 +1,21 @@
-"""Atomic checkpoints: write to a temp file in the same folder, fsync, rename over the old one, fsync the folder.
+"""Atomic checkpoints (mfim.atomic: temp file, fsync, rename), so a process killed at any point leaves either the
+previous complete checkpoint or the new complete one, never a truncated file under the final name.
 
-A process killed at any point leaves either the previous complete checkpoint or the new complete one, never a
-truncated file under the final name. Loading uses torch.load(weights_only=True): checkpoints hold only tensors and
-plain Python containers (RNG states are stored as tensors / ints for that reason).
+Loading uses torch.load(weights_only=True): checkpoints hold only tensors and plain Python containers (RNG states are
+stored as tensors / ints for that reason).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mfim.atomic import atomic_torch_save
 
-def atomic_torch_save(obj, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+__all__ = ["atomic_torch_save", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
