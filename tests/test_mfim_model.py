@@ -139,3 +139,34 @@ def test_generator_stays_frozen_in_train_mode():
 def test_invalid_split_is_rejected():
     with pytest.raises(ValueError):
         MFIM(StubGenerator(32), EncoderConfig(input_size=32, width=8), coarse_max_res=32)
+
+
+# --- with the real StyleGAN2 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "res, input_size, backbone, maps",
+    [
+        (64, 64, "small", (8, 16, 32)),
+        (128, 64, "small", (8, 16, 32)),
+        (256, 64, "small", (8, 16, 32)),
+        pytest.param(1024, 256, "ir_se50", (16, 32, 64), marks=pytest.mark.slow),
+    ],
+)
+def test_swap_shapes_with_stylegan2(res, input_size, backbone, maps):
+    from mfim.models.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    if res == 1024:  # the official FFHQ config (channel multiplier 2)
+        G = Generator(1024, 512, 8, 32768, 512)
+    else:
+        G = Generator(res, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
+    m = MFIM(G, EncoderConfig(input_size=input_size, backbone=backbone, width=8, code_channels=16,
+                              style_map_resolutions=maps), coarse_max_res=16).eval()
+    n_styles = {64: 14, 128: 17, 256: 20, 1024: 26}[res]
+    assert len(G.style_layers) == n_styles
+    x = torch.rand(1, 3, input_size, input_size) * 2 - 1
+    with torch.no_grad():
+        out = m.encoder(x, with_maps=True)
+        y = m.swap(x, x.flip(3))
+    assert y.shape == (1, 3, res, res) and torch.isfinite(y).all()
+    assert sorted(G.noise_layers[i].resolution for i in out.maps) == sorted(r for r in maps for _ in (0, 1))
+    assert set(m.tgt_indices) == {l.index for l in G.style_layers if l.resolution <= 16}
