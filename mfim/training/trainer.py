@@ -37,7 +37,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-4
     d_lr: float = 5e-4
-    betas: tuple[float, float] = (0.0, 0.99)
+    betas: tuple[float, float] = (0.9, 0.999)  # encoder (pSp-style optimiser settings)
+    d_betas: tuple[float, float] = (0.0, 0.99)  # discriminator (StyleGAN2)
     ema_decay: float = 0.995
     checkpoint_every: int = 200
     sample_every: int = 100
@@ -51,7 +52,8 @@ class TrainConfig:
             grad_accum=int(train.get("grad_accum", 1)),
             lr=float(train.get("lr", 5e-4)),
             d_lr=float(train.get("d_lr", 5e-4)),
-            betas=tuple(float(b) for b in train.get("betas", (0.0, 0.99))),
+            betas=tuple(float(b) for b in train.get("betas", (0.9, 0.999))),
+            d_betas=tuple(float(b) for b in train.get("d_betas", (0.0, 0.99))),
             ema_decay=float(train.get("ema_decay", 0.995)),
             checkpoint_every=int(train.get("checkpoint_every", 200)),
             sample_every=int(train.get("sample_every", 100)),
@@ -106,7 +108,7 @@ class Trainer:
             k = objective.w.r1_every
             c = k / (k + 1)
             self.opt_d = torch.optim.Adam(
-                self.D.parameters(), lr=cfg.d_lr * c, betas=(cfg.betas[0] ** c, cfg.betas[1] ** c)
+                self.D.parameters(), lr=cfg.d_lr * c, betas=(cfg.d_betas[0] ** c, cfg.d_betas[1] ** c)
             )
         # EMA of the encoder, sharing the frozen generator with the live model
         self.ema = copy.deepcopy(self.model, memo={id(self.model.generator): self.model.generator}).eval()
