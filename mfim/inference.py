@@ -75,18 +75,16 @@ class FaceSwapper:
         return from_uint8(resize_square(face.aligned, self.input_size)).to(self.device)
 
     def _finish(self, x: torch.Tensor, tgt: PreparedFace, roi: bool) -> np.ndarray:
-        from mfim.data.shards import resize_square
-        from mfim.evaluation.grids import from_uint8, to_uint8
-        from mfim.models.roi import roi_blend, roi_masks
+        from mfim.evaluation.grids import to_uint8
+        from mfim.models.roi import roi_masks
         from mfim.nets.align import paste_back
 
+        face = to_uint8(x)[0]
         if not roi:
-            return to_uint8(x)[0]
-        size = x.shape[-1]
-        mask = roi_masks(tgt.landmarks[None], size, landmark_size=self.align_size)
-        tgt_x = from_uint8(resize_square(tgt.aligned, size)).to(x.device)
-        blended = to_uint8(roi_blend(x, tgt_x, mask))[0]
-        return paste_back(tgt.photo, blended, tgt.transform, mask=mask[0, 0].numpy())
+            return face
+        # E+: one blend, straight into the full-resolution photo, with the soft mask of the target's own face
+        mask = roi_masks(tgt.landmarks[None], face.shape[0], landmark_size=self.align_size)[0, 0].numpy()
+        return paste_back(tgt.photo, face, tgt.transform, mask=mask)
 
     # --- operations -------------------------------------------------------------------------------------------
     @torch.no_grad()

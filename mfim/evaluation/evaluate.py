@@ -225,7 +225,7 @@ def run_evaluation(
 
     fd = compute_fd(
         x_tgt, x_swap, inception_checkpoint=lookup(params, "evaluate.fid.inception_checkpoint", "") or None,
-        batch_size=batch,
+        batch_size=batch, device=device, substitute=str(lookup(params, "evaluate.fid.substitute", "lpips_alex")),
     )
 
     # --- ID mixing (Table 5) -----------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def run_evaluation(
         )
 
     # --- grids -------------------------------------------------------------------------------------------------
-    grids = write_grids(model, reports_dir / "grids", x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t_tgt, x_mix,
+    grids = write_grids(model, meta, reports_dir / "grids", x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t_tgt, x_mix,
                         x_rec, x_rec_nomaps, raw_dir, device)
 
     # --- write --------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def run_evaluation(
     return out
 
 
-def write_grids(model, out_dir: Path, x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t_tgt, x_mix, x_rec, x_rec_nomaps,
+def write_grids(model, meta: dict, out_dir: Path, x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t_tgt, x_mix, x_rec, x_rec_nomaps,
                 raw_dir, device, n: int = 8) -> list[Path]:
     """source | target | swap | E+ (ROI-only) ; global | local | target | mix ; target | self-swap | without maps;
     and raw target photo | E+ pasted back into it."""
@@ -301,9 +301,7 @@ def write_grids(model, out_dir: Path, x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t
     m = min(n, len(x_mix))
     paths.append(save_grid(out_dir / "id_mixing.png", [t_gb[:m], t_lc[:m], t_tgt[:m], x_mix[:m]]))
     paths.append(save_grid(out_dir / "style_maps.png", [x_tgt[:n], x_rec[:n], x_rec_nomaps[:n]]))
-    pasted = paste_back_examples(model, pairs.head(4), raw_dir, device, out_dir / "paste_back.png")
-    if pasted is not None:
-        paths.append(pasted)
+    paths.append(paste_back_examples(model, meta, pairs.head(4), raw_dir, device, out_dir / "paste_back.png", roi))
     return paths
 
 
@@ -318,28 +316,28 @@ def roi_swaps(x_swap: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
     return roi_blend(x_swap, x_tgt, masks)
 
 
-def paste_back_examples(model, pairs: pd.DataFrame, raw_dir, device, out_path: Path) -> Path | None:
-    """E+ on the unaligned raw photos: detect + align the raw target and source, swap, paste back. Written as a
-    side-by-side image per pair (raw target | result) stacked vertically."""
+def paste_back_examples(model, meta: dict, pairs: pd.DataFrame, raw_dir, device, out_path: Path,
+                        roi_aligned: torch.Tensor) -> Path:
+    """E+ on the unaligned raw photos: detect + align the raw target and source, swap, paste back; one row per pair
+    (raw target | result). Without raw photos (real-data protocols keep only aligned frames) the aligned-space E+
+    column stands in, so the file always exists."""
     from mfim.imageio import ImageRejected, read_rgb
     from mfim.inference import FaceSwapper
     from mfim.provenance import provenance_record, save_image
 
     raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        return None
-    swapper = FaceSwapper(model, {"align_output_size": 256}, checkpoint_sha256="", device=device)
     rows = []
-    for _, r in pairs.iterrows():
-        src_p, tgt_p = raw_dir / f"{r.source_key}.png", raw_dir / f"{r.target_key}.png"
-        try:
-            src, tgt = swapper.prepare(read_rgb(src_p)), swapper.prepare(read_rgb(tgt_p))
-        except (ImageRejected, FileNotFoundError):
-            continue
-        out = swapper.swap(src, tgt, roi=True)
-        rows.append(np.concatenate([tgt.photo, out], axis=1))
+    if raw_dir.is_dir():
+        swapper = FaceSwapper(model, meta, checkpoint_sha256="", device=device)
+        for _, r in pairs.iterrows():
+            src_p, tgt_p = raw_dir / f"{r.source_key}.png", raw_dir / f"{r.target_key}.png"
+            try:
+                src, tgt = swapper.prepare(read_rgb(src_p)), swapper.prepare(read_rgb(tgt_p))
+            except (ImageRejected, FileNotFoundError):
+                continue
+            rows.append(np.concatenate([tgt.photo, swapper.swap(src, tgt, roi=True)], axis=1))
     if not rows:
-        return None
+        return save_grid(out_path, [roi_aligned[:4]])
     w = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     return save_image(out_path, np.concatenate(rows, axis=0), provenance_record("synthetic"))
@@ -352,7 +350,8 @@ def log_to_mlflow(params: dict, out: dict, grids: list[Path], reports_dir: Path)
     with start_run("evaluate", params, groups=["evaluate", "evalsets", "train", "loss", "encoder"]):
         import mlflow
 
-        mlflow.set_tag("train.config", str(lookup(params, "train.config", "E")))
+        mlflow.set_tags({"train.config": str(lookup(params, "train.config", "E")),
+                         "train.steps": str(lookup(params, "train.steps", ""))})
         flat = {k: float(v) for k, v in flatten({k: out[k] for k in ("swap", "reconstruction", "id_mixing",
                                                                        "evaluators_on_real_images")}).items()}
         flat[f"fd.{out['fd']['name']}"] = out["fd"]["value"]

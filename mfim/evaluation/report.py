@@ -125,14 +125,19 @@ def mixing_table(metrics: dict) -> str:
 
 
 def ablation_rows_from_mlflow(params: dict) -> dict[str, dict]:
-    """Latest `evaluate` run per train.config in the MLflow store (A-E runs from `dvc exp run`)."""
+    """Latest `evaluate` run per train.config in the MLflow store (A-E runs from `dvc exp run`), among runs trained
+    for the current train.steps (so a short smoke run does not stand in for a configuration)."""
     try:
         import mlflow
 
         from mfim.tracking import configure
 
         configure(params)
-        runs = mlflow.search_runs(filter_string="tags.`mfim.stage` = 'evaluate'", order_by=["start_time DESC"])
+        steps = str(params.get("train", {}).get("steps", ""))
+        runs = mlflow.search_runs(
+            filter_string=f"tags.`mfim.stage` = 'evaluate' and tags.`train.steps` = '{steps}'",
+            order_by=["start_time DESC"],
+        )
     except Exception:  # noqa: BLE001 - no store yet: an empty table
         return {}
     rows: dict[str, dict] = {}
@@ -158,7 +163,8 @@ def ablation_table(params: dict, current: str, metrics: dict) -> str:
             out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | not run yet | | | | |")
         else:
             out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | " + " | ".join(_fmt(r.get(c)) for c in SWAP_COLS) + " |")
-    out += ["", "Our rows: the latest `evaluate` run of each configuration in the MLflow store. To fill them:", "",
+    out += ["", "Our rows: the latest `evaluate` run of each configuration in the MLflow store with the current "
+            "train.steps. To fill them:", "",
             "```", "for c in A B C D E; do dvc exp run --queue -S train.config=$c; done", "dvc exp run --run-all",
             "dvc exp show --only-changed", "python pipelines/report.py   # rebuilds this file", "```"]
     return "\n".join(out)

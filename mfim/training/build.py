@@ -42,27 +42,40 @@ def load_frozen_generator(params: dict, device):
 
 
 def build_discriminator(params: dict, G, device):
-    from mfim.models.checkpoints import load_discriminator
-    from mfim.models.stylegan2 import discriminator_for
+    """StyleGAN2's residual D at ``data.resolution`` (it judges targets and resized swaps). It starts from the
+    generator checkpoint's D when that one has the same resolution (the embedded default), else fresh (paper scale:
+    the official D is 1024 px, the targets 256 px)."""
+    from mfim.models.checkpoints import CheckpointError, load_discriminator
+    from mfim.models.stylegan2 import Discriminator
 
-    path = generator_path(params)
+    res = int(lookup(params, "data.resolution", G.resolution))
+    c = G.config
     try:
-        D = load_discriminator(path, device=device)
-    except (KeyError, ValueError, FileNotFoundError):
-        D = discriminator_for(G)
-    return D.to(device)
+        D = load_discriminator(generator_path(params), device=device)
+        if D.resolution == res:
+            return D.to(device)
+        why = f"its D is {D.resolution} px, targets are {res} px"
+    except (KeyError, FileNotFoundError, CheckpointError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"discriminator: starting from scratch ({why})")
+    return Discriminator(res, c["channel_base"], c["channel_max"], img_channels=c["img_channels"]).to(device)
 
 
 def build_model(params: dict, G) -> MFIM:
     enc = params.get("encoder", {})
     cfg = EncoderConfig.from_params(params, input_size=int(lookup(params, "data.resolution", G.resolution)))
-    return MFIM(
+    model = MFIM(
         G,
         cfg,
         coarse_max_res=int(enc.get("coarse_max_res", 16)),
         mix_global_res=tuple(enc.get("mix_global_res", (32,))),
         noise_mode=str(lookup(params, "generator.noise_mode", "const")),
     )
+    if cfg.backbone == "ir_se50" and enc.get("backbone_checkpoint"):
+        from mfim.models.encoder import load_ir_se50
+
+        load_ir_se50(model.encoder, enc["backbone_checkpoint"])  # pSp's initialisation of the IR-SE50 body
+    return model
 
 
 def build_identity_embedder(params: dict, device):
@@ -87,8 +100,13 @@ def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REG
     return build(name, params=params, device=device, **kw)
 
 
-def threedmm_std(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-coefficient std of shape / expression for encoder ``name``'s family (3DDFA_V2 statistics for BFM)."""
+def threedmm_std(name: str, encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coefficient std of shape / expression: the fitted regressor's own statistics when it has them (its
+    target family may be BFM or FLAME), else the encoder family's (3DDFA_V2 statistics for BFM)."""
+    cfg = getattr(encoder, "config", None)
+    if name == "fitted" and hasattr(encoder, "std") and cfg is not None:
+        std = encoder.std.detach().clone()
+        return std[: cfg.n_shape], std[cfg.n_shape : cfg.n_shape + cfg.n_exp]
     from mfim.nets.threedmm import build_threedmm_normalizer
 
     n = build_threedmm_normalizer(name)
@@ -113,7 +131,7 @@ def build_objective(params: dict, G, device):
     if w.threedmm_terms:
         name = loss.get("threedmm_encoder", "fitted")
         enc = build_threedmm_encoder(name, device, params=params)
-        shape_std, exp_std = threedmm_std(name)
+        shape_std, exp_std = threedmm_std(name, enc)
         tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"))
-    D = build_discriminator(params, G, device) if (w.adv > 0 or w.r1 > 0) else None
+    D = build_discriminator(params, G, device) if w.adv > 0 else None  # R1 only regularises an adversarial D
     return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D)

@@ -56,8 +56,8 @@ class MFIMObjective(nn.Module):
             raise ValueError("loss.id > 0 needs an ID loss network")
         if weights.threedmm_terms and threedmm is None:
             raise ValueError("3DMM loss weights > 0 need a 3DMM encoder")
-        if (weights.adv > 0 or weights.r1 > 0) and discriminator is None:
-            raise ValueError("loss.adv / loss.r1 > 0 need a discriminator")
+        if weights.adv > 0 and discriminator is None:
+            raise ValueError("loss.adv > 0 needs a discriminator")
 
     def encoder_terms(self, x_swap: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor):
         """(weighted total, {term: unweighted value}) for the encoder update."""

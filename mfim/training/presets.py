@@ -28,5 +28,5 @@ def apply_preset(params: dict) -> dict:
     out.setdefault("encoder", {})["style_maps"] = bool(out["encoder"].get("style_maps", True)) and switches["style_maps"]
     loss = out.setdefault("loss", {})
     for term in ("shape", "pose", "exp"):
-        loss[term] = float(loss.get(term, 0.0)) if switches[term] else 0.0
+        loss[term] = float(loss.get(term, 1.0)) if switches[term] else 0.0  # 1.0: LossWeights' default
     return out

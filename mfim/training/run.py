@@ -25,11 +25,19 @@ from mfim.config import lookup
 from mfim.runtime import configure_threads, pick_device
 from mfim.training.presets import apply_preset
 
-TRAIN_GROUPS = ["data", "generator", "encoder", "loss", "train"]
+TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
+BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers"}  # do not change what is learned
 
 
-def params_fingerprint(params: dict) -> str:
+def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
+    """What a resumable checkpoint must match: the training params (without bookkeeping), the seed, and the
+    contents of the input files (generator, 3DMM regressor, shard index)."""
+    from mfim.assets import sha256_file
+
     scoped = {g: params.get(g) for g in TRAIN_GROUPS}
+    scoped["train"] = {k: v for k, v in (scoped["train"] or {}).items() if k not in BOOKKEEPING}
+    scoped["seed"] = lookup(params, "project.seed", 0)
+    scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -44,7 +52,13 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     from mfim.data.shards import split_pattern
     from mfim.evaluation.grids import save_grid
     from mfim.models.mfim import save_swapper
-    from mfim.training.build import build_model, build_objective, load_frozen_generator
+    from mfim.training.build import (
+        FITTED_REGRESSOR,
+        build_model,
+        build_objective,
+        generator_path,
+        load_frozen_generator,
+    )
     from mfim.training.distributed import init_from_env
     from mfim.training.trainer import TrainConfig, Trainer
 
@@ -70,19 +84,26 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     cfg = TrainConfig.from_params(tr)
     ck_path = out_dir / "checkpoint.pt"
     trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
-    fingerprint = params_fingerprint(params)
+    fingerprint = params_fingerprint(
+        params, [generator_path(params), FITTED_REGRESSOR, Path(shards_dir) / "index.json"]
+    )
 
     position = None
+    history: list[dict] = []
     if ck_path.is_file():
         from mfim.training.checkpoint import load_checkpoint
 
-        state = load_checkpoint(ck_path, map_location=device)
-        if state.get("data", {}) and state["data"].get("fingerprint") == fingerprint:
-            trainer.load_state_dict(state)
-            position = state["data"].get("position")
-            print(f"resuming from {ck_path} at step {trainer.step}")
+        state = load_checkpoint(ck_path, map_location="cpu")
+        data = state.get("data") or {}
+        if data.get("fingerprint") != fingerprint:
+            print(f"{ck_path} was made with other params or inputs; starting over")
+        elif int(state.get("step", 0)) >= cfg.steps:
+            print(f"{ck_path} is a finished run; starting over")
         else:
-            print(f"{ck_path} was made with other params; starting over")
+            trainer.load_state_dict(state)
+            position = data.get("position")
+            history = list(data.get("history") or [])
+            print(f"resuming from {ck_path} at step {trainer.step}")
 
     batch_size = int(tr.get("batch_size", 8))
     batches = pair_batches(
@@ -107,7 +128,6 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     x_src, x_tgt = sample["src"].to(device), sample["tgt"].to(device)
     x_other = torch.roll(x_src, 1, dims=0)  # a second source for the mix column
 
-    history: list[dict] = []
     mlflow_on = dist.is_main
 
     def on_log(step: int, logs: dict) -> None:
@@ -130,7 +150,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             mlflow.log_artifact(str(path), artifact_path=f"samples/step_{step:06d}")
 
     def data_state() -> dict:
-        return {"fingerprint": fingerprint, "position": batches.state_dict()}
+        return {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history}
 
     from contextlib import nullcontext
 
@@ -168,8 +188,9 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
                 "peak_memory_mb": peak_memory_mb(device),
             }
             (reports_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-            if history:
-                pd.DataFrame(history).to_csv(reports_dir / "plots" / "train_loss.csv", index=False)
+            pd.DataFrame(history, columns=None if history else ["step", "loss"]).to_csv(
+                reports_dir / "plots" / "train_loss.csv", index=False
+            )
             import mlflow
 
             mlflow.log_artifact(str(export), artifact_path="model")

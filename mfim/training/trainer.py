@@ -208,7 +208,8 @@ class Trainer:
         path = Path(path) if path else self.checkpoint_path
         if path is None or not path.is_file():
             return None
-        return self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        # on CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the parameters' device
+        return self.load_state_dict(load_checkpoint(path, map_location="cpu"))
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def fit(
@@ -228,6 +229,7 @@ class Trainer:
 
             bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window: dict[str, float] = {}
+        seen: dict[str, int] = {}  # per key: R1 is computed only every r1_every steps
         count, t0, images = 0, time.perf_counter(), 0
         last: dict[str, float] = {}
         while self.step < steps:
@@ -236,18 +238,19 @@ class Trainer:
             images += sum(int(b["src"].shape[0]) for b in micro) * self.dist.world
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
+                seen[k] = seen.get(k, 0) + 1
             count += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs.get('loss', math.nan):.3f}")
             if self.step % self.cfg.log_every == 0 or self.step == steps:
                 dt = time.perf_counter() - t0
-                last = {k: v / count for k, v in window.items()}
+                last = {k: v / seen[k] for k, v in window.items()}
                 last["img_per_s"] = images / max(dt, 1e-9)
                 last["s_per_step"] = dt / count
                 if on_log is not None and self.dist.is_main:
                     on_log(self.step, last)
-                window, count, t0, images = {}, 0, time.perf_counter(), 0
+                window, seen, count, t0, images = {}, {}, 0, time.perf_counter(), 0
             if on_sample is not None and self.dist.is_main and self.step % self.cfg.sample_every == 0:
                 on_sample(self.step)
             if self.checkpoint_path and (self.step % self.cfg.checkpoint_every == 0 or self.step == steps):
