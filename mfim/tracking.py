@@ -31,16 +31,39 @@ def git_commit(cwd: str | Path = ".") -> tuple[str, bool]:
         return "unknown", False
 
 
+def repo_root(cwd: str | Path = ".") -> Path:
+    """The project folder whose MLflow store runs should use. `dvc exp run --queue` runs stages in a temporary copy
+    under <repo>/.dvc/tmp/exps/...; a store relative to that copy would vanish with it, so anchor at <repo>."""
+    here = Path(cwd).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def _anchored(uri: str, root: Path) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/root/relative.db; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str(root / uri[len(prefix) :])
+    return uri
+
+
 def configure(params: dict) -> str:
     """Point MLflow at the store params.yaml names (env MLFLOW_TRACKING_URI wins) and select the experiment."""
     import mlflow
 
+    root = repo_root()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or lookup(params, "project.mlflow.tracking_uri", "sqlite:///mlflow.db")
+    uri = _anchored(uri, root)
     mlflow.set_tracking_uri(uri)
     name = lookup(params, "project.mlflow.experiment", "mfim")
     artifact_root = lookup(params, "project.mlflow.artifact_root", "mlartifacts")
+    if "://" not in artifact_root and not Path(artifact_root).is_absolute():
+        artifact_root = str(root / artifact_root)
     if mlflow.get_experiment_by_name(name) is None:
-        location = Path(artifact_root).resolve().as_uri() if "://" not in artifact_root else artifact_root
+        location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
         mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return uri
