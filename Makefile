@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.mfim-installed
 export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_ALLOW_FILE_STORE := true
+# progress bars redraw at most every 5 s (stage logs stay readable when not on a terminal)
+export TQDM_MININTERVAL := 5
 
 .PHONY: setup assets repro test test-all bench ui clean-outputs
 
