@@ -315,7 +315,7 @@ def pretrain(
             if log_fn is not None:
                 log_fn(step, {k: float(v) for k, v in stats.items()})
             bar.set_postfix(loss_G=f"{stats['loss_G']:.3f}", loss_D=f"{stats['loss_D']:.3f}",
-                            img_s=f"{stats['img_per_s']:.1f}")  # fmt: skip
+                            img_s=f"{stats['img_per_s']:.1f}", refresh=False)  # fmt: skip
         bar.update(1)
         if c.sample_every and step % c.sample_every == 0 and step != c.iterations:
             snapshot(step)

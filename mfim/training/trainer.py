@@ -241,8 +241,9 @@ class Trainer:
                 seen[k] = seen.get(k, 0) + 1
             count += 1
             if bar is not None:
+                # refresh=False: a refresh here would redraw every step, bypassing tqdm's mininterval
+                bar.set_postfix(loss=f"{logs.get('loss', math.nan):.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs.get('loss', math.nan):.3f}")
             if self.step % self.cfg.log_every == 0 or self.step == steps:
                 dt = time.perf_counter() - t0
                 last = {k: v / seen[k] for k, v in window.items()}
