@@ -18,11 +18,11 @@ PAPER_TABLE2 = {  # FaceForensics++; Identity, Shape, Expression, Pose, Pose-HN
     "InfoSwap": (104.456, 0.664, 0.698, 0.179, 4.043),
     "MegaFS": (110.897, 0.701, 0.678, 0.182, 5.456),
     "SmoothSwap": (101.678, 0.565, 0.722, 0.186, 4.498),
-    "MFIM (paper)": (87.030, 0.553, 0.646, 0.175, 3.694),
+    "MFIM": (87.030, 0.553, 0.646, 0.175, 3.694),
 }
 PAPER_TABLE3 = {  # CelebA-HQ; Identity, Shape, Expression, Pose, Pose-HN, FID
     "MegaFS": (108.571, 0.906, 0.438, 0.071, 4.880, 14.446),
-    "MFIM (paper)": (91.469, 0.782, 0.400, 0.057, 4.095, 4.946),
+    "MFIM": (91.469, 0.782, 0.400, 0.057, 4.095, 4.946),
 }
 PAPER_TABLE4 = {  # CelebA-HQ ablation
     "A": (70.160, 0.383, 1.116, 0.145, 7.899),
@@ -86,7 +86,7 @@ def swap_tables(metrics: dict, detail: dict) -> str:
     out += [f"| {k} (paper, FF++) | " + " | ".join(_fmt(v) for v in vals) + " |" for k, vals in PAPER_TABLE2.items()]
     out += [row + " |", ""]
     out += ["## Table 3 layout — face swapping with FID (paper: CelebA-HQ)", "",
-            HEADER[:-1] + " FID ↓ |", "|---|---|---|---|---|---|---|"]
+            HEADER + " FID ↓ |", "|---|---|---|---|---|---|---|"]
     out += [f"| {k} (paper, CelebA-HQ) | " + " | ".join(_fmt(v) for v in vals) + " |" for k, vals in PAPER_TABLE3.items()]
     fd = metrics.get("fd", {})
     out += [row + f" | {_fmt(fd.get('value'))} ({fd.get('name')}) |", ""]
