@@ -19,8 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_mod
 import resource
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _child(cfg: dict, queue) -> None:
@@ -31,25 +35,32 @@ def _child(cfg: dict, queue) -> None:
     from mfim.criteria.threedmm_loss import ThreeDMMLoss
     from mfim.models.encoder import EncoderConfig
     from mfim.models.mfim import MFIM
-    from mfim.models.stylegan2 import Generator, discriminator_for
+    from mfim.models.stylegan2 import Generator
     from mfim.nets.identity import MobileFaceNetEmbedder
     from mfim.nets.perceptual import load_lpips
     from mfim.nets.threedmm import TDDFAEncoder
     from mfim.training.objective import LossWeights, MFIMObjective
     from mfim.training.trainer import TrainConfig, Trainer
 
+    from mfim.config import load_params
+    from mfim.models.stylegan2 import Discriminator
+
+    params = load_params(cfg["params"])
+    gen, enc_p = params["generator"], params["encoder"]
+    size = int(params["data"]["resolution"])  # encoder input and the discriminator's (and the loss networks') size
     torch.manual_seed(0)
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    G = Generator(**cfg["generator"]).to(device).eval().requires_grad_(False)
-    enc = EncoderConfig(**cfg["encoder"])
-    model = MFIM(G, enc, coarse_max_res=16)
+    G = Generator(**{k: gen[k] for k in ("resolution", "style_dim", "n_mlp", "channel_base", "channel_max")})
+    G = G.to(device).eval().requires_grad_(False)
+    enc = EncoderConfig.from_params(params, input_size=size)
+    model = MFIM(G, enc, coarse_max_res=int(enc_p["coarse_max_res"]), mix_global_res=tuple(enc_p["mix_global_res"]))
     objective = MFIMObjective(
         LossWeights(),
         id_loss=IDLoss(MobileFaceNetEmbedder(device=device)),
         recon=ReconLoss(load_lpips("alex").to(device).eval().requires_grad_(False)),
         threedmm=ThreeDMMLoss(TDDFAEncoder(device=device)),
-        discriminator=discriminator_for(G).to(device),
+        discriminator=Discriminator(size, gen["channel_base"], gen["channel_max"]).to(device),
     )
     trainer = Trainer(model, objective, TrainConfig(), device)
     b, s = cfg["batch"], enc.input_size
@@ -104,29 +115,13 @@ def _child(cfg: dict, queue) -> None:
 
 
 def configs(paper: bool, device: str, steps: int) -> list[dict]:
-    out = [
-        {
-            "name": "embedded default (64 px, small encoder)",
-            "generator": dict(resolution=64, style_dim=256, n_mlp=4, channel_base=16384, channel_max=64),
-            "encoder": dict(input_size=64, backbone="small", width=32, code_channels=64, style_map_resolutions=(8, 16, 32)),
-            "batch": 8,
-            "steps": steps,
-            "threads": 2,
-            "device": device,
-        }
-    ]
+    """The sizes come from the parameter files themselves (random weights; no official file is read)."""
+    out = [{"name": "embedded default (params.yaml)", "params": str(ROOT / "params.yaml"), "batch": 8, "steps": steps,
+            "threads": 2, "device": device}]
     if paper:
-        out.append(
-            {
-                "name": "paper scale (1024 px StyleGAN2, IR-SE50 at 256 px)",
-                "generator": dict(resolution=1024, style_dim=512, n_mlp=8, channel_base=32768, channel_max=512),
-                "encoder": dict(input_size=256, backbone="ir_se50", style_map_resolutions=(16, 32, 64)),
-                "batch": 8 if device == "cuda" else 2,
-                "steps": max(1, steps // 2) if device == "cpu" else steps,
-                "threads": 2,
-                "device": device,
-            }
-        )
+        out.append({"name": "paper scale (configs/paper.yaml)", "params": str(ROOT / "configs" / "paper.yaml"),
+                    "batch": 8 if device == "cuda" else 2,
+                    "steps": max(1, steps // 2) if device == "cpu" else steps, "threads": 2, "device": device})
     return out
 
 
@@ -143,7 +138,13 @@ def main() -> None:
         q = ctx.Queue()
         p = ctx.Process(target=_child, args=(cfg, q))
         p.start()
-        r = q.get()
+        r = None
+        while r is None:  # a child that dies (e.g. out of memory) must not leave us waiting forever
+            try:
+                r = q.get(timeout=5)
+            except queue_mod.Empty:
+                if not p.is_alive():
+                    raise SystemExit(f"{cfg['name']}: the benchmark process died (exit code {p.exitcode})") from None
         p.join()
         results.append(r)
         print(
