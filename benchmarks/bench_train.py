@@ -30,20 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def _child(cfg: dict, queue) -> None:
     import torch
 
+    from mfim.config import load_params
     from mfim.criteria.id_loss import IDLoss
     from mfim.criteria.recon_loss import ReconLoss
     from mfim.criteria.threedmm_loss import ThreeDMMLoss
     from mfim.models.encoder import EncoderConfig
     from mfim.models.mfim import MFIM
-    from mfim.models.stylegan2 import Generator
+    from mfim.models.stylegan2 import Discriminator, Generator
     from mfim.nets.identity import MobileFaceNetEmbedder
     from mfim.nets.perceptual import load_lpips
     from mfim.nets.threedmm import TDDFAEncoder
     from mfim.training.objective import LossWeights, MFIMObjective
     from mfim.training.trainer import TrainConfig, Trainer
-
-    from mfim.config import load_params
-    from mfim.models.stylegan2 import Discriminator
 
     params = load_params(cfg["params"])
     gen, enc_p = params["generator"], params["encoder"]

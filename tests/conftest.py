@@ -32,3 +32,12 @@ def photos(photo_paths) -> dict:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_thread():
+    """For modules of tiny networks: one intra-op thread is as fast, and immune to spin-waiting when cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ from mfim.training.pretrain import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one intra-op thread is as fast, and immune to spin-waiting when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (fixture in conftest.py)
 
 
 def tiny_nets(seed=0):

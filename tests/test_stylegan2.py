@@ -111,13 +111,7 @@ def naive_discriminator(D: Discriminator, img: torch.Tensor) -> torch.Tensor:
     return x @ (out.weight * out.weight_gain).t() + out.bias
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small networks: one intra-op thread is as fast, and immune to spin-waiting when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (fixture in conftest.py)
 
 
 def small_generator(seed=0, resolution=32, **kw) -> Generator:
