@@ -67,24 +67,6 @@ def import_checkpoint(source: str, out: str) -> dict:
     }
 
 
-def write_import_samples(checkpoint: str, out_dir, device, n: int = 16) -> None:
-    """A sample grid of an imported generator (fixed seeds), so the stage's samples output always exists."""
-    import torch
-
-    from mfim.assets import sha256_file
-    from mfim.evaluation.grids import save_grid
-    from mfim.models.checkpoints import load_generator
-    from mfim.provenance import provenance_record
-
-    G = load_generator(checkpoint, device=device).eval()
-    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        img = G(z, noise_mode="const").cpu()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cols = [img[i::4] for i in range(4)]
-    save_grid(out_dir / "imported.png", cols, provenance_record("synthetic", checkpoint_sha256=sha256_file(checkpoint)))
-
-
 def make_eval_fn(pattern: str, resolution: int, seed: int, device):
     """Fréchet distance between 8x8-pooled pixel statistics of real and EMA-generated images (a cheap trend metric,
     not FID), on a fixed set of reals and fixed latents."""
@@ -155,6 +137,7 @@ def main(params_path: str = "params.yaml") -> dict:
     from mfim.assets import sha256_file
     from mfim.config import load_params, lookup
     from mfim.runtime import configure_threads, pick_device
+    from mfim.training.pretrain import sample_checkpoint
 
     params = load_params(params_path)
     configure_threads(lookup(params, "project.threads", None))
@@ -162,7 +145,7 @@ def main(params_path: str = "params.yaml") -> dict:
     source = lookup(params, "generator.checkpoint", "") or lookup(params, "pretrain_generator.shipped_checkpoint", "")
     if source:
         summary = import_checkpoint(str(source), OUT)
-        write_import_samples(OUT, Path(SAMPLES_DIR) / "samples", device)
+        sample_checkpoint(OUT, Path(SAMPLES_DIR) / "samples" / "imported.png", device)
     else:
         summary = train(params, device)
     summary["output"] = OUT

@@ -219,6 +219,28 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
+def write_sample_grid(G: Generator, z: torch.Tensor, path: str | Path, record: dict) -> Path:
+    """G's images for the latents ``z`` (one at a time, so the grid does not depend on a batch size; constant noise)
+    as one row-major grid PNG carrying the provenance ``record``."""
+    from mfim.provenance import save_image
+
+    device = next(G.parameters()).device
+    with torch.no_grad():
+        imgs = torch.cat([G(zi[None].to(device), noise_mode="const") for zi in z])
+    return save_image(path, image_grid(imgs), record)
+
+
+def sample_checkpoint(checkpoint: str | Path, path: str | Path, device, n: int = 16, seed: int = 0) -> Path:
+    """A sample grid of a generator checkpoint (e.g. an imported one) from fixed latents, marked synthetic."""
+    from mfim.assets import sha256_file
+    from mfim.models.checkpoints import load_generator
+    from mfim.provenance import provenance_record
+
+    G = load_generator(checkpoint, device=device).eval()
+    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
+    return write_sample_grid(G, z, path, provenance_record("synthetic", checkpoint_sha256=sha256_file(checkpoint)))
+
+
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """Fréchet distance between two Gaussians (the FID formula), via scipy's matrix square root."""
     import scipy.linalg
@@ -269,7 +291,7 @@ def pretrain(
     """
     from tqdm import tqdm
 
-    from mfim.provenance import provenance_record, save_image
+    from mfim.provenance import provenance_record
 
     c = PretrainConfig.from_dict(cfg)
     out_dir = Path(out_dir)
@@ -281,11 +303,9 @@ def pretrain(
 
     def snapshot(step: int) -> None:
         nonlocal last_eval
-        with torch.no_grad():
-            imgs = torch.cat([trainer.G_ema(z[None].to(trainer.device), noise_mode="const") for z in grid_z])
         path = out_dir / "samples" / f"grid_{step:06d}.png"
         rec = provenance_record("synthetic", generator="stylegan2-pretrain", iteration=step)
-        save_image(path, image_grid(imgs), rec)
+        write_sample_grid(trainer.G_ema, grid_z, path, rec)
         grids.append(str(path))
         metrics = dict(eval_fn(trainer.G_ema, step)) if eval_fn is not None else {}
         if metrics:
