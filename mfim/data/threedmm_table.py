@@ -7,8 +7,8 @@ otherwise). Vectors are stored as float32 lists.
 
 :func:`group_errors` is the per-parameter-group comparison used for the precompute report and the fitted regressor's
 validation: pose MAE in degrees (per angle and mean), shape/expression Pearson r (mean over coefficients, and over the
-first ten, which carry most of the variance) and normalised RMSE (RMSE over the ground truth's own spread, pooled over coefficients: 0 is exact, 1 is no better than
-predicting the mean).
+first ten, which carry most of the variance) and normalised RMSE (RMSE over the ground truth's own spread, pooled over
+coefficients: 0 is exact, 1 is no better than predicting the mean).
 """
 
 from __future__ import annotations

@@ -290,8 +290,8 @@ def run_evaluation(
     return out
 
 
-def write_grids(model, meta: dict, out_dir: Path, x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t_tgt, x_mix, x_rec, x_rec_nomaps,
-                raw_dir, device, n: int = 8) -> list[Path]:
+def write_grids(model, meta: dict, out_dir: Path, x_src, x_tgt, x_swap, pairs, t_gb, t_lc, t_tgt, x_mix, x_rec,
+                x_rec_nomaps, raw_dir, device, n: int = 8) -> list[Path]:
     """source | target | swap | E+ (ROI-only) ; global | local | target | mix ; target | self-swap | without maps;
     and raw target photo | E+ pasted back into it."""
     paths = []
