@@ -48,7 +48,7 @@ class StubGenerator(nn.Module):
     def styles_from_ws(self, ws):
         return [a(ws[:, i]) for i, a in enumerate(self.affines)]
 
-    def synthesize(self, styles, noise=None, noise_mode="const"):
+    def synthesize(self, styles, noise=None, noise_mode="const", style_maps=None):
         b = styles[0].shape[0]
         x = self.const.expand(b, -1, -1, -1)
         img = None
@@ -57,7 +57,10 @@ class StubGenerator(nn.Module):
                 x = F.interpolate(x, scale_factor=2)
             x = conv(x * (1 + styles[2 * k][:, :, None, None]))
             n = noise[k] if noise is not None else None
-            if n is not None:
+            sm = style_maps[k] if style_maps is not None else None
+            if sm is not None:  # the direct path: added at the activations' scale, in place of the noise
+                x = x + sm
+            elif n is not None:
                 x = x + self.noise_strength[k] * n
             x = F.leaky_relu(x, 0.2)
             rgb = torgb(x * (1 + styles[2 * k + 1][:, :, None, None]))

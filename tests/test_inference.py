@@ -64,3 +64,34 @@ def test_cli_swap_with_real_model_marks_output(checkpoint, photo_paths, tmp_path
     img = read_rgb(out)
     assert img.shape == read_rgb(photo_paths["biden"]).shape
     assert wm.detect(img)["watermarked"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated", "wrong_kind", "bad_pickle"])
+def test_bad_swapper_file_is_one_clear_error_and_exit_code(tmp_path, checkpoint, photo_paths, capsys, content):
+    import pickle
+
+    from mfim.models.checkpoints import CheckpointError
+
+    bad = tmp_path / "bad.pt"
+    if content == "truncated":
+        bad.write_bytes(checkpoint.read_bytes()[:5000])
+    elif content == "wrong_kind":
+        torch.save({"format": "something-else", "weights": torch.zeros(3)}, bad)
+    elif content == "bad_pickle":
+
+        class Evil:
+            def __reduce__(self):
+                return (print, ("this must never run",))
+
+        bad.write_bytes(pickle.dumps(Evil()))
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_swapper(bad)
+    rc = cli.main(["swap", "--source", str(photo_paths["obama"]), "--target", str(photo_paths["biden"]),
+                   "--output", str(tmp_path / "out.png"), "--checkpoint", str(bad), "--quiet"])
+    err = capsys.readouterr()
+    assert rc == 3 and "bad.pt" in err.err and "Traceback" not in err.err + err.out
+    assert "this must never run" not in err.out
+    assert len(err.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()

@@ -170,3 +170,32 @@ def test_swap_shapes_with_stylegan2(res, input_size, backbone, maps):
     assert y.shape == (1, 3, res, res) and torch.isfinite(y).all()
     assert sorted(G.noise_layers[i].resolution for i in out.maps) == sorted(r for r in maps for _ in (0, 1))
     assert set(m.tgt_indices) == {l.index for l in G.style_layers if l.resolution <= 16}
+
+
+def test_self_swap_shortcut_equals_the_two_pass_swap():
+    m = make_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m.reconstruct(x), m.swap(x, x.clone()), rtol=0, atol=1e-6)
+
+
+def test_ir_se50_file_without_num_batches_tracked_loads(tmp_path):
+    # files written by older PyTorch lack BatchNorm's num_batches_tracked; pSp loads them, so must we
+    from mfim.models.encoder import load_ir_se50
+
+    torch.manual_seed(0)
+    enc = FacialAttributeEncoder(EncoderConfig(input_size=256, backbone="ir_se50", style_maps=False),
+                                 StubGenerator(64).style_layers, StubGenerator(64).noise_layers)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in enc.backbone.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    state["output_layer.0.weight"] = torch.zeros(3)  # the recognition head pSp skips
+    torch.save(state, tmp_path / "model_ir_se50.pth")
+    unused = load_ir_se50(enc, tmp_path / "model_ir_se50.pth")
+    assert unused == ["output_layer.0.weight"]
+    for k, v in state.items():
+        if k in enc.backbone.state_dict():
+            assert torch.equal(enc.backbone.state_dict()[k], v)
+    del state["body.0.res_layer.1.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="keys missing"):
+        load_ir_se50(enc, tmp_path / "broken.pth")

@@ -52,6 +52,11 @@ class EncoderConfig:
     style_maps: bool = True
     style_map_resolutions: tuple[int, ...] = (8, 16, 32)
     style_map_channels: int = 1  # 1: B×1×H×W maps like StyleGAN noise; 0: per-channel maps (B×C×H×W)
+    # How a map reaches the generator. "direct": added to the layer's activations, scaled by a trainable per-layer
+    # gain the encoder owns (init ``style_map_gain``). "strength": as a literal noise input, i.e. times the frozen
+    # generator's learned noise strength -- ~1e-3 in the shipped 64 px generator, which leaves the maps inert.
+    style_map_injection: str = "direct"
+    style_map_gain: float = 1.0
 
     @staticmethod
     def from_params(params: dict, input_size: int) -> "EncoderConfig":
@@ -65,6 +70,8 @@ class EncoderConfig:
             style_maps=bool(enc.get("style_maps", True)),
             style_map_resolutions=tuple(int(r) for r in enc.get("style_map_resolutions", (8, 16, 32))),
             style_map_channels=int(enc.get("style_map_channels", 1)),
+            style_map_injection=str(enc.get("style_map_injection", "direct")),
+            style_map_gain=float(enc.get("style_map_gain", 1.0)),
         )
 
 
@@ -163,8 +170,11 @@ class FacialAttributeEncoder(nn.Module):
                 for l in self.style_layers
             }
         )
+        if cfg.style_map_injection not in ("direct", "strength"):
+            raise ValueError(f"encoder.style_map_injection must be direct or strength, not {cfg.style_map_injection!r}")
         self.map_level: dict[int, str] = {}
         self.m2m = nn.ModuleDict()
+        self.map_gain = nn.ParameterDict()
         if cfg.style_maps:
             for n in noise_layers:
                 if n.resolution not in cfg.style_map_resolutions:
@@ -173,6 +183,8 @@ class FacialAttributeEncoder(nn.Module):
                 self.map_level[n.index] = level
                 out_ch = n.channels if cfg.style_map_channels == 0 else cfg.style_map_channels
                 self.m2m[str(n.index)] = MapToMap(lat, out_ch, n.resolution)
+                if cfg.style_map_injection == "direct":
+                    self.map_gain[str(n.index)] = nn.Parameter(torch.tensor(float(cfg.style_map_gain)))
 
     def latent_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
@@ -191,6 +203,8 @@ class FacialAttributeEncoder(nn.Module):
         maps = {}
         if with_maps:
             maps = {i: self.m2m[str(i)](feats[lv]) for i, lv in self.map_level.items()}
+            if self.cfg.style_map_injection == "direct":
+                maps = {i: m * self.map_gain[str(i)] for i, m in maps.items()}
         return EncoderOutput(codes, maps)
 
 
@@ -207,8 +221,9 @@ def load_ir_se50(encoder: FacialAttributeEncoder, path: str | Path) -> list[str]
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = encoder.backbone.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in matched]
+    # BatchNorm's num_batches_tracked is absent from files written by older PyTorch (pSp loads them all the same)
+    missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
     if missing:
         raise ValueError(f"{path}: not an IR-SE50 state dict ({len(missing)} backbone keys missing, e.g. {missing[0]})")
-    encoder.backbone.load_state_dict(matched)
+    encoder.backbone.load_state_dict({**{k: v for k, v in own.items() if k not in matched}, **matched})
     return sorted(k for k in state if k not in matched)

@@ -12,6 +12,8 @@ number of (source, resolutions) assignments.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Sequence
 
 import torch
@@ -70,12 +72,17 @@ class MFIM(nn.Module):
 
     def synthesize(self, codes: dict[int, torch.Tensor], maps: dict[int, torch.Tensor]) -> torch.Tensor:
         styles = [codes[l.index] for l in self.generator.style_layers]
-        noise = [maps.get(n.index) for n in self.generator.noise_layers]
-        return self.generator.synthesize(styles, noise=noise, noise_mode=self.noise_mode)
+        per_layer = [maps.get(n.index) for n in self.generator.noise_layers]
+        if self.encoder.cfg.style_map_injection == "direct":
+            return self.generator.synthesize(styles, noise_mode=self.noise_mode, style_maps=per_layer)
+        return self.generator.synthesize(styles, noise=per_layer, noise_mode=self.noise_mode)
 
     # --- operations -------------------------------------------------------------------------------------------
     def swap(self, x_src: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
         """x_swap with the ID of x_src and the ID-irrelevant attributes (pose, expression, details) of x_tgt."""
+        if x_src is x_tgt:  # self-swap: one encoder pass gives both halves of the code split (same values)
+            out = self.encoder(x_tgt, with_maps=True)
+            return self.synthesize({i: self.average_style(i) + d for i, d in out.codes.items()}, out.maps)
         codes, maps = self.encode_target(x_tgt)
         codes.update(self.encode_codes(x_src, self.src_indices))
         return self.synthesize(codes, maps)
@@ -159,15 +166,33 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
 
 
 def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
+    """The swapper in ``path``; any problem with the file (unreadable, truncated, refused pickle, wrong kind, weights
+    that do not fit the recorded config) is one ``CheckpointError`` naming the file."""
+    from mfim.models.checkpoints import CheckpointError
+
+    try:
+        return _load_swapper(path, device)
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, AttributeError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        what = "refused or corrupt pickle" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot load as an MFIM swapper ({what}: {first})") from e
+
+
+def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
+    from mfim.models.checkpoints import CheckpointError
     from mfim.models.stylegan2 import Generator
 
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != SWAPPER_FORMAT:
-        raise ValueError(f"{path}: not an MFIM swapper checkpoint (expected format {SWAPPER_FORMAT!r})")
+        raise CheckpointError(f"{path}: not an MFIM swapper checkpoint (expected format {SWAPPER_FORMAT!r})")
     G = Generator(**state["generator"]["config"])
     G.load_state_dict(state["generator"]["state_dict"])
     cfg = dict(state["encoder_config"])
     cfg["style_map_resolutions"] = tuple(cfg["style_map_resolutions"])
+    cfg.setdefault("style_map_injection", "strength")  # files written before the direct path existed
     model = MFIM(
         G.to(device),
         EncoderConfig(**cfg),

@@ -189,8 +189,13 @@ class SynthesisNetwork(nn.Module):
         styles: list[torch.Tensor],
         noise: list[torch.Tensor | None] | None = None,
         noise_mode: str = "const",
+        style_maps: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """S-space list -> B×img_channels×H×W. ``noise[i]`` feeds ``noise_layers[i]``; None -> per ``noise_mode``."""
+        """S-space list -> B×img_channels×H×W. ``noise[i]`` feeds ``noise_layers[i]``; None -> per ``noise_mode``.
+        ``style_maps[i]`` (B×1×H×W or B×C×H×W), when given, is added to layer i's activations directly (not through
+        the noise strength) and replaces its noise."""
+        if style_maps is not None and len(style_maps) != len(self.noise_layers):
+            raise ValueError(f"expected {len(self.noise_layers)} style maps (or None), got {len(style_maps)}")
         if len(styles) != len(self.style_layers):
             raise ValueError(f"expected {len(self.style_layers)} style vectors, got {len(styles)}")
         if noise is not None and len(noise) != len(self.noise_layers):
@@ -207,7 +212,14 @@ class SynthesisNetwork(nn.Module):
         s_iter = iter(styles)
         for res, conv_ids, rgb_id in self._plan:
             for i in conv_ids:
-                x = self.convs[i](x, next(s_iter), None if noise is None else noise[i], noise_mode, fused=fused)
+                x = self.convs[i](
+                    x,
+                    next(s_iter),
+                    None if noise is None else noise[i],
+                    noise_mode,
+                    fused=fused,
+                    style_map=None if style_maps is None else style_maps[i],
+                )
             y = self.torgbs[rgb_id](x, next(s_iter), fused=fused)
             img = y if img is None else upsample2d(img, self.fir) + y
         return img
@@ -315,8 +327,9 @@ class Generator(nn.Module):
         styles: list[torch.Tensor],
         noise: list[torch.Tensor | None] | None = None,
         noise_mode: str = "const",
+        style_maps: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        return self.synthesis.synthesize(styles, noise=noise, noise_mode=noise_mode)
+        return self.synthesis.synthesize(styles, noise=noise, noise_mode=noise_mode, style_maps=style_maps)
 
     def forward(
         self,
