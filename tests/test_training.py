@@ -215,3 +215,42 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cross_identity_pairs_weigh_less_in_reconstruction():
+    rec = ReconLoss(None)
+    x, y = torch.zeros(2, 3, 4, 4), torch.stack([torch.full((3, 4, 4), 0.2), torch.full((3, 4, 4), 1.0)])
+    assert float(rec(x, y)["l1"]) == pytest.approx(0.6)
+    # pair 0 same identity (weight 1), pair 1 different people (weight 0.25): (0.2 + 0.25) / 1.25
+    assert float(rec(x, y, torch.tensor([1.0, 0.25]))["l1"]) == pytest.approx(0.36)
+    tr = build(LossWeights(**{**ONLY, "l1": 1.0, "recon_cross_identity": 0.0}))
+    b = fixed_batch()
+    x_swap = tr.model(b["src"], b["tgt"])
+    with pytest.raises(ValueError, match="same_identity"):
+        tr.objective.encoder_terms(x_swap, b["src"], b["tgt"])
+    _, terms = tr.objective.encoder_terms(x_swap, b["src"], b["tgt"], torch.tensor([True, False, False, False]))
+    assert float(terms["l1"]) == pytest.approx(float((x_swap[0] - b["tgt"][0]).abs().mean()), rel=1e-5)
+
+
+def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_path):
+    from mfim.training.run import init_encoder
+    from mfim.training.warmstart import save_warmstart
+
+    src = build(LossWeights(**{**ONLY, "l1": 1.0}))
+    with torch.no_grad():
+        for p in src.model.encoder.parameters():
+            p.add_(0.01)
+    state = src.model.encoder.state_dict()
+    path = save_warmstart(tmp_path / "ws.pt", state, state, {})
+    torch.manual_seed(0)
+    model_a = MFIM(StubGenerator(RES, channels=8, w_dim=8), EncoderConfig(input_size=RES, width=8, style_maps=False),
+                   coarse_max_res=4)
+    tr_a = Trainer(model_a, MFIMObjective(LossWeights(**{**ONLY, "l1": 1.0}), recon=ReconLoss(None)),
+                   TrainConfig(), torch.device("cpu"))
+    init_encoder(tr_a, path)
+    for k, v in tr_a.model.encoder.state_dict().items():
+        assert torch.equal(v, state[k]) and torch.equal(tr_a.ema.encoder.state_dict()[k], state[k])
+    # a file lacking heads this configuration needs is refused, not half-loaded
+    path2 = save_warmstart(tmp_path / "ws_a.pt", tr_a.model.encoder.state_dict(), tr_a.model.encoder.state_dict(), {})
+    with pytest.raises(ValueError, match="lacks"):
+        init_encoder(build(LossWeights(**{**ONLY, "l1": 1.0})), path2)

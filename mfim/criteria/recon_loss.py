@@ -22,9 +22,14 @@ class ReconLoss(nn.Module):
         super().__init__()
         self.lpips = lpips_net  # lpips.LPIPS, frozen, takes [-1, 1]
 
-    def forward(self, x_swap: torch.Tensor, x_tgt: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x_swap: torch.Tensor, x_tgt: torch.Tensor,
+                weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Batch means; ``weight`` (B, optional) weighs each pair's terms (a weighted mean over the batch)."""
         x = match_size(x_swap, x_tgt)
-        out = {"l1": F.l1_loss(x, x_tgt)}
+        per = {"l1": (x - x_tgt).abs().flatten(1).mean(1)}
         if self.lpips is not None:
-            out["lpips"] = self.lpips(x, x_tgt).mean()
-        return out
+            per["lpips"] = self.lpips(x, x_tgt).flatten()
+        if weight is None:
+            return {k: v.mean() for k, v in per.items()}
+        w = weight.to(x.dtype)
+        return {k: (v * w).sum() / w.sum().clamp_min(1e-8) for k, v in per.items()}

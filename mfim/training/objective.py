@@ -29,6 +29,9 @@ class LossWeights:
     shape: float = 1.0
     pose: float = 1.0
     exp: float = 1.0
+    # L1 + LPIPS weight of pairs of *different* people relative to same-identity pairs. 1.0 is eq. (2) as written
+    # (every pair); below 1 the pixel terms pull less towards the target's face where the ID loss pulls away.
+    recon_cross_identity: float = 1.0
 
     @staticmethod
     def from_params(loss: dict) -> "LossWeights":
@@ -59,13 +62,21 @@ class MFIMObjective(nn.Module):
         if weights.adv > 0 and discriminator is None:
             raise ValueError("loss.adv > 0 needs a discriminator")
 
-    def encoder_terms(self, x_swap: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor):
-        """(weighted total, {term: unweighted value}) for the encoder update."""
+    def encoder_terms(self, x_swap: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor,
+                      same_identity: torch.Tensor | None = None):
+        """(weighted total, {term: unweighted value}) for the encoder update. ``same_identity`` (B bool) is needed
+        only when ``recon_cross_identity`` != 1."""
         w, terms = self.w, {}
         if w.id > 0:
             terms["id"] = self.id_loss(x_swap, x_src)
         if w.l1 > 0 or w.lpips > 0:
-            rec = self.recon(x_swap, x_tgt)
+            pair_weight = None
+            if w.recon_cross_identity != 1.0:
+                if same_identity is None:
+                    raise ValueError("loss.recon_cross_identity != 1 needs the batch's same_identity flags")
+                same = same_identity.to(x_swap.device).float()
+                pair_weight = same + (1.0 - same) * w.recon_cross_identity
+            rec = self.recon(x_swap, x_tgt, pair_weight)
             if w.l1 > 0:
                 terms["l1"] = rec["l1"]
             if w.lpips > 0:

@@ -47,6 +47,30 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def init_encoder(trainer, path: str | Path) -> None:
+    """Start the encoder and its EMA from a warm start or a swapper. Heads the file has and this configuration
+    lacks (style maps for configuration A) are dropped; anything the configuration needs and the file lacks is an
+    error, so a mismatched file never half-initialises the encoder silently."""
+    from mfim.training.warmstart import load_discriminator_init, load_encoder_init
+
+    encoder_state, ema_state = load_encoder_init(path)
+    own = trainer.model.encoder.state_dict()
+    for module, state in ((trainer.model.encoder, encoder_state), (trainer.ema.encoder, ema_state)):
+        extra = [k for k in state if k not in own]
+        if any(not k.startswith(("m2m.", "map_gain.")) for k in extra):
+            raise ValueError(f"{path}: encoder keys this configuration does not have, e.g. {extra[0]}")
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ValueError(f"{path}: lacks {len(missing)} encoder tensors this configuration needs, e.g. "
+                             f"{missing[0]} (made with other encoder params?)")
+        module.load_state_dict({k: v for k, v in state.items() if k in own})
+    d_state = load_discriminator_init(path)
+    if d_state is not None and trainer.D is not None:
+        own_d = trainer.D.state_dict()
+        if set(d_state) == set(own_d) and all(own_d[k].shape == v.shape for k, v in d_state.items()):
+            trainer.D.load_state_dict(d_state)  # a shipped swapper carries the D it was trained against
+
+
 def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", shards_dir="data/shards") -> dict:
     from mfim.data.pairs import pair_batches
     from mfim.data.shards import split_pattern
@@ -84,12 +108,16 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     cfg = TrainConfig.from_params(tr)
     ck_path = out_dir / "checkpoint.pt"
     trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
+    init = str(tr.get("init_checkpoint", "") or "")
+    init_path = Path(init) if init else None
     fingerprint = params_fingerprint(
         params, [generator_path(params), FITTED_REGRESSOR, Path(shards_dir) / "index.json"]
+        + ([init_path] if init_path else [])
     )
 
     position = None
     history: list[dict] = []
+    resumed = False
     if ck_path.is_file():
         from mfim.training.checkpoint import load_checkpoint
 
@@ -103,7 +131,11 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             trainer.load_state_dict(state)
             position = data.get("position")
             history = list(data.get("history") or [])
+            resumed = True
             print(f"resuming from {ck_path} at step {trainer.step}")
+    if not resumed and init_path is not None:
+        init_encoder(trainer, init_path)
+        print(f"encoder initialised from {init_path}")
 
     batch_size = int(tr.get("batch_size", 8))
     batches = pair_batches(
