@@ -1,9 +1,14 @@
-"""DVC stage `fit_regressor`: the fitted 3DMM regressor (the third 3DMM option; L_shape on the embedded default).
+"""DVC stage `fit_regressor`: the fitted 3DMM regressors.
 
-Fits a small CNN on the train shards against the 3DMM table: the ground truth for synthetic data, the encoder's
-estimates for real data (`threedmm.regressor.target`). Writes data/threedmm/regressor.pt and reports/regressor.json
-(validation error per parameter group on held-out identities, the predict-the-mean baseline, and the error on the
-eval split).
+* `data/threedmm/regressor.pt`, the network inside L_shape / L_pose / L_exp on the embedded default. Synthetic data:
+  fitted on its own aligned render set (`threedmm.regressor.render_identities` people never in the swapper's data;
+  exact ground truth); real photos: on the train shards against the 3DMM table (`target: estimate`, distillation).
+* `data/threedmm/evaluator.pt` (synthetic data, `threedmm.evaluator.render_identities` > 0): an independent shape
+  evaluator -- another width and seed, fitted on a render set of *other* people than the loss network saw -- which
+  the evaluate stage uses for Shape and R-Shape, where 3DDFA_V2 cannot see BFM shape.
+
+reports/regressor.json: per network, the validation error on held-out identities, the predict-the-mean baseline and
+the error on the eval split (the swapper's evaluation identities, never used for fitting).
 """
 
 from mfim.runtime import ensure_allocator_env
@@ -11,7 +16,40 @@ from mfim.runtime import ensure_allocator_env
 SHARDS_DIR = "data/shards"
 TABLE = "data/threedmm/params.parquet"
 OUT = "data/threedmm/regressor.pt"
+EVALUATOR_OUT = "data/threedmm/evaluator.pt"
 REPORT = "reports/regressor.json"
+
+
+def _fit(group: dict, params: dict, out: str, train_pattern: str, eval_pattern, log) -> dict:
+    from mfim.config import lookup
+    from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
+    from mfim.data.synth import SynthConfig
+    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_render_set, fit_from_table
+
+    model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]))
+    fit = FitConfig(epochs=int(group["epochs"]), batch_size=int(group["batch_size"]), lr=float(group["lr"]),
+                    val_fraction=float(group["val_fraction"]),
+                    seed=int(group.get("seed", lookup(params, "project.seed", 0))),
+                    augment=bool(group.get("augment", True)))
+    n_render = int(group.get("render_identities", 0) or 0)
+    if n_render > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
+        render = render_aligned_set(
+            SynthConfig.from_params(lookup(params, "synthesize")),
+            RenderSetConfig(identities=n_render, images_per_identity=int(group.get("render_images_per_identity", 5)),
+                            identity_offset=int(group.get("identity_offset", 100_000)), size=model_cfg.input_size,
+                            workers=int(lookup(params, "synthesize.render_workers", 2))),
+            log=log,
+        )
+        return fit_from_render_set(render, out, model_cfg, fit, eval_pattern, TABLE, log=log)
+    return fit_from_table(train_pattern, TABLE, out, group["target"], model_cfg, fit, eval_pattern=eval_pattern,
+                          log=log)
+
+
+def _summary(name: str, report: dict) -> str:
+    v = report.get("eval_split_error") or report["val_error"]
+    return (f"{name}: {report['seconds']:.0f} s; eval-identity pose MAE {v['pose']['mae_deg']:.2f}°, shape r "
+            f"{v['shape']['pearson_r']:.3f} (first 10: {v['shape']['pearson_r_first10']:.3f}), exp r "
+            f"{v['exp']['pearson_r']:.3f}")
 
 
 def main(params_path: str = "params.yaml") -> dict:
@@ -21,44 +59,41 @@ def main(params_path: str = "params.yaml") -> dict:
 
     from mfim.config import load_params, lookup
     from mfim.data.shards import split_pattern
-    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_table
     from mfim.runtime import configure_threads
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     params = load_params(params_path)
     configure_threads(lookup(params, "project.threads", None))
-    r = lookup(params, "threedmm.regressor")
     has_eval = any(Path(SHARDS_DIR).glob("eval-*.tar"))
-    report = fit_from_table(
-        split_pattern(SHARDS_DIR, "train"),
-        TABLE,
-        OUT,
-        r["target"],
-        RegressorConfig(input_size=int(r["input_size"]), width=int(r["width"])),
-        FitConfig(epochs=int(r["epochs"]), batch_size=int(r["batch_size"]), lr=float(r["lr"]),
-                  val_fraction=float(r["val_fraction"]), seed=int(lookup(params, "project.seed", 0)),
-                  augment=bool(r.get("augment", True))),
-        eval_pattern=split_pattern(SHARDS_DIR, "eval") if has_eval else None,
-    )
+    eval_pattern = split_pattern(SHARDS_DIR, "eval") if has_eval else None
+    train_pattern = split_pattern(SHARDS_DIR, "train")
+    report = _fit(lookup(params, "threedmm.regressor"), params, OUT, train_pattern, eval_pattern, print)
+    print(_summary("fit_regressor (loss network)", report))
+    evaluator = lookup(params, "threedmm.evaluator", {}) or {}
+    if int(evaluator.get("render_identities", 0) or 0) > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
+        report["evaluator"] = _fit(evaluator, params, EVALUATOR_OUT, train_pattern, eval_pattern, print)
+        print(_summary("fit_regressor (shape evaluator)", report["evaluator"]))
+    else:  # DVC declares the output: a marker that says why there is no evaluator (real photos have no renders)
+        from mfim.nets.threedmm_regressor import save_no_regressor
+
+        save_no_regressor(EVALUATOR_OUT, "threedmm.evaluator.render_identities is 0 or data.source is not synthetic")
     Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
     Path(REPORT).write_text(json.dumps(report, indent=1))
-    v, b = report["val_error"], report["val_error_predict_mean"]
-    print(f"fit_regressor: {report['seconds']:.0f} s; validation pose MAE {v['pose']['mae_deg']:.2f}° "
-          f"(mean-only {b['pose']['mae_deg']:.2f}°), shape r {v['shape']['pearson_r']:.3f} nRMSE "
-          f"{v['shape']['nrmse']:.3f}, exp r {v['exp']['pearson_r']:.3f} nRMSE {v['exp']['nrmse']:.3f} -> {OUT}")
 
     import mlflow
 
     from mfim.tracking import start_run
 
     with start_run("fit_regressor", params, ["threedmm"]):
-        for split, err in (("val", v), ("eval", report.get("eval_split_error"))):
-            if err:
-                mlflow.log_metrics({f"{split}_pose_mae_deg": err["pose"]["mae_deg"],
-                                    f"{split}_shape_pearson_r": err["shape"]["pearson_r"],
-                                    f"{split}_shape_nrmse": err["shape"]["nrmse"],
-                                    f"{split}_exp_pearson_r": err["exp"]["pearson_r"],
-                                    f"{split}_exp_nrmse": err["exp"]["nrmse"]})
+        for prefix, rep in (("", report), ("evaluator_", report.get("evaluator"))):
+            if not rep:
+                continue
+            for split, err in (("val", rep["val_error"]), ("eval", rep.get("eval_split_error"))):
+                if err:
+                    mlflow.log_metrics({f"{prefix}{split}_pose_mae_deg": err["pose"]["mae_deg"],
+                                        f"{prefix}{split}_shape_pearson_r": err["shape"]["pearson_r"],
+                                        f"{prefix}{split}_shape_pearson_r_first10": err["shape"]["pearson_r_first10"],
+                                        f"{prefix}{split}_exp_pearson_r": err["exp"]["pearson_r"]})
         for step, loss in enumerate(report["train_loss"]):
             mlflow.log_metric("train_loss", loss, step=step)
         mlflow.log_artifact(REPORT)

@@ -113,6 +113,12 @@ def identity_separation(pairs: pd.DataFrame, f_src: np.ndarray, f_tgt: np.ndarra
     return out
 
 
+def shape_correlation(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Pearson r per shape coefficient (columns) between an evaluator's estimates and the ground truth."""
+    e, t = estimate - estimate.mean(0), truth - truth.mean(0)
+    return (e * t).sum(0) / np.sqrt((e**2).sum(0) * (t**2).sum(0)).clip(1e-12)
+
+
 def summarize(values: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, dict]:
     return {k: M.bootstrap_ci(v, n_boot=n_boot, seed=seed) for k, v in values.items()}
 
@@ -202,6 +208,12 @@ def run_evaluation(
         per_pair["pose_hn_gt_deg"] = M.l2_distance(f_swap.pose_hn, np.degrees(gt_pose))
         evaluator_error["threedmm_pose_deg_on_real"] = M.angle_error_deg(f_tgt.pose, gt_pose)
         evaluator_error["pose_hn_deg_on_real"] = M.l2_distance(f_tgt.pose_hn, np.degrees(gt_pose))
+        if all("shape" in gt[k] for k in pairs.target_key):
+            # can the shape evaluator see shape at all? per-coefficient r against the truth on unswapped targets
+            _, first = np.unique(pairs.target_key.to_numpy(), return_index=True)
+            k = f_tgt.shape.shape[1]
+            truth = np.array([gt[key]["shape"][:k] for key in pairs.target_key.to_numpy()[first]], np.float64)
+            evaluator_error["shape_pearson_r_on_real"] = shape_correlation(f_tgt.shape[first], truth)
     evaluator_error.update(identity_separation(pairs, f_src.identity, f_tgt.identity))
 
     # --- reconstruction: self-swap, with and without style maps ------------------------------------------------

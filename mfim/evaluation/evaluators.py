@@ -1,7 +1,8 @@
 """The evaluation networks, configured separately from the training ones (params group ``evaluate``).
 
 identity: dlib ResNet (default; independent of the MobileFaceNet the ID loss trains against) or mobilefacenet.
-3DMM: 3DDFA_V2 (default; the training loss uses the fitted regressor on the embedded default) or deca / fitted.
+3DMM: 3DDFA_V2 (default; the training loss uses the fitted regressor on the embedded default) or deca / fitted;
+shape (``evaluate.shape_encoder: evaluator``): an independent fitted regressor (data/threedmm/evaluator.pt).
 pose: the Hopenet-style ONNX (Pose-HN), or the official Hopenet ResNet-50 when nets.headpose.hopenet_checkpoint is set.
 """
 
@@ -26,23 +27,48 @@ class Features:
     id_train: np.ndarray  # N×512 features of the training ID network (reference only, not independent)
 
 
+SHAPE_EVALUATOR = "data/threedmm/evaluator.pt"
+
+
 class Evaluators:
     def __init__(self, params: dict, device="cpu", batch_size: int = 16):
         from mfim.nets.headpose import HopenetOnnx, HopenetResNet50
-        from mfim.nets.identity import DlibIdentityEmbedder, MobileFaceNetEmbedder
+        from mfim.nets.identity import DlibIdentityEmbedder
         from mfim.nets.threedmm import build_threedmm_encoder, build_threedmm_normalizer
 
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.identity_name = str(lookup(params, "evaluate.identity_embedder", "dlib"))
         self.threedmm_name = str(lookup(params, "evaluate.threedmm_encoder", "tddfa"))
-        self.train_embedder = MobileFaceNetEmbedder(device=self.device)
+        # the network the ID loss trained against (reference only): the iresnet when one is configured
+        from mfim.training.build import build_identity_embedder
+
+        iresnet = lookup(params, "nets.identity.iresnet_checkpoint", "") or ""
+        self.train_embedder_name = "arcface_iresnet" if iresnet else "mobilefacenet"
+        self.train_embedder = build_identity_embedder(params, self.device)
         self.dlib = DlibIdentityEmbedder() if self.identity_name == "dlib" else None
+        self.eval_embedder = None
+        if self.identity_name == "mobilefacenet" and self.train_embedder_name != "mobilefacenet":
+            from mfim.nets.identity import MobileFaceNetEmbedder
+
+            self.eval_embedder = MobileFaceNetEmbedder(device=self.device)
         kw = {}
         if self.threedmm_name == "fitted":
             kw["checkpoint"] = "data/threedmm/regressor.pt"
         self.threedmm = build_threedmm_encoder(self.threedmm_name, params=params, device=self.device, **kw)
         self.normalizer = build_threedmm_normalizer(self.threedmm_name).to(self.device)
+        # Shape may come from its own network: on the synthetic protocol 3DDFA_V2 sees BFM shape at r ~0.12, so an
+        # independent regressor (other people, other width and seed than the loss network) measures it instead.
+        self.shape_name = str(lookup(params, "evaluate.shape_encoder", "") or self.threedmm_name)
+        k = lookup(params, "evaluate.shape_coefficients", 0)
+        self.shape_k = int(k) if k else None
+        self.shape_net = None
+        if self.shape_name == "evaluator":
+            from mfim.nets.threedmm_regressor import load_fitted_regressor
+
+            self.shape_net = load_fitted_regressor(SHAPE_EVALUATOR, device=self.device)
+        elif self.shape_name != self.threedmm_name:
+            raise ValueError(f"evaluate.shape_encoder must be 'evaluator' or empty, not {self.shape_name!r}")
         hopenet = lookup(params, "nets.headpose.hopenet_checkpoint", "") or ""
         self.pose_name = "hopenet_resnet50" if hopenet else "hopenet_onnx"
         self.headpose = HopenetResNet50(hopenet, device=self.device) if hopenet else HopenetOnnx(device=self.device)
@@ -51,8 +77,11 @@ class Evaluators:
         return {
             "identity_embedder": self.identity_name,
             "threedmm_encoder": self.threedmm_name,
+            "shape_encoder": f"independent fitted regressor ({SHAPE_EVALUATOR})" if self.shape_net is not None
+            else self.threedmm_name,
+            "shape_coefficients": self.shape_k or "all",
             "pose_network": self.pose_name,
-            "training_identity_embedder": "mobilefacenet (reference only)",
+            "training_identity_embedder": f"{self.train_embedder_name} (reference only)",
         }
 
     @torch.no_grad()
@@ -62,12 +91,19 @@ class Evaluators:
         for i in range(0, len(images), self.batch_size):
             x = images[i : i + self.batch_size].to(self.device).float().clamp(-1, 1)
             p: ThreeDMMParams = self.normalizer.normalize(self.threedmm(x))
-            shapes.append(p.shape.cpu().numpy())
+            shape = p.shape
+            if self.shape_net is not None:
+                n = self.shape_net.config.n_shape
+                shape = self.shape_net.forward_normalized(x)[:, :n]
+            shapes.append(shape[:, : self.shape_k].cpu().numpy())
             exps.append(p.exp.cpu().numpy())
             poses.append(p.pose.cpu().numpy())
             hns.append(self.headpose(x).cpu().numpy())
             t = self.train_embedder(x)
             trains.append(t.cpu().numpy())
-            ids.append(self.dlib.embed_aligned(x.cpu()) if self.dlib is not None else t.cpu().numpy())
+            if self.dlib is not None:
+                ids.append(self.dlib.embed_aligned(x.cpu()))
+            else:
+                ids.append((self.eval_embedder(x) if self.eval_embedder is not None else t).cpu().numpy())
         cat = lambda xs: np.concatenate(xs, axis=0).astype(np.float64)  # noqa: E731
         return Features(cat(ids), cat(shapes), cat(exps), cat(poses), cat(hns), cat(trains))

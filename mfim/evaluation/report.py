@@ -65,6 +65,9 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         "un-normalised features); ID retrieval: top-1 nearest source identity by cosine.",
         f"- Shape / Expression / Pose: L2 of **{ev.get('threedmm_encoder')}** 3DMM parameters (shape and expression "
         "standardised by the 3DMM's coefficient std; pose = (yaw, pitch, roll) in radians). Paper: RingNet/FLAME.",
+        f"- Shape (and R-Shape) from **{ev.get('shape_encoder', ev.get('threedmm_encoder'))}**, leading "
+        f"{ev.get('shape_coefficients', 'all')} coefficients; its own accuracy on unswapped images is "
+        "`shape_pearson_r_on_real` below.",
         f"- Pose-HN: L2 of (yaw, pitch, roll) in degrees from **{ev.get('pose_network')}** (paper: official "
         "Hopenet hopenet_robust_alpha1).",
         f"- Fréchet distance: **{metrics.get('fd', {}).get('name')}** (FID only when the official Inception "

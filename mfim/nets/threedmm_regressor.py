@@ -121,6 +121,17 @@ def save_regressor(model: ThreeDMMRegressor, path: str | Path, target: str, val_
     return path
 
 
+NO_REGRESSOR = "mfim-threedmm-regressor-absent"
+
+
+def save_no_regressor(path: str | Path, why: str) -> Path:
+    """A marker in place of a regressor a stage declares but did not fit (loading it names ``why``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": NO_REGRESSOR, "why": why}, path)
+    return path
+
+
 def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") -> ThreeDMMRegressor:
     """The fitted regressor, frozen: eval mode for good (``.train()`` is ignored), no parameter gradients; gradients
     still flow to the input."""
@@ -128,6 +139,8 @@ def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"fitted 3DMM regressor not found at {path} (made by `dvc repro fit_regressor`)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get("format") == NO_REGRESSOR:
+        raise ValueError(f"{path}: no regressor was fitted ({ckpt.get('why')})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an MFIM 3DMM regressor checkpoint")
     if ckpt.get("version") != VERSION:
@@ -282,3 +295,23 @@ def fit_from_table(train_pattern: str, table_path: str | Path, out_path: str | P
     save_regressor(model, out_path, target, report["val_error"],
                    extra={"eval_split_error": report.get("eval_split_error")})
     return report
+
+
+def fit_from_render_set(render: dict, out_path: str | Path, model_config: RegressorConfig, fit: FitConfig,
+                        eval_pattern: str | None = None, table_path: str | Path | None = None, log=print) -> dict:
+    """Fit on an aligned render set (mfim.data.regressor_set: exact ground truth, disjoint identities), validate on
+    held-out identities of the set and, when given, on the eval shards (the swapper's evaluation identities)."""
+    from mfim.data.threedmm_table import group_errors
+
+    targets = {k: render[k] for k in ("shape", "exp", "pose")}
+    log(f"regressor: {len(render['images'])} rendered images, {len(np.unique(render['identity']))} identities")
+    model, report = fit_regressor(render["images"], targets, render["identity"], model_config, fit, log)
+    if eval_pattern is not None and table_path is not None:
+        ev_images, ev_targets, _, _ = load_training_data(eval_pattern, table_path, "ground_truth",
+                                                         model_config.input_size)
+        report["eval_split_error"] = group_errors(predict(model, ev_images), ev_targets)
+    report.update(target="ground_truth", training_set="render set", config=asdict(model_config), fit=asdict(fit))
+    save_regressor(model, out_path, "ground_truth", report["val_error"],
+                   extra={"eval_split_error": report.get("eval_split_error")})
+    return report
+
