@@ -130,7 +130,7 @@ def load_threedmm_arrays(path: str | Path, columns: str = "estimate") -> dict:
     return out
 
 
-def _pearson_per_column(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def pearson_per_column(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     p = pred - pred.mean(0)
     g = gt - gt.mean(0)
     denom = np.sqrt((p**2).sum(0) * (g**2).sum(0))
@@ -148,10 +148,10 @@ def group_errors(pred: dict, gt: dict) -> dict:
     for name in ("shape", "exp"):
         p, g = np.asarray(pred[name], np.float64), np.asarray(gt[name], np.float64)
         spread = ((g - g.mean(0)) ** 2).sum()
-        r = _pearson_per_column(p, g)
+        r = pearson_per_column(p, g)
         # BFM coefficients are ordered by variance: the first ten carry what a 64 px face shows, the rest are
         # nearly invisible and pull the all-coefficient mean towards 0
-        r_top = _pearson_per_column(p[:, :10], g[:, :10])
+        r_top = pearson_per_column(p[:, :10], g[:, :10])
         out[name] = {
             "pearson_r": float(r.mean()) if len(r) else float("nan"),
             "pearson_r_first10": float(r_top.mean()) if len(r_top) else float("nan"),

@@ -113,12 +113,6 @@ def identity_separation(pairs: pd.DataFrame, f_src: np.ndarray, f_tgt: np.ndarra
     return out
 
 
-def shape_correlation(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pearson r per shape coefficient (columns) between an evaluator's estimates and the ground truth."""
-    e, t = estimate - estimate.mean(0), truth - truth.mean(0)
-    return (e * t).sum(0) / np.sqrt((e**2).sum(0) * (t**2).sum(0)).clip(1e-12)
-
-
 def summarize(values: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, dict]:
     return {k: M.bootstrap_ci(v, n_boot=n_boot, seed=seed) for k, v in values.items()}
 
@@ -213,7 +207,9 @@ def run_evaluation(
             _, first = np.unique(pairs.target_key.to_numpy(), return_index=True)
             k = f_tgt.shape.shape[1]
             truth = np.array([gt[key]["shape"][:k] for key in pairs.target_key.to_numpy()[first]], np.float64)
-            evaluator_error["shape_pearson_r_on_real"] = shape_correlation(f_tgt.shape[first], truth)
+            from mfim.data.threedmm_table import pearson_per_column
+
+            evaluator_error["shape_pearson_r_on_real"] = pearson_per_column(f_tgt.shape[first], truth)
     evaluator_error.update(identity_separation(pairs, f_src.identity, f_tgt.identity))
 
     # --- reconstruction: self-swap, with and without style maps ------------------------------------------------

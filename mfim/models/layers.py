@@ -365,7 +365,6 @@ class StyledConv(nn.Module):
             # MFIM style map on its own path: added to the activations at their scale, in place of the noise, so
             # neither its effect nor its gradient is multiplied by the frozen (tiny) noise strength.
             x = x + style_map.to(x.dtype)
-            noise_mode, noise = "none", None
         elif noise is None:
             if noise_mode == "const":
                 noise = self.noise_const
@@ -373,7 +372,7 @@ class StyledConv(nn.Module):
                 noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
             elif noise_mode != "none":
                 raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        if noise is not None and style_map is None:
+        if noise is not None and style_map is None:  # a style map takes the place of the noise
             x = self.noise(x, noise)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias.to(x.dtype), "lrelu", gain=LRELU_GAIN * gain, clamp=clamp)

@@ -51,9 +51,9 @@ def init_encoder(trainer, path: str | Path) -> None:
     """Start the encoder and its EMA from a warm start or a swapper. Heads the file has and this configuration
     lacks (style maps for configuration A) are dropped; anything the configuration needs and the file lacks is an
     error, so a mismatched file never half-initialises the encoder silently."""
-    from mfim.training.warmstart import load_discriminator_init, load_encoder_init
+    from mfim.training.warmstart import load_encoder_init
 
-    encoder_state, ema_state = load_encoder_init(path)
+    encoder_state, ema_state, d_state = load_encoder_init(path)
     own = trainer.model.encoder.state_dict()
     for module, state in ((trainer.model.encoder, encoder_state), (trainer.ema.encoder, ema_state)):
         extra = [k for k in state if k not in own]
@@ -64,7 +64,6 @@ def init_encoder(trainer, path: str | Path) -> None:
             raise ValueError(f"{path}: lacks {len(missing)} encoder tensors this configuration needs, e.g. "
                              f"{missing[0]} (made with other encoder params?)")
         module.load_state_dict({k: v for k, v in state.items() if k in own})
-    d_state = load_discriminator_init(path)
     if d_state is not None and trainer.D is not None:
         own_d = trainer.D.state_dict()
         if set(d_state) == set(own_d) and all(own_d[k].shape == v.shape for k, v in d_state.items()):

@@ -104,13 +104,14 @@ def sample_generator(model: MFIM, batch: int, mixing_prob: float, truncation_psi
 
 
 def regression_loss(model: MFIM, images: torch.Tensor, codes: dict[int, torch.Tensor],
-                    std: dict[int, torch.Tensor], image_l1: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                    std: dict[int, torch.Tensor], image_l1: float = 0.0,
+                    code_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean squared error of the std-normalised S offsets over all entries (+ optional image L1 through G)."""
     out = model.encoder(images, with_maps=image_l1 > 0)
     errs = [((d - (codes[i] - model.average_style(i))) / std[i]).square().mean() for i, d in out.codes.items()]
     code_loss = torch.stack(errs).mean()
     logs = {"code": float(code_loss.detach())}
-    total = code_loss
+    total = code_weight * code_loss
     if image_l1 > 0:
         pred = {i: model.average_style(i) + d for i, d in out.codes.items()}
         l1 = F.l1_loss(model.synthesize(pred, out.maps), images)
@@ -149,7 +150,7 @@ def run_warmstart(model: MFIM, cfg: WarmStartConfig, real_batches=None, recon=No
         if step < cfg.regression_steps:
             phase = "regression"
             images, codes = sample_generator(model, cfg.batch_size, cfg.mixing_prob, cfg.truncation_psi)
-            loss, logs = regression_loss(model, images, codes, std, cfg.image_l1)
+            loss, logs = regression_loss(model, images, codes, std, cfg.image_l1, cfg.code_weight)
         else:
             phase = "recon"
             if real_batches is None or recon is None:
@@ -192,8 +193,9 @@ def save_warmstart(path: str | Path, encoder_state: dict, ema_state: dict, meta:
                               "meta": meta}, path)
 
 
-def load_encoder_init(path: str | Path) -> tuple[dict, dict]:
-    """(encoder state, EMA state) to start MFIM training from: a warm-start file or a shipped swapper."""
+def load_encoder_init(path: str | Path) -> tuple[dict, dict, dict | None]:
+    """(encoder state, EMA state, discriminator state or None) to start MFIM training from: a warm-start file or a
+    shipped swapper (it holds the EMA encoder only, and may carry the D it was trained against)."""
     from mfim.models.mfim import SWAPPER_FORMAT
 
     path = Path(path)
@@ -201,13 +203,15 @@ def load_encoder_init(path: str | Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"train.init_checkpoint: {path} not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
     fmt = state.get("format") if isinstance(state, dict) else None
+    d_state = state.get("discriminator") if fmt is not None else None
+    d_state = d_state if isinstance(d_state, dict) else None
     if fmt == FORMAT:
-        return state["encoder"], state["encoder_ema"]
+        return state["encoder"], state["encoder_ema"], d_state
     if fmt == SKIPPED:
         raise ValueError(f"{path}: the warmstart stage was skipped ({state.get('why')}); run it with "
                          "train.init_checkpoint pointing at its output")
     if fmt == SWAPPER_FORMAT:
-        return state["encoder"], state["encoder"]  # a swapper holds the EMA encoder only
+        return state["encoder"], state["encoder"], d_state
     raise ValueError(f"{path}: neither an encoder warm start ({FORMAT!r}) nor an MFIM swapper ({SWAPPER_FORMAT!r})")
 
 
@@ -277,9 +281,3 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
     print(f"warmstart: {cfg.steps} steps in {seconds:.0f} s -> {out}")
     return summary
 
-
-def load_discriminator_init(path: str | Path) -> dict | None:
-    """The discriminator state a shipped swapper carries (``meta``-independent key ``discriminator``), if any."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    d = state.get("discriminator") if isinstance(state, dict) else None
-    return d if isinstance(d, dict) else None
