@@ -1,7 +1,9 @@
 """Crash-safe file writes: write to a temp file in the same folder, fsync, rename over the target, fsync the folder.
 
 A process killed at any point leaves either the previous complete file or the new complete one under the final
-name -- never a truncated file. Used for fetched assets, checkpoints and every stage output that is resumed from.
+name -- never a truncated file. Used for fetched assets, checkpoints, every stage output that is resumed from and every
+file the CLI writes. With ``overwrite=False`` the final step refuses to replace a file that appeared meanwhile (another
+run writing into the same folder), so two runs can never silently interleave their outputs under one name.
 """
 
 from __future__ import annotations
@@ -14,29 +16,72 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(file)`` on a temp file next to ``path``, then move it into place atomically."""
+def temp_path(path: str | os.PathLike, suffix: str = ".part") -> Path:
+    """A fresh, empty temp file beside ``path`` (same folder, so the final rename cannot cross filesystems)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the final file gets the permissions open() would give
+    return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def move_into_place(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Rename a finished temp file to ``path``. overwrite=False raises FileExistsError (and removes the temp file)
+    when ``path`` exists, atomically: a hard link fails if the name is taken, where exists-then-rename would race."""
+    tmp, path = Path(tmp), Path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links (FAT, some network mounts): best effort
+                if os.path.lexists(path):
+                    raise FileExistsError(17, "File exists", str(path)) from None
+                os.replace(tmp, path)
+            else:
+                tmp.unlink()
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
     try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], overwrite: bool = True) -> Path:
+    """Call ``write(file)`` on a temp file next to ``path``, then move it into place atomically.
+    overwrite=False: raise FileExistsError instead of replacing an existing ``path``."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return move_into_place(tmp, path, overwrite=overwrite)
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

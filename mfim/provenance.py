@@ -34,14 +34,17 @@ def save_image(
     record: dict | None = None,
     quality: int = 95,
     watermark: bool | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write an H×W×3 uint8 image with the provenance record embedded (PNG tEXt / JPEG COM + EXIF description).
 
     watermark: None (default) embeds the invisible watermark exactly when the record says synthetic; False skips it
     (only for internal files that are not synthetic anyway, e.g. aligned crops of real photos); True forces it.
-    The written record then names the watermark scheme."""
+    The written record then names the watermark scheme. The file appears atomically (temp file + rename, see
+    mfim.atomic); overwrite=False raises FileExistsError rather than replace an existing file."""
+    from mfim.atomic import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = dict(record or provenance_record())
     if watermark is None:
         watermark = bool(record.get("synthetic"))
@@ -53,21 +56,25 @@ def save_image(
     text = json.dumps(record, sort_keys=True)
     img = Image.fromarray(np.ascontiguousarray(image))
     suffix = path.suffix.lower()
+    # the temp file's name ends in .part, so PIL is told the format the final name asks for
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None:
+        raise ValueError(f"{path.name}: unknown image suffix {suffix or '(none)'}")
     if suffix == ".png":
         info = PngImagePlugin.PngInfo()
         info.add_text(KEY, text)
         info.add_text("Software", record.get("software", "mfim"))
         if record.get("synthetic"):
             info.add_text("Description", "AI-generated (synthetic) image made with MFIM")
-        img.save(path, pnginfo=info)
+        options = {"pnginfo": info}
     elif suffix in (".jpg", ".jpeg"):
         exif = Image.Exif()
         exif[0x010E] = text  # ImageDescription
         exif[0x0131] = record.get("software", "mfim")  # Software
-        img.save(path, quality=quality, exif=exif, comment=text.encode())
+        options = {"quality": quality, "exif": exif, "comment": text.encode()}
     else:
-        img.save(path)
-    return path
+        options = {}
+    return atomic_write(path, lambda f: img.save(f, format=fmt, **options), overwrite=overwrite)
 
 
 def read_record(path: str | Path) -> dict | None:
@@ -106,11 +113,12 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def write_sidecar(path: str | Path, record: dict) -> Path:
-    """Provenance of a non-image file (a video) as JSON beside it: `clip.mp4` -> `clip.mp4.mfim.json`."""
-    out = sidecar_path(path)
-    out.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
-    return out
+def write_sidecar(path: str | Path, record: dict, overwrite: bool = True) -> Path:
+    """Provenance of a non-image file (a video) as JSON beside it: `clip.mp4` -> `clip.mp4.mfim.json` (atomic)."""
+    from mfim.atomic import atomic_write
+
+    text = json.dumps(record, sort_keys=True, indent=2) + "\n"
+    return atomic_write(sidecar_path(path), lambda f: f.write(text.encode()), overwrite=overwrite)
 
 
 def inspect(path: str | Path, image: np.ndarray | None = None) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,3 +91,43 @@ def test_inspect_reports_record_and_verdict(tmp_path, photos, photo_paths):
     assert report["watermark"]["watermarked"] and report["watermark"]["score"] > 0.6
     real = inspect(photo_paths["obama2"])
     assert real["record"] is None and not real["watermark"]["watermarked"]
+
+
+def test_save_is_atomic_and_can_refuse_to_replace(tmp_path, photos, monkeypatch):
+    """A write that dies midway leaves the previous file whole and no temp file; overwrite=False never replaces."""
+    path = save_image(tmp_path / "s.png", photos["obama2"], provenance_record("processed"))
+    before = path.read_bytes()
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+
+    real_save = Image.Image.save
+
+    def dies_midway(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        with open(fp, "r+b") if isinstance(fp, (str, Path)) else fp as f:
+            f.truncate(100)  # half an image on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(path, photos["obama"], provenance_record("processed"))
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+
+    with pytest.raises(FileExistsError):
+        save_image(path, photos["obama"], provenance_record("processed"), overwrite=False)
+    assert path.read_bytes() == before
+    video = tmp_path / "clip.mp4"
+    write_sidecar(video, {"software": "first"})
+    with pytest.raises(FileExistsError):
+        write_sidecar(video, {"software": "second"}, overwrite=False)
+    assert read_record(video) == {"software": "first"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4.mfim.json", "s.png"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
