@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# .gif is read like the others (first frame); multi-frame files say so through read_image's note
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MIN_SIDE = 32
 MAX_PIXELS = 80_000_000  # 12000×12000 = 144 MP is refused with a reason, not an out-of-memory crash
 
@@ -37,6 +38,12 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
 
 def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
     """H×W×3 uint8 RGB, EXIF orientation applied. Raises ImageRejected with a short reason."""
+    return read_image(path, max_pixels, min_side)[0]
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> tuple[np.ndarray, str]:
+    """(read_rgb's array, note): the note is '' or says that only the first frame of an animated / multi-page file
+    (GIF, APNG, WebP, TIFF) was used, so callers can tell the user instead of silently dropping the rest."""
     path = Path(path)
     if not path.is_file():
         raise ImageRejected("file not found")
@@ -49,9 +56,12 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN
                     raise ImageRejected(f"image too large ({w}x{h} > {max_pixels} pixels)")
                 if min(w, h) < min_side:
                     raise ImageRejected(f"image too small ({w}x{h}; need at least {min_side} px per side)")
+                frames = getattr(img, "n_frames", 1)
+                note = f"{frames} frames; only the first frame was used" if frames > 1 else ""
+                img.seek(0)
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb8(img)
+                return _to_rgb8(img), note
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -1,0 +1,68 @@
+"""Listing an input folder so that no entry vanishes: each one becomes a file to process, a reject with its reason
+(unknown file type, broken symbolic link, symbolic-link loop, unreadable folder, not a regular file), or is left
+alone on purpose (hidden files such as temp files, and notes / tables that live beside photos)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# files that commonly sit beside photos and are nobody's input: skipped without a reject
+SIDE_FILE_SUFFIXES = {".parquet", ".csv", ".json", ".txt", ".md", ".yaml", ".yml"}
+
+
+@dataclass
+class FolderScan:
+    files: list[Path] = field(default_factory=list)  # root / relative path, in sorted order
+    rejects: list[tuple[str, str]] = field(default_factory=list)  # (relative posix path, reason)
+
+
+def scan_folder(root: str | Path, wanted: set[str], kind: str = "an image", exclude: str | Path | None = None):
+    """Every entry under root. Symbolic links to files are followed; links to folders are followed too, except
+    those leading back to a folder already listed (a loop), which are rejected. exclude: a folder (the output folder
+    inside the input) whose contents are not inputs."""
+    root = Path(root)
+    scan = FolderScan()
+    skip = os.path.realpath(exclude) if exclude is not None else None
+    _walk(root, root, {os.path.realpath(root): "."}, wanted, kind, skip, scan)
+    return scan
+
+
+def _walk(root: Path, folder: Path, visited: dict, wanted: set[str], kind: str, skip, scan: FolderScan) -> None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        scan.rejects.append((folder.relative_to(root).as_posix(), f"folder not readable ({e.strerror})"))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        rel = path.relative_to(root).as_posix()
+        if entry.is_symlink() and not os.path.exists(path):
+            scan.rejects.append((rel, _dangling_reason(path)))
+        elif entry.is_dir():
+            real = os.path.realpath(path)
+            if real == skip:
+                continue
+            if real in visited:
+                scan.rejects.append((rel, f"symbolic link loop (leads back to {visited[real]})"))
+                continue
+            _walk(root, path, {**visited, real: rel}, wanted, kind, skip, scan)
+        elif not entry.is_file():
+            scan.rejects.append((rel, "not a regular file"))
+        elif path.suffix.lower() in wanted:
+            scan.files.append(path)
+        elif path.suffix.lower() not in SIDE_FILE_SUFFIXES:
+            scan.rejects.append((rel, f"not {kind} file type ({path.suffix or 'no extension'})"))
+
+
+def _dangling_reason(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+    return f"broken symbolic link (target {os.readlink(path)} not found)"
