@@ -8,6 +8,7 @@ run writing into the same folder), so two runs can never silently interleave the
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -43,10 +44,10 @@ def move_into_place(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: 
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise
+                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None  # name the target, not tmp
             except OSError:  # a filesystem without hard links (FAT, some network mounts): best effort
                 if os.path.lexists(path):
-                    raise FileExistsError(17, "File exists", str(path)) from None
+                    raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
                 os.replace(tmp, path)
             else:
                 tmp.unlink()

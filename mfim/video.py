@@ -133,19 +133,29 @@ def transform_video(
     rejected: tuple[type[BaseException], ...] = (ValueError,),
     progress: bool = True,
     desc: str | None = None,
+    overwrite: bool = True,
 ) -> VideoResult:
     """Run `process` on every frame of `src` and write the results to `dst` at the same frame rate.
 
     A frame on which `process` raises one of `rejected` is recorded with the reason (str of the exception) and
     replaced by `on_reject(frame)` -- e.g. the untouched frame, so the video keeps its length and timing. When
     `on_reject` returns None the replacement is a black frame of the output size (frames rejected before the size is
-    known are written once it is). If no frame could be processed, no file is left behind."""
+    known are written once it is). If no frame could be processed, no file is left behind.
+
+    The video is written under a temp name beside dst and renamed when complete, so dst is never a torn file;
+    overwrite=False raises FileExistsError rather than replace a dst that exists by then."""
     from tqdm import tqdm
+
+    from mfim.atomic import move_into_place, temp_path
 
     info = probe(src)
     result = VideoResult()
     pending_black = 0  # rejected frames that wait for the output size
-    writer = VideoWriter(dst, info.fps)
+    if Path(dst).suffix.lower() not in _FOURCC:
+        raise VideoError(f"{dst}: unsupported video suffix (use one of {sorted(VIDEO_SUFFIXES)})")
+    # OpenCV picks the container from the file name, so the temp name keeps dst's suffix
+    tmp = temp_path(dst, suffix=".part" + Path(dst).suffix)
+    writer = VideoWriter(tmp, info.fps)
     bar = tqdm(
         total=info.frame_count or None,
         desc=desc or Path(src).name,
@@ -153,6 +163,7 @@ def transform_video(
         disable=not progress,
         leave=False,
     )
+    done = False
     try:
         for index, frame in enumerate(read_frames(src)):
             result.frames_read += 1
@@ -175,11 +186,15 @@ def transform_video(
                     pending_black = 0
                 writer.write(out)
             bar.update(1)
+        done = True
     finally:
         bar.close()
         writer.close()
+        if not done or result.frames_processed == 0:
+            tmp.unlink(missing_ok=True)
     result.frames_written = writer.frames_written
     if result.frames_processed == 0:
-        Path(dst).unlink(missing_ok=True)
         result.frames_written = 0
+    else:
+        move_into_place(tmp, dst, overwrite=overwrite)
     return result
