@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -175,9 +176,11 @@ def test_folder_names_collisions_and_output_inside_target(fake, inputs, tmp_path
     targets = tmp_path / "t"
     small_copy(inputs["biden"], targets / "a.jpg")
     small_copy(inputs["obama2"], targets / "a.png")
-    out = targets / "out"  # inside the target folder: its files must not become inputs on a second run
+    out = targets / "out"  # inside the target folder: refused unless --overwrite, and never taken for inputs
+    argv = ["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(out), "-q"]
+    assert cli.main(argv) == 2 and not out.exists()
     for _ in range(2):
-        assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(out), "-q"]) == 0
+        assert cli.main(argv + ["--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "a.png.png"]
     assert list(csv.DictReader(open(out / "rejects.csv"))) == []
 
@@ -249,6 +252,194 @@ def test_detect_text_report(tmp_path, photo_paths, capsys):
     assert cli.main(["detect", str(tmp_path / "missing.png")]) == 1
 
 
+# ------------------------------------------------------------------------------------- outputs never destroy inputs
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("roi", [False, True])
+def test_output_that_is_an_input_is_refused(fake, inputs, tmp_path, roi, capsys):
+    target = small_copy(inputs["biden"], tmp_path / "photo.png")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    before = target.read_bytes()
+    flags = ["--roi", "-q"] if roi else ["-q"]
+    for argv in (
+        ["-s", str(inputs["obama"]), "-t", str(target), "-o", str(target)],
+        ["-s", str(inputs["obama"]), "-t", str(target), "-o", str(link)],  # the same file through a symlink
+        ["-s", str(target), "-t", str(inputs["obama2"]), "-o", str(target)],  # the source
+    ):
+        capsys.readouterr()
+        assert cli.main(["swap", *argv, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "refusing to replace an input" in err and "--overwrite" in err
+    assert target.read_bytes() == before and fake.calls["prepare"] == 0
+    # an explicit --overwrite is the user's decision
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(target), "-o", str(target), *flags,
+                     "--overwrite"]) == 0
+    assert target.read_bytes() != before and read_record(target)["synthetic"]
+
+
+def test_output_folder_overlapping_an_input_folder_is_refused(fake, inputs, tmp_path, capsys):
+    sources, targets = tmp_path / "s", tmp_path / "t"
+    small_copy(inputs["obama"], sources / "a.png")
+    small_copy(inputs["biden"], targets / "a.png")
+    (targets / "rejects.csv").write_text("file,reason\nmy,own notes\n")
+    before = snapshot(tmp_path)
+    for out, relation in ((targets, "is"), (targets / "sub", "is inside"), (tmp_path, "contains"),
+                          (sources, "is")):
+        capsys.readouterr()
+        assert cli.main(["swap", "-s", str(sources), "-t", str(targets), "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert f"{relation} the --" in err and "folder" in err
+    assert snapshot(tmp_path) == before and fake.calls["prepare"] == 0
+    mix = ["mix", "--global", str(sources), "--local", str(inputs["obama2"]), "-t", str(targets)]
+    assert cli.main(mix + ["-o", str(sources / "x"), "-q"]) == 2
+    assert "--global folder" in capsys.readouterr().err
+
+
+def test_existing_files_are_not_replaced_without_overwrite(fake, inputs, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"someone else's file")
+    argv = ["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(out), "-q"]
+    assert cli.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"someone else's file"
+    # a folder run: an existing rejects.csv (or an earlier output) in the output folder is not replaced either
+    targets, folder = tmp_path / "t", tmp_path / "o"
+    small_copy(inputs["biden"], targets / "a.jpg")
+    folder.mkdir()
+    (folder / "rejects.csv").write_text("mine\n")
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(folder), "-q"]) == 2
+    assert snapshot(folder) == {"rejects.csv": b"mine\n"} and fake.calls["prepare"] == 0
+    assert cli.main(argv + ["--overwrite"]) == 0 and read_record(out)["synthetic"]
+
+
+@pytest.mark.parametrize("folder_run", [False, True])
+def test_unwritable_output_fails_before_any_image_is_processed(fake, inputs, tmp_path, folder_run, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    target = inputs["biden"].parent if folder_run else inputs["biden"]
+    out = a_file / "sub" / ("" if folder_run else "out.png")
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(target), "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert fake.calls["prepare"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_read_only_output_folder_fails_before_any_image_is_processed(fake, inputs, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o",
+                       str(locked / "o.png"), "-q"])
+    finally:
+        locked.chmod(0o700)
+    assert rc == 2 and "cannot write in" in capsys.readouterr().err and fake.calls["prepare"] == 0
+
+
+def test_folder_run_killed_midway_keeps_outputs_and_rejects(fake, inputs, tmp_path, monkeypatch):
+    targets = tmp_path / "t"
+    (targets / "a_broken.jpg").parent.mkdir(parents=True)
+    (targets / "a_broken.jpg").write_bytes(b"not a jpeg")
+    small_copy(inputs["biden"], targets / "b.jpg")
+    small_copy(inputs["obama2"], targets / "c.jpg")
+    real_swap = fake.swap
+
+    def dies_on_the_last(src, tgt, roi):
+        if fake.calls["swap"] == 1:
+            raise KeyboardInterrupt  # the user's Ctrl-C (or a kill) during the third file
+        return real_swap(src, tgt, roi)
+
+    monkeypatch.setattr(fake, "swap", dies_on_the_last)
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(out), "-q"])
+    assert (out / "b.png").is_file() and not (out / "c.png").exists()
+    assert [r["file"] for r in csv.DictReader(open(out / "rejects.csv"))] == ["a_broken.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.png", "rejects.csv"]  # no temp files left
+
+
+def animated_gif(path: Path, first: np.ndarray, frames: int = 3) -> Path:
+    rest = [Image.fromarray(np.full_like(first, 40 * i)) for i in range(1, frames)]
+    Image.fromarray(first).save(path, save_all=True, append_images=rest, duration=100, loop=0)
+    assert Image.open(path).n_frames == frames
+    return path
+
+
+def test_every_folder_entry_is_an_output_or_a_reject(fake, inputs, tmp_path, capsys):
+    targets = tmp_path / "t"
+    small_copy(inputs["biden"], targets / "good.jpg")
+    animated_gif(targets / "anim.gif", read_rgb(small_copy(inputs["obama2"], tmp_path / "o2.png")))
+    (targets / "data.bin").write_bytes(b"\x00\x01")
+    (targets / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (targets / "loop_a.jpg").symlink_to(targets / "loop_b.jpg")
+    (targets / "loop_b.jpg").symlink_to(targets / "loop_a.jpg")
+    (targets / "sub").mkdir()
+    (targets / "sub" / "back").symlink_to(targets, target_is_directory=True)
+    (targets / "notes.txt").write_text("a note beside the photos, not an input")
+    (targets / ".DS_Store").write_bytes(b"hidden")
+    out = tmp_path / "o"
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(targets), "-o", str(out), "-q"]) == 0
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
+    rejects = {r["file"]: r["reason"] for r in csv.DictReader(open(out / "rejects.csv"))}
+    assert written == {"good.png", "anim.png"}
+    assert rejects == {
+        "data.bin": "not an image or video file type (.bin)",
+        "gone.jpg": f"broken symbolic link (target {tmp_path / 'deleted.jpg'} not found)",
+        "loop_a.jpg": "symbolic link loop",
+        "loop_b.jpg": "symbolic link loop",
+        "sub/back": "symbolic link loop (leads back to .)",
+    }
+    note = read_record(out / "anim.png")["inputs"]["target"]["note"]
+    assert note == "3 frames; only the first frame was used"
+    assert "anim.gif: 3 frames; only the first frame was used" in capsys.readouterr().err
+    # and `mfim detect` on the folder names the entries it cannot read instead of dropping them
+    assert cli.main(["detect", "--json", str(targets)]) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert {Path(r["file"]).name for r in reports if "error" in r} >= {"gone.jpg", "loop_a.jpg", "data.bin"}
+
+
+def test_single_animated_gif_says_only_the_first_frame_was_used(fake, inputs, tmp_path, capsys):
+    gif = animated_gif(tmp_path / "anim.gif", read_rgb(small_copy(inputs["obama2"], tmp_path / "o2.png")), 5)
+    out = tmp_path / "out.png"
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(gif), "-o", str(out), "-q"]) == 0
+    assert "target anim.gif: 5 frames; only the first frame was used" in capsys.readouterr().err
+    assert read_record(out)["inputs"]["target"]["note"] == "5 frames; only the first frame was used"
+
+
+def test_record_names_the_inputs_and_checkpoint(fake, inputs, tmp_path):
+    from mfim.assets import sha256_file
+
+    out = tmp_path / "mix.png"
+    assert cli.main(["mix", "--global", str(inputs["obama"]), "--local", str(inputs["obama2"]), "-t",
+                     str(inputs["biden"]), "-o", str(out), "--checkpoint", "models/my.pt", "-q"]) == 0
+    rec = read_record(out)
+    assert rec["checkpoint"] == "my.pt" and rec["checkpoint_sha256"] == FAKE_SHA
+    assert rec["inputs"] == {
+        role: {"file": inputs[name].name, "sha256": sha256_file(inputs[name])}
+        for role, name in (("global", "obama"), ("local", "obama2"), ("target", "biden"))
+    }
+
+
+def test_a_file_another_run_writes_meanwhile_is_not_replaced(fake, inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.png"
+    real_swap = fake.swap
+
+    def other_run_writes_first(src, tgt, roi):
+        out.write_bytes(b"the other run's output")  # after this run's checks, before its write
+        return real_swap(src, tgt, roi)
+
+    monkeypatch.setattr(fake, "swap", other_run_writes_first)
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(out), "-q"])
+    assert rc == 1 and out.read_bytes() == b"the other run's output"
+    assert "out.png appeared meanwhile" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.png"]
+
+
 # ------------------------------------------------------------------------------------------------------------ video
 
 
@@ -291,6 +482,24 @@ def test_video_rejected_frames_keep_timing(tmp_path):
     none = transform_video(src, tmp_path / "none.mp4", lambda f: (_ for _ in ()).throw(ValueError("x")),
                            lambda f: f, progress=False)
     assert none.frames_processed == 0 and not (tmp_path / "none.mp4").exists()
+
+
+def test_video_killed_midway_leaves_no_torn_file(tmp_path):
+    src = write_video(tmp_path / "in.mp4", [np.full((64, 96, 3), 10 * i, np.uint8) for i in range(6)])
+    dst = tmp_path / "out.mp4"
+    dst.write_bytes(b"previous video")
+
+    def dies(f):
+        if f.mean() > 25:
+            raise KeyboardInterrupt
+        return f
+
+    with pytest.raises(KeyboardInterrupt):
+        transform_video(src, dst, dies, lambda f: None, progress=False)
+    assert dst.read_bytes() == b"previous video" and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
+    with pytest.raises(FileExistsError):
+        transform_video(src, dst, lambda f: f, lambda f: None, progress=False, overwrite=False)
+    assert dst.read_bytes() == b"previous video"
 
 
 def test_swap_on_video_target(fake, inputs, tmp_path, capsys):

@@ -46,13 +46,20 @@ def _sample(path, n):
     return sample_frames(path, n)
 
 
-def expand(paths: list[str]) -> list[Path]:
-    from mfim.commands.swap import media_files
+def expand(paths: list[str]) -> tuple[list[Path], list[dict]]:
+    """(files to inspect, error reports for folder entries that cannot be: broken links, unknown types...)."""
+    from mfim.commands.swap import scan_media
 
     out: list[Path] = []
+    errors: list[dict] = []
     for p in map(Path, paths):
-        out.extend(media_files(p) if p.is_dir() else [p])
-    return out
+        if p.is_dir():
+            scan = scan_media(p)
+            out.extend(scan.files)
+            errors.extend({"file": str(p / rel), "error": reason} for rel, reason in scan.rejects)
+        else:
+            out.append(p)
+    return out, errors
 
 
 def inspect_any(path: Path) -> dict:
@@ -81,6 +88,8 @@ def describe(report: dict) -> str:
         if rec.get("operation"):
             roi = " (pasted back, --roi)" if rec.get("roi") else ""
             lines.append(f"             operation {rec['operation']}{roi}")
+        for role, made_from in (rec.get("inputs") or {}).items():
+            lines.append(f"             {role} {made_from.get('file')} (sha256 {made_from.get('sha256')})")
     wm = report["watermark"]
     verdict = "DETECTED" if wm["watermarked"] else "not detected"
     detail = f"score {wm['score']:.3f}, threshold {wm['threshold']:.3f}"
@@ -94,11 +103,12 @@ def describe(report: dict) -> str:
 
 
 def run(args) -> int:
+    import itertools
     import json
 
+    files, errors = expand(args.paths)
     reports = []
-    for path in expand(args.paths):
-        report = inspect_any(path)
+    for report in itertools.chain(map(inspect_any, files), errors):
         reports.append(report)
         if not args.json:
             print(describe(report))

@@ -6,13 +6,22 @@ Inputs may be single files or folders:
   path (images as .png, videos keep their container); a source (or --global / --local) given as a file is used for
   every target; given as a folder, each target is paired with the source file of the same relative name (any image
   suffix), and a target without one is rejected.
-Every file that cannot be processed is reported with its reason on stderr (and, for folder runs, in
-`<output>/rejects.csv` with columns file, reason) while the others are still written. Exit status: 0 when at least one
-output was written, 1 when none was, 2 for usage errors, 3 when a model file is missing.
+Every entry of an input folder ends as an output or as a reject with its reason (unknown file types, broken
+symbolic links and link loops included; notes and tables such as .txt / .csv and hidden files are left alone). Each
+reject is reported on stderr and, for folder runs, in `<output>/rejects.csv` (columns file, reason), which is
+rewritten as rejects happen, so a run that dies midway leaves its outputs so far and a complete table of its rejects.
+Animated GIFs (and other multi-frame images) are used by their first frame, and the output's record and stderr say so.
 
-Every image written goes through mfim.provenance.save_image with a synthetic record (checkpoint sha256, software
-version), which also embeds the invisible watermark; every frame of an output video carries the watermark and the
-video gets a `.mfim.json` provenance sidecar.
+Nothing of the user's is replaced without `--overwrite`: an output that is an input file (through any symlink), an
+output folder that is, lies inside or contains an input folder, and any file this run would write that already
+exists are refused before work starts, as is an output location that cannot be written. Exit status: 0 when at least
+one output was written, 1 when none was, 2 for usage errors (refused or unwritable outputs included), 3 when a model
+file is missing.
+
+Every image written goes through mfim.provenance.save_image with a synthetic record (checkpoint file and sha256,
+software version, and the file name and sha256 of each input that made it), which also embeds the invisible
+watermark; every frame of an output video carries the watermark and the video gets a `.mfim.json` provenance sidecar.
+All writes are atomic (temp file + rename) and never replace a file another run wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -56,6 +65,11 @@ def _add_common(p) -> None:
     p.add_argument("--roi", action="store_true", help="paste the face back into the original target photo (E+)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow replacing existing files, inputs included, and writing into or next to input folders",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- planning
@@ -80,18 +94,45 @@ class Plan:
     jobs: list[Job]
     rejects: list[tuple[str, str]]  # (file, reason) found while planning
     folder: bool  # folder run: output is a folder with a rejects table
+    output: Path  # the output file (single target) or folder
+
+    @property
+    def rejects_table(self) -> Path | None:
+        return self.output / REJECTS_CSV if self.folder else None
+
+    def writes(self) -> list[Path]:
+        """Every file the run may write, for the checks before it starts."""
+        from mfim.provenance import sidecar_path
+
+        paths = [self.rejects_table] if self.folder else []
+        for job in self.jobs:
+            paths.append(job.output)
+            if job.is_video:
+                paths.append(sidecar_path(job.output))
+                if not self.folder:
+                    paths.append(frame_rejects_path(job.output))
+        return paths
 
 
 class UsageError(ValueError):
     pass
 
 
-def media_files(folder: Path) -> list[Path]:
+def scan_media(folder: Path, exclude: Path | None = None):
+    """The images and videos under folder, and a reject for every other entry a user might expect to be used."""
     from mfim.imageio import IMAGE_SUFFIXES
+    from mfim.scan import scan_folder
     from mfim.video import VIDEO_SUFFIXES
 
-    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    return scan_folder(folder, IMAGE_SUFFIXES | VIDEO_SUFFIXES, "an image or video", exclude=exclude)
+
+
+def media_files(folder: Path) -> list[Path]:
+    return scan_media(folder).files
+
+
+def frame_rejects_path(video_output: Path) -> Path:
+    return video_output.with_name(video_output.name + ".rejects.csv")
 
 
 def _same_name(folder: Path, rel: Path) -> Path | None:
@@ -127,14 +168,14 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
         if output.suffix.lower() not in allowed:
             kind = "a video" if video else "an image"
             raise UsageError(f"--output for {kind} target must end in one of {sorted(allowed)}, got {output.name}")
-        return Plan([Job(target, sources, output, target.name)], [], folder=False)
+        return Plan([Job(target, sources, output, target.name)], [], folder=False, output=output)
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"--target is a folder, so --output must be a folder ({output} is a file)")
-    jobs, rejects, used = [], [], set()
-    for t in media_files(target):
-        if output.resolve() in t.resolve().parents:  # output folder inside the target folder: not an input
-            continue
+    jobs, used = [], set()
+    scan = scan_media(target, exclude=output)  # an output folder inside the target folder holds no inputs
+    rejects = list(scan.rejects)
+    for t in scan.files:
         rel = t.relative_to(target)
         paired: dict[str, Path] = {}
         for role, src in sources.items():
@@ -149,7 +190,19 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
                 out_rel = rel.with_name(rel.name + ".png")
             used.add(out_rel)
             jobs.append(Job(t, paired, output / out_rel, str(rel)))
-    return Plan(jobs, rejects, folder=True)
+    return Plan(jobs, rejects, folder=True, output=output)
+
+
+def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> None:
+    """Raises OutputRefused before any work when the run would replace a user's file or cannot write at all."""
+    from mfim.outputs import ensure_writable_folder, refuse_folder_overlap, refuse_replacing
+
+    inputs = {f"--{role}": Path(p) for role, p in {"target": target, **sources}.items()}
+    if not overwrite:
+        if the_plan.folder:
+            refuse_folder_overlap(the_plan.output, {k: p for k, p in inputs.items() if p.is_dir()})
+        refuse_replacing(the_plan.writes(), {k: p for k, p in inputs.items() if not p.is_dir()})
+    ensure_writable_folder(the_plan.output if the_plan.folder else the_plan.output.parent)
 
 
 # -------------------------------------------------------------------------------------------------------- running
@@ -169,7 +222,17 @@ def load_swapper(checkpoint: str | None, device: str):
 class Runner:
     """Prepares each face once, makes the outputs, writes them with provenance, collects the rejects."""
 
-    def __init__(self, swapper, operation: str, roi: bool, progress: bool, keep_going: bool = False):
+    def __init__(
+        self,
+        swapper,
+        operation: str,
+        roi: bool,
+        progress: bool,
+        keep_going: bool = False,
+        overwrite: bool = False,
+        rejects_table: Path | None = None,
+        checkpoint: str | None = None,
+    ):
         from mfim.provenance import provenance_record
 
         self.swapper = swapper
@@ -177,23 +240,62 @@ class Runner:
         self.operation = operation
         self.roi = roi
         self.progress = progress
+        self.overwrite = overwrite
+        self.rejects_table = rejects_table  # rewritten after every reject, so a run killed midway keeps them
         self.record = provenance_record(
             "synthetic",
             checkpoint_sha256=getattr(swapper, "checkpoint_sha256", None),
+            checkpoint=checkpoint,
             operation=operation,
             roi=roi,
         )
         self._sources: dict[Path, object] = {}
+        self._inputs: dict[Path, dict] = {}
         self.rejects: list[tuple[str, str]] = []
         self.written: list[Path] = []
 
+    def start(self) -> None:
+        """Claim the rejects table (a folder run's marker) before any work: a file that appeared since the checks
+        means another run is writing here."""
+        if self.rejects_table is not None:
+            try:
+                write_rejects(self.rejects_table, [], overwrite=self.overwrite)
+            except FileExistsError:
+                raise UsageError(
+                    f"{self.rejects_table} appeared after the checks (another run writing to this folder?); "
+                    "pass --overwrite to write there anyway"
+                ) from None
+
+    def read(self, role: str, path: Path):
+        """The image, with a line on stderr when only its first frame could be used; remembers the input's name,
+        hash and note for the provenance record."""
+        from mfim.assets import sha256_file
+        from mfim.imageio import read_image
+
+        image, note = read_image(path)
+        if path not in self._inputs:
+            self._inputs[path] = {"file": path.name, "sha256": sha256_file(path), **({"note": note} if note else {})}
+            if note:
+                say(f"mfim {self.operation}: {role} {path.name}: {note}")
+        return image
+
+    def input_record(self, job: Job) -> dict:
+        """The shared record plus which files made this output."""
+        from mfim.assets import sha256_file
+
+        files = {**job.sources, "target": job.target}
+        for path in files.values():
+            if path not in self._inputs:  # a video target: hashed here, not read as an image
+                self._inputs[path] = {"file": path.name, "sha256": sha256_file(path)}
+        return {**self.record, "inputs": {role: self._inputs[path] for role, path in files.items()}}
+
     def source_face(self, role: str, path: Path):
         """Prepared face of a source image, computed once; raises ImageRejected naming the source."""
-        from mfim.imageio import ImageRejected, read_rgb
+        from mfim.imageio import ImageRejected
 
         if path not in self._sources:
             try:
-                self._sources[path] = self.swapper.prepare(read_rgb(path))
+                self._sources[path] = self.swapper.prepare(self.read(role, path))
             except ImageRejected as e:
                 self._sources[path] = ImageRejected(f"{role} {path.name}: {e}")
         face = self._sources[path]
@@ -222,13 +324,15 @@ class Runner:
             self._run(job)
         except MissingAssetError:
             raise
+        except FileExistsError as e:  # the final no-replace rename lost a race with another run
+            self.reject(job.label, f"output {Path(e.filename).name} appeared meanwhile (another run?); not replaced")
         except Exception as e:
             if not self.keep_going:
                 raise
             self.reject(job.label, f"error: {type(e).__name__}: {e}")
 
     def _run(self, job: Job) -> None:
-        from mfim.imageio import ImageRejected, read_rgb
+        from mfim.imageio import ImageRejected
         from mfim.provenance import save_image
 
         try:
@@ -236,11 +340,11 @@ class Runner:
             if job.is_video:
                 self.run_video(job, sources)
                 return
-            out = self.make(read_rgb(job.target), sources)
+            out = self.make(self.read("target", job.target), sources)
         except ImageRejected as e:
             self.reject(job.label, str(e))
             return
-        self.written.append(save_image(job.output, out, self.record))
+        self.written.append(save_image(job.output, out, self.input_record(job), overwrite=self.overwrite))
 
     def run_video(self, job: Job, sources: dict) -> None:
         from mfim.imageio import ImageRejected
@@ -256,7 +360,13 @@ class Runner:
         on_reject = (lambda frame: embed(frame)) if self.roi else (lambda frame: None)
         try:
             result = transform_video(
-                job.target, job.output, process, on_reject, rejected=(ImageRejected,), progress=self.progress
+                job.target,
+                job.output,
+                process,
+                on_reject,
+                rejected=(ImageRejected,),
+                progress=self.progress,
+                overwrite=self.overwrite,
             )
         except VideoError as e:
             self.reject(job.label, str(e))
@@ -270,11 +380,14 @@ class Runner:
             self.reject(job.label, f"no frame could be processed ({result.frames_read} frames read)")
             return
         counts = {"frames": result.frames_written, "frames_swapped": result.frames_processed}
-        write_sidecar(job.output, {**self.record, **counts, "watermark": SCHEME})  # on every frame
+        record = {**self.input_record(job), **counts, "watermark": SCHEME}  # the mark is on every frame
+        write_sidecar(job.output, record, overwrite=self.overwrite)
         self.written.append(job.output)
 
     def reject(self, label: str, reason: str, echo: bool = True) -> None:
         self.rejects.append((label, reason))
+        if self.rejects_table is not None:
+            write_rejects(self.rejects_table, self.rejects)
         if echo:
             say(f"mfim {self.operation}: skipped {label}: {reason}")
 
@@ -297,25 +410,53 @@ def upscale_to(image, min_side: int):
     return cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LANCZOS4)
 
 
-def write_rejects(path: Path, rejects: list[tuple[str, str]]) -> Path:
+def write_rejects(path: Path, rejects: list[tuple[str, str]], overwrite: bool = True) -> Path:
+    """The rejects table, written atomically (a reader or a kill never sees half a table)."""
     import csv
+    import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "reason"])
-        w.writerows(rejects)
-    return path
+    from mfim.atomic import atomic_write
+
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["file", "reason"])
+    w.writerows(rejects)
+    return atomic_write(path, lambda f: f.write(text.getvalue().encode()), overwrite=overwrite)
+
+
+def checkpoint_name(checkpoint: str | None) -> str | None:
+    """The checkpoint file as the provenance record names it (the default one when none was given)."""
+    if checkpoint:
+        return Path(checkpoint).name
+    try:
+        from mfim.inference import DEFAULT_CHECKPOINT
+    except ImportError:
+        return None
+    return Path(DEFAULT_CHECKPOINT).name
 
 
 def execute(operation: str, target, sources: dict, args) -> int:
+    from mfim.outputs import OutputRefused
+
+    overwrite = getattr(args, "overwrite", False)
     try:
         the_plan = plan(target, sources, args.output)
+        check_outputs(the_plan, target, sources, overwrite)
         swapper = load_swapper(args.checkpoint, args.device)
-    except UsageError as e:
+        runner = Runner(
+            swapper,
+            operation,
+            roi=args.roi,
+            progress=not args.quiet,
+            keep_going=the_plan.folder,
+            overwrite=overwrite,
+            rejects_table=the_plan.rejects_table,
+            checkpoint=checkpoint_name(args.checkpoint),
+        )
+        runner.start()
+    except (UsageError, OutputRefused) as e:
         print(f"mfim {operation}: {e}", file=sys.stderr)
         return 2
-    runner = Runner(swapper, operation, roi=args.roi, progress=not args.quiet, keep_going=the_plan.folder)
     for label, reason in the_plan.rejects:
         runner.reject(label, reason)
     jobs = the_plan.jobs
@@ -327,7 +468,7 @@ def execute(operation: str, target, sources: dict, args) -> int:
         runner.run(job)
 
     if the_plan.folder:
-        table = write_rejects(Path(args.output) / REJECTS_CSV, runner.rejects)
+        table = the_plan.rejects_table
         if not args.quiet:
             total = len(the_plan.jobs) + len(the_plan.rejects)
             frames = sum("#frame" in label for label, _ in runner.rejects)
@@ -340,7 +481,7 @@ def execute(operation: str, target, sources: dict, args) -> int:
         job = the_plan.jobs[0]
         frame_rejects = [r for r in runner.rejects if r[0].startswith(f"{job.label}#frame")]
         if frame_rejects:
-            write_rejects(job.output.with_name(job.output.name + ".rejects.csv"), frame_rejects)
+            write_rejects(frame_rejects_path(job.output), frame_rejects, overwrite=overwrite)
         if runner.written and not args.quiet:
             print(runner.written[0])
     return 0 if runner.written else 1
