@@ -320,3 +320,93 @@ def test_cli_analyze_real_networks(photo_paths, capsys):
     assert len(face["threedmm"]["shape"]) == 40 and len(face["threedmm"]["expression"]) == 10
     for field in (face["threedmm"]["pose_deg"], face["headpose_hopenet"]):
         assert abs(field["yaw"]) < 15 and abs(field["roll"]) < 15  # a frontal, level portrait
+
+
+# --- bad output locations and odd folder entries (issue 12) ---------------------------------------------------------
+
+
+def _snapshot(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_photo_folder(root, photos):
+    root.mkdir(parents=True)
+    Image.fromarray(_small(photos["obama"], 0.3)).save(root / "a.png")
+    return root
+
+
+def test_cli_align_refuses_to_write_over_its_input_folder(tmp_path, photos, capsys, monkeypatch):
+    from mfim.cli import main
+    from mfim.data import align_folder as mod
+
+    d = _one_photo_folder(tmp_path / "d", photos)
+    (d / "rejects.csv").write_text("file,reason\nmy,own table\n")
+    (d / "aligned.parquet").write_bytes(b"someone's parquet")
+    before = _snapshot(tmp_path)
+    calls = []
+    monkeypatch.setattr(mod, "_process", lambda task: calls.append(task))
+    for out, relation in ((d, "is"), (d / "aligned", "is inside"), (tmp_path, "contains")):
+        assert main(["align", str(d), str(out), "--workers", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{relation} the IN_DIR folder" in err
+    assert _snapshot(tmp_path) == before and calls == []
+
+
+def test_align_replaces_only_files_an_align_run_wrote(tmp_path, photos):
+    from mfim.outputs import OutputRefused
+
+    src = _one_photo_folder(tmp_path / "in", photos)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rejects.csv").write_text("mine\n")
+    with pytest.raises(OutputRefused, match="rejects.csv already exists and was not written by mfim align"):
+        align_folder(src, out, size=64, workers=1, progress=False)
+    (out / "rejects.csv").unlink()
+    (out / "a.png").write_bytes(b"my own a.png")  # has the name a.png's crop would get
+    with pytest.raises(OutputRefused, match="a.png already exists"):
+        align_folder(src, out, size=64, workers=1, progress=False)
+    assert _snapshot(out) == {"a.png": b"my own a.png"}
+    assert align_folder(src, out, size=64, workers=1, progress=False, overwrite=True)["n_aligned"] == 1
+    # files the earlier run wrote are its own: a rerun with other settings replaces them without --overwrite
+    assert align_folder(src, out, size=96, workers=1, progress=False)["n_processed"] == 1
+
+
+def test_cli_align_unwritable_out_dir_fails_before_any_image(tmp_path, photos, capsys, monkeypatch):
+    from mfim.cli import main
+    from mfim.data import align_folder as mod
+
+    src = _one_photo_folder(tmp_path / "in", photos)
+    (tmp_path / "file").write_text("x")
+    calls = []
+    monkeypatch.setattr(mod, "_process", lambda task: calls.append(task))
+    assert main(["align", str(src), str(tmp_path / "file" / "out"), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err and calls == []
+    assert main(["align", str(tmp_path / "missing"), str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_align_accounts_for_every_entry(tmp_path, photos):
+    from mfim.assets import sha256_file
+    from mfim.provenance import read_record
+
+    src = _one_photo_folder(tmp_path / "in", photos)
+    face = _small(photos["obama2"], 0.5)
+    frames = [Image.fromarray(face)] + [Image.fromarray(np.full_like(face, 60 * i)) for i in (1, 2)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=80)
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "loop.png").symlink_to(src / "loop.png")
+    (src / "up").symlink_to(src, target_is_directory=True)
+    out = tmp_path / "out"
+    summary = align_folder(src, out, size=64, workers=1, progress=False)
+    table = pd.read_parquet(out / "aligned.parquet").set_index("file")
+    rejects = dict(pd.read_csv(out / "rejects.csv").itertuples(index=False))
+    assert set(table.index) == {"a.png", "anim.gif"}
+    assert "3 frames; only the first frame was used" in table.loc["anim.gif", "note"]
+    assert rejects == {
+        "gone.png": f"broken symbolic link (target {tmp_path / 'nowhere.png'} not found)",
+        "loop.png": "symbolic link loop",
+        "up": "symbolic link loop (leads back to .)",
+    }
+    assert summary["n_files"] == 5
+    rec = read_record(out / "anim.png")
+    assert rec["source_file"] == "anim.gif" and rec["source_sha256"] == sha256_file(src / "anim.gif")

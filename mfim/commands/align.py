@@ -1,4 +1,7 @@
-"""`mfim align IN_DIR OUT_DIR --size N`: FFHQ-aligned crops of every photo in a folder, plus a rejects table."""
+"""`mfim align IN_DIR OUT_DIR --size N`: FFHQ-aligned crops of every photo in a folder, plus a rejects table.
+
+Exit status: 0 when the run completed (bad photos are rejects, not failures), 2 for usage errors: IN_DIR missing,
+OUT_DIR unwritable, or an OUT_DIR that overlaps IN_DIR / holds files no align run wrote (unless --overwrite)."""
 
 from __future__ import annotations
 
@@ -35,34 +38,56 @@ def register(sub) -> None:
     p.add_argument("--rejects", help="rejects table path, csv (default OUT_DIR/rejects.csv; parquet beside it)")
     p.add_argument("--report", help="also write the summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow OUT_DIR to be or overlap IN_DIR and replace files that no earlier align run wrote",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import json
     import logging
+    import sys
+    from pathlib import Path
 
     from mfim.data.align_folder import align_folder
+    from mfim.outputs import OutputRefused
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    summary = align_folder(
-        args.in_dir,
-        args.out_dir,
-        size=args.size,
-        detector=args.detector,
-        workers=args.workers,
-        upsample=args.upsample,
-        transform_size=args.transform_size,
-        enable_padding=not args.no_padding,
-        try_rotations=not args.no_rotations,
-        max_detect_side=args.max_detect_side,
-        table_path=args.table,
-        rejects_path=args.rejects,
-        report_path=args.report,
-        resume=not args.no_resume,
-        retry_rejects=args.retry_rejects,
-        progress=not args.quiet,
-    )
+    if not Path(args.in_dir).is_dir():
+        print(f"mfim align: IN_DIR {args.in_dir} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        summary = align_folder(
+            args.in_dir,
+            args.out_dir,
+            size=args.size,
+            detector=args.detector,
+            workers=args.workers,
+            upsample=args.upsample,
+            transform_size=args.transform_size,
+            enable_padding=not args.no_padding,
+            try_rotations=not args.no_rotations,
+            max_detect_side=args.max_detect_side,
+            table_path=args.table,
+            rejects_path=args.rejects,
+            report_path=args.report,
+            resume=not args.no_resume,
+            retry_rejects=args.retry_rejects,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+    except OutputRefused as e:  # found before any work: nothing was written
+        print(f"mfim align: {e}", file=sys.stderr)
+        return 2
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    import json
+
     print(
         f"aligned {summary['n_aligned']} of {summary['n_files']} files "
         f"({summary['n_processed']} processed now, {summary['n_skipped_resume']} done earlier); "
@@ -79,4 +104,3 @@ def run(args) -> int:
         g = summary["ground_truth"]
         nme = g["nme_iod"]["median"] if g["nme_iod"] else float("nan")
         print(f"ground truth: detection rate {g['detection_rate']:.3f}, median NME (inter-ocular) {nme:.4f}")
-    return 0

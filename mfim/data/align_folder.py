@@ -13,6 +13,12 @@ Outputs (paths configurable; defaults inside ``out_dir``):
 * the rejects table (csv + parquet beside it): file, reason;
 * optionally a JSON report; when the input is the synthetic set (``ground_truth.parquet`` beside the image folder),
   it includes the landmark error against the ground truth.
+
+Every entry under in_dir ends as an aligned row or a reject (mfim.scan: unknown types, broken links, link loops);
+multi-frame images (animated GIF) are aligned from their first frame and their note says so. Before any work the
+output location is checked (mfim.outputs): unless ``overwrite``, an out_dir that is, lies inside or contains in_dir
+is refused, and so is any existing file the run would replace that an earlier align run did not write (its tables
+carry the align config; its crops a provenance record naming their source file). All files are written atomically.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mfim.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +90,19 @@ def _init_worker(config: AlignConfig, out_dir: str) -> None:
 
 
 def _output_record(path: Path, rel: str) -> dict:
-    """Provenance for the aligned crop: the input's own record when it is synthetic, else 'processed'."""
+    """Provenance for the aligned crop: the input's own record when it is synthetic, else 'processed'; either way
+    naming the file it was made from, with its hash."""
+    from mfim.assets import sha256_file
     from mfim.provenance import provenance_record, read_record
 
     try:
         source = read_record(path)
     except Exception:  # unreadable metadata is not a reason to drop a readable image
         source = None
+    made_from = {"source_file": rel, "source_sha256": sha256_file(path)}
     if source and source.get("kind") == "synthetic":
-        return {**source, "source_file": rel}
-    return provenance_record("processed", source_file=rel)
+        return {**source, **made_from}
+    return provenance_record("processed", **made_from)
 
 
 def _process(task: tuple[str, str, str]) -> dict:
@@ -107,13 +118,13 @@ def _process(task: tuple[str, str, str]) -> dict:
 
 
 def _process_unsafe(path: Path, rel: str, out_rel: str) -> dict:
-    from mfim.imageio import ImageRejected, read_rgb
+    from mfim.imageio import ImageRejected, read_image
     from mfim.nets.align import align_face
     from mfim.provenance import save_image
 
     config: AlignConfig = _WORKER["config"]
     try:
-        img = read_rgb(path)
+        img, frames_note = read_image(path)
     except ImageRejected as e:
         return {"ok": False, "file": rel, "reason": str(e)}
     faces = _WORKER["landmarker"].detect(img)
@@ -128,6 +139,8 @@ def _process_unsafe(path: Path, rel: str, out_rel: str) -> dict:
     if face.rotation:
         turned = f"face found after rotating the image {face.rotation}° counter-clockwise"
         note = f"{note}; {turned}" if note else turned
+    if frames_note:
+        note = f"{note}; {frames_note}" if note else frames_note
     aligned = align_face(img, face.landmarks, config.size, config.transform_size, config.enable_padding)
     # Aligned crops are training/evaluation inputs: they keep the input's provenance record (synthetic for the
     # renders) but get no watermark of their own -- a pattern in every training image would be learned by the
@@ -172,10 +185,49 @@ def _write_atomic_parquet(df: pd.DataFrame, path: Path, config: AlignConfig | No
         meta = dict(table.schema.metadata or {})
         meta[_CONFIG_META_KEY] = json.dumps(asdict(config), sort_keys=True).encode()
         table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def _made_by_align(table_path: Path) -> set[str] | None:
+    """The outputs listed by an align table at table_path (any settings), or None when there is no such table."""
+    import pyarrow.parquet as pq
+
+    try:
+        if _CONFIG_META_KEY not in (pq.read_schema(table_path).metadata or {}):
+            return None
+        return set(pd.read_parquet(table_path, columns=["output"])["output"])
+    except Exception:  # absent, or not a parquet file at all
+        return None
+
+
+def _check_outputs(in_dir, out_dir, tasks, table_path, rejects_path, report_path, overwrite) -> None:
+    """Raise OutputRefused before any work when the run would mix with in_dir, replace a file no align run wrote,
+    or cannot write."""
+    from mfim.outputs import OutputRefused, ensure_writable_folder, refuse_folder_overlap
+    from mfim.provenance import read_record
+
+    if not overwrite:
+        refuse_folder_overlap(out_dir, {"IN_DIR": in_dir}, flag="OUT_DIR")
+        ours = _made_by_align(table_path)
+        tables = [table_path, rejects_path, rejects_path.with_suffix(".parquet")] + ([report_path] if report_path else [])
+        foreign = [] if ours is not None else [p for p in tables if os.path.lexists(p)]
+        for _, rel, out_rel in tasks:
+            out = out_dir / out_rel
+            if os.path.lexists(out) and out_rel not in (ours or ()):
+                try:  # a crop written just before an interrupted run could record it in the table
+                    record = read_record(out)
+                except Exception:
+                    record = None
+                if not record or record.get("source_file") != rel:
+                    foreign.append(out)
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise OutputRefused(
+                f"{foreign[0]}{more} already exists and was not written by mfim align; "
+                "pass --overwrite to replace it, or choose another OUT_DIR"
+            )
+    for folder in {out_dir, table_path.parent, rejects_path.parent, *([report_path.parent] if report_path else [])}:
+        ensure_writable_folder(folder, flag="OUT_DIR" if folder == out_dir else str(folder))
 
 
 def _write_tables(rows: list[dict], rejects: list[dict], table_path: Path, rejects_path: Path, config) -> None:
@@ -183,9 +235,7 @@ def _write_tables(rows: list[dict], rejects: list[dict], table_path: Path, rejec
     _write_atomic_parquet(df, table_path, config)
     rj = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("file", kind="stable").reset_index(drop=True)
     _write_atomic_parquet(rj, rejects_path.with_suffix(".parquet"), config)
-    tmp = rejects_path.with_name(rejects_path.name + ".tmp")
-    rj.to_csv(tmp, index=False)
-    os.replace(tmp, rejects_path)
+    atomic_write(rejects_path, lambda f: f.write(rj.to_csv(index=False).encode()))
 
 
 def _read_previous(table_path: Path, rejects_path: Path, config: AlignConfig) -> tuple[dict, dict]:
@@ -299,16 +349,19 @@ def align_folder(
     retry_rejects: bool = False,
     progress: bool = True,
     checkpoint_every: int = 200,
+    overwrite: bool = False,
 ) -> dict:
     """Align every image under in_dir into out_dir (mirrored relative paths, .png). Returns a summary dict.
 
     ground_truth: True looks for ``ground_truth.parquet`` beside in_dir; a path uses that table; False/None skips
     the landmark-error report. resume: skip files aligned (or rejected, unless retry_rejects) by an earlier run with
-    the same settings whose output still exists.
+    the same settings whose output still exists. overwrite: allow replacing files no align run wrote and an out_dir
+    that overlaps in_dir. Raises mfim.outputs.OutputRefused (before any work) otherwise, or when out_dir is unwritable.
     """
     from tqdm import tqdm
 
     from mfim.imageio import IMAGE_SUFFIXES
+    from mfim.scan import scan_folder
 
     t0 = time.time()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -321,26 +374,15 @@ def align_folder(
         int(size), detector, int(upsample), int(transform_size), bool(enable_padding), bool(try_rotations),
         int(max_detect_side),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_resolved = out_dir.resolve()
+    report_path = Path(report_path) if report_path else None
 
-    # Every file under in_dir is considered: an unknown extension is a reject with a reason, not silently skipped.
-    files = []
-    for p in sorted(in_dir.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        if out_resolved in p.resolve().parents:  # an output folder inside the input folder
-            continue
-        files.append(p)
-    rejects: dict[str, dict] = {}
+    # Every entry under in_dir is considered: an unknown type or a broken link is a reject with a reason.
+    scan = scan_folder(in_dir, IMAGE_SUFFIXES, "an image", exclude=out_dir)  # an out_dir inside in_dir: no inputs
+    rejects: dict[str, dict] = {rel: {"file": rel, "reason": reason} for rel, reason in scan.rejects}
+    files = scan.files
     tasks, outputs_seen = [], {}
     for p in files:
         rel = p.relative_to(in_dir).as_posix()
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            if p.suffix.lower() in (".parquet", ".csv", ".json", ".txt", ".md", ".yaml", ".yml"):
-                continue  # tables and notes that live beside images are not inputs
-            rejects[rel] = {"file": rel, "reason": f"not an image file type ({p.suffix or 'no extension'})"}
-            continue
         out_rel = Path(rel).with_suffix(".png").as_posix()
         if out_rel in outputs_seen:
             rejects[rel] = {"file": rel, "reason": f"output name {out_rel} already used by {outputs_seen[out_rel]}"}
@@ -348,6 +390,7 @@ def align_folder(
         outputs_seen[out_rel] = rel
         tasks.append((str(p), rel, out_rel))
 
+    _check_outputs(in_dir, out_dir, tasks, table_path, rejects_path, report_path, overwrite)
     previous_rows, previous_rejects = _read_previous(table_path, rejects_path, config) if resume else ({}, {})
     rows: dict[str, dict] = {}
     todo = []
@@ -404,7 +447,7 @@ def align_folder(
         "table": str(table_path),
         "rejects": str(rejects_path),
         "config": asdict(config),
-        "n_files": len(files),
+        "n_files": len(files) + len(scan.rejects),
         "n_aligned": len(rows),
         "n_rejected": len(rejects),
         "n_skipped_resume": int(n_skipped),
@@ -421,7 +464,6 @@ def align_folder(
         input_keys = [Path(t[1]).with_suffix("").as_posix() for t in tasks]
         summary["ground_truth"] = {"table": str(gt_path), **landmark_error_report(row_list, gt, input_keys)}
     if report_path:
-        report_path = Path(report_path)
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(report_path, lambda f: f.write(text.encode()))
     return summary
