@@ -4,6 +4,10 @@ Draws z exactly as the official generate.py does (``np.random.RandomState(seed).
 checkpoint and seed give the same image as the reference code. Writes ``seed%04d.png`` per seed (with the provenance
 record marking it synthetic, with the checkpoint's sha256), ``images.npy`` (float32 N×3×H×W, the generator's raw
 output: nominal range [-1, 1], not clipped, so it can be compared with other implementations) and ``manifest.json``.
+
+Before loading the checkpoint, --outdir is checked: a file the run would write that already exists (or is the
+checkpoint itself) is refused unless --overwrite, and so is a folder that cannot be written (exit status 2, one line).
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -42,7 +46,23 @@ def register(sub) -> None:
     p.add_argument("--trunc-cutoff", type=int, default=None, help="truncate only the first N entries of W+")
     p.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace files an earlier run left in --outdir")
     p.set_defaults(func=run)
+
+
+def output_names(seeds: list[int]) -> list[str]:
+    return [f"seed{seed:04d}.png" for seed in seeds] + ["images.npy", "manifest.json"]
+
+
+def check_outdir(checkpoint: str, seeds: list[int], outdir: str, overwrite: bool) -> None:
+    """Raises mfim.outputs.OutputRefused before any work: existing outputs (unless overwrite), unwritable folder."""
+    from pathlib import Path
+
+    from mfim.outputs import ensure_writable_folder, refuse_replacing
+
+    if not overwrite:
+        refuse_replacing([Path(outdir) / n for n in output_names(seeds)], {"--checkpoint": Path(checkpoint)}, "--outdir")
+    ensure_writable_folder(outdir, "--outdir")
 
 
 def z_for_seed(seed: int, z_dim: int):
@@ -61,8 +81,10 @@ def generate(
     truncation_cutoff: int | None = None,
     noise_mode: str = "const",
     device: str = "auto",
+    overwrite: bool = True,
 ) -> dict:
-    """Library form of the command; returns the manifest it writes."""
+    """Library form of the command; returns the manifest it writes. overwrite=False refuses (OutputRefused) before
+    loading anything when an output already exists."""
     import json
     from pathlib import Path
 
@@ -70,15 +92,16 @@ def generate(
     import torch
 
     from mfim.assets import sha256_file
+    from mfim.atomic import atomic_write
     from mfim.models.checkpoints import load_generator
     from mfim.provenance import provenance_record, save_image
     from mfim.runtime import pick_device
 
+    check_outdir(checkpoint, seeds, outdir, overwrite)
     dev = pick_device(device)
     G = load_generator(checkpoint, device=dev)
     digest = sha256_file(checkpoint)
     out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     images = []
     files = []
     with torch.no_grad():
@@ -91,16 +114,17 @@ def generate(
             rec = provenance_record(
                 "synthetic",
                 checkpoint_sha256=digest,
+                checkpoint=Path(checkpoint).name,
                 generator="stylegan2",
                 seed=seed,
                 truncation_psi=truncation_psi,
                 noise_mode=noise_mode,
             )
             name = f"seed{seed:04d}.png"
-            save_image(out / name, u8, rec)
+            save_image(out / name, u8, rec, overwrite=overwrite)
             files.append(name)
     array = torch.cat(images).numpy().astype(np.float32)
-    np.save(out / "images.npy", array)
+    atomic_write(out / "images.npy", lambda f: np.save(f, array), overwrite=overwrite)
     manifest = {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": digest,
@@ -113,7 +137,8 @@ def generate(
         "array": "images.npy",
         "array_shape": list(array.shape),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(out / "manifest.json", lambda f: f.write(text.encode()), overwrite=overwrite)
     return manifest
 
 
@@ -121,6 +146,7 @@ def run(args) -> int:
     import sys
 
     from mfim.models.checkpoints import CheckpointError
+    from mfim.outputs import OutputRefused
 
     try:
         seeds = parse_seeds(args.seeds)
@@ -136,7 +162,11 @@ def run(args) -> int:
             truncation_cutoff=args.trunc_cutoff,
             noise_mode=args.noise_mode,
             device=args.device,
+            overwrite=args.overwrite,
         )
+    except (OutputRefused, FileExistsError) as e:  # FileExistsError: another run wrote one of them meanwhile
+        print(f"mfim generate: {e}", file=sys.stderr)
+        return 2
     except CheckpointError as e:
         print(f"mfim generate: {e}", file=sys.stderr)
         return 2
