@@ -61,7 +61,8 @@ def check_outdir(checkpoint: str, seeds: list[int], outdir: str, overwrite: bool
     from mfim.outputs import ensure_writable_folder, refuse_replacing
 
     if not overwrite:
-        refuse_replacing([Path(outdir) / n for n in output_names(seeds)], {"--checkpoint": Path(checkpoint)}, "--outdir")
+        outputs = [Path(outdir) / name for name in output_names(seeds)]
+        refuse_replacing(outputs, {"--checkpoint": Path(checkpoint)}, "--outdir")
     ensure_writable_folder(outdir, "--outdir")
 
 

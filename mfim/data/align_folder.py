@@ -209,7 +209,8 @@ def _check_outputs(in_dir, out_dir, tasks, table_path, rejects_path, report_path
     if not overwrite:
         refuse_folder_overlap(out_dir, {"IN_DIR": in_dir}, flag="OUT_DIR")
         ours = _made_by_align(table_path)
-        tables = [table_path, rejects_path, rejects_path.with_suffix(".parquet")] + ([report_path] if report_path else [])
+        tables = [table_path, rejects_path, rejects_path.with_suffix(".parquet")]
+        tables += [report_path] if report_path else []
         foreign = [] if ours is not None else [p for p in tables if os.path.lexists(p)]
         for _, rel, out_rel in tasks:
             out = out_dir / out_rel
