@@ -117,10 +117,12 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     position = None
     history: list[dict] = []
     resumed = False
-    if ck_path.is_file():
-        from mfim.training.checkpoint import load_checkpoint
+    from mfim.training.checkpoint import load_resumable, remove_stale_parts
 
-        state = load_checkpoint(ck_path, map_location="cpu")
+    if dist.is_main:  # leftovers of writes killed in earlier runs; only rank 0 writes these files
+        remove_stale_parts(ck_path, out_dir / "mfim.pt")
+    state = load_resumable(ck_path, map_location="cpu")
+    if state is not None:
         data = state.get("data") or {}
         if data.get("fingerprint") != fingerprint:
             print(f"{ck_path} was made with other params or inputs; starting over")
