@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
 from mfim.config import flatten, lookup
+
+log = logging.getLogger(__name__)
+
+RESUMED_FROM_TAG = "mfim.resumed_from"  # on a run that continues an interrupted one: that run's id
 
 
 def git_commit(cwd: str | Path = ".") -> tuple[str, bool]:
@@ -69,15 +75,61 @@ def configure(params: dict) -> str:
     return uri
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_dead_runs(stage: str, experiment: str) -> list[str]:
+    """Mark this stage's runs that are still RUNNING but whose process is gone as KILLED; returns their ids.
+
+    A process killed outright (SIGKILL, OOM, power) never tells MLflow, so its run would show RUNNING forever.
+    Runs record the host and pid that made them; one from this host whose pid is no longer alive is dead. Runs from
+    other hosts are left alone (we cannot tell); runs without those tags predate them and, found RUNNING when the
+    stage starts again, are taken to be dead too.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    client = MlflowClient()
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mfim.stage` = '{stage}' and "
+                              "attributes.status = 'RUNNING'")  # fmt: skip
+    host = socket.gethostname()
+    closed = []
+    for r in runs:
+        tags = r.data.tags
+        pid = tags.get("mfim.pid")
+        if pid is not None and (tags.get("mfim.host") != host or _process_alive(int(pid))):
+            continue
+        client.set_terminated(r.info.run_id, status="KILLED")
+        log.warning("MLflow run %s (%s) was left RUNNING by a process that is gone; marked KILLED",
+                    r.info.run_id, r.info.run_name)
+        closed.append(r.info.run_id)
+    return closed
+
+
 @contextlib.contextmanager
-def start_run(stage: str, params: dict, groups: list[str] | None = None) -> Iterator:
+def start_run(stage: str, params: dict, groups: list[str] | None = None, run_name: str | None = None,
+              resumed_from: str | None = None) -> Iterator:
     """An MLflow run for a pipeline stage: logs the stage's params groups, tags commit, dirty flag, DVC params.
 
+    ``run_name`` says what the run is (default: the stage name), e.g. "train E 100 steps seed 0"; a DVC experiment
+    name is appended. ``resumed_from``: the id of the interrupted run this one continues, tagged as
+    :data:`RESUMED_FROM_TAG`. Earlier runs of the stage left RUNNING by a dead process are marked KILLED first.
     A run nested inside an active one (e.g. `dvc exp run` queue) is not assumed; each stage is its own run.
     """
     import mlflow
 
     configure(params)
+    close_dead_runs(stage, lookup(params, "project.mlflow.experiment", "mfim"))
     sha, dirty = git_commit()
     scoped = {g: params[g] for g in (groups or params.keys()) if g in params}
     flat = {k: str(v) for k, v in flatten(scoped).items()}
@@ -86,11 +138,16 @@ def start_run(stage: str, params: dict, groups: list[str] | None = None) -> Iter
         "mlflow.source.git.commit": sha,
         "git.dirty": str(dirty).lower(),
         "dvc.params_groups": ",".join(scoped.keys()),
+        "mfim.host": socket.gethostname(),
+        "mfim.pid": str(os.getpid()),
     }
+    if resumed_from:
+        tags[RESUMED_FROM_TAG] = resumed_from
     exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:
         tags["dvc.experiment"] = exp_name
-    with mlflow.start_run(run_name=f"{stage}-{exp_name}" if exp_name else stage, tags=tags) as run:
+    name = run_name or stage
+    with mlflow.start_run(run_name=f"{name} ({exp_name})" if exp_name else name, tags=tags) as run:
         # MLflow limits one log_params batch to 100 entries.
         items = list(flat.items())
         for i in range(0, len(items), 100):

@@ -297,3 +297,71 @@ def test_folder_source_gets_a_seeded_split(tmp_path):
     idx = S.ShardIndex(str(tmp_path / "shards" / "train-*.tar"))
     assert all(k.startswith("person_") for k in idx.keys) and (idx.identities == -1).all()
     assert idx.metas[0]["provenance"] == "processed"
+
+
+# ------------------------------------------------------------------------------------------------ hostile shards
+
+
+def write_huge_member_shard(path: Path) -> Path:
+    """One good sample, then a member header declaring 2**62 bytes with nothing behind it (4 KB in all)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        _add_member(tar, "train/ok.json", S.encode_meta({"key": "train/ok", "identity": 1}))
+        _add_member(tar, "train/ok.png", S.encode_png(fixture_image(1)))
+    body = buf.getvalue().rstrip(b"\0")  # drop the end-of-archive blocks, append the hostile header
+    body += b"\0" * (-len(body) % 512)
+    info = tarfile.TarInfo("train/huge.png")
+    info.size = 2**62
+    path.write_bytes(body + info.tobuf(tarfile.GNU_FORMAT) + b"\0" * 1024)
+    return path
+
+
+_READ_BOTH = """
+import json, logging, sys, time
+from mfim.data import shards as S
+logging.basicConfig(level=logging.WARNING)
+t0 = time.perf_counter()
+streamed = [s.key for s in S.iter_samples(sys.argv[1])]
+t1 = time.perf_counter()
+indexed = S.ShardIndex(sys.argv[1]).keys
+print(json.dumps({"streamed": streamed, "indexed": indexed, "stream_s": t1 - t0, "index_s": time.perf_counter() - t1}))
+"""
+
+
+def test_huge_member_is_skipped_with_a_warning_by_both_readers(tmp_path):
+    import subprocess
+    import sys
+
+    shard = write_huge_member_shard(tmp_path / "train-000000.tar")
+    assert shard.stat().st_size <= 8192
+    # a subprocess with a timeout: a regression hangs that process, not the suite
+    r = subprocess.run([sys.executable, "-c", _READ_BOTH, str(shard)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    assert got["streamed"] == ["train/ok"] and got["indexed"] == ["train/ok"]
+    assert got["stream_s"] < 1.0 and got["index_s"] < 1.0, got
+    assert "train/huge.png" in r.stderr and "declares 4611686018427387904 bytes" in r.stderr
+
+
+def test_member_size_limit_applies_to_both_readers(tmp_path, caplog):
+    make_fixture_shards(tmp_path, n_identities=1, per_identity=2)
+    pattern = str(tmp_path / "train-*.tar")
+    with caplog.at_level(logging.WARNING):
+        assert S.ShardIndex(pattern, max_member_bytes=100).keys == []  # every PNG is larger than 100 bytes
+        assert list(S.iter_samples(pattern, max_member_bytes=100)) == []
+    assert "limit 100" in caplog.text
+
+
+def test_image_pixel_limit_is_checked_before_decoding():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a 5000x5000 RGB PNG header over one compressed row: 75 MB if decoded, 60 bytes as a file
+    ihdr = struct.pack(">IIBBBBB", 5000, 5000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 15001)) + chunk(b"IEND", b"")
+    with pytest.raises(S.CorruptSample, match="5000x5000 pixels"):
+        S.decode_png(png)
+    assert S.decode_png(S.encode_png(fixture_image(0))).shape == (32, 32, 3)

@@ -32,3 +32,62 @@ def test_run_is_tagged_with_commit_and_params(tmp_path, monkeypatch):
     assert r.data.tags["mfim.stage"] == "train" and "mlflow.source.git.commit" in r.data.tags
     assert r.data.metrics["x"] == 1.0
     assert (tmp_path / "t.db").is_file()
+
+
+def _params(tmp_path):
+    return {"project": {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/t.db", "experiment": "t",
+                                   "artifact_root": str(tmp_path / "art")}}, "train": {"steps": 3}}
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from mfim.tracking import start_run
+params = {"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t", "artifact_root": sys.argv[2]}}}
+with start_run("train", params, groups=["project"], run_name="train E 3 steps seed 0") as run:
+    print(run.info.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 / OOM would: MLflow is never told
+"""
+
+
+def test_run_of_a_killed_process_is_marked_killed_and_the_resume_links_to_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _params(tmp_path)
+    uri = params["project"]["mlflow"]["tracking_uri"]
+    r = subprocess.run([sys.executable, "-c", _KILLED_RUN, uri, str(tmp_path / "art")], capture_output=True,
+                       text=True, timeout=120)
+    dead = r.stdout.split()[0]
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.get_run(dead).info.status == "RUNNING"  # what the UI showed forever before
+
+    with start_run("warmstart", params, groups=["train"]) as other:  # another stage does not touch it
+        pass
+    assert mlflow.get_run(dead).info.status == "RUNNING"
+    with start_run("train", params, groups=["train"], run_name="train E 3 steps seed 0 (resumed)",
+                   resumed_from=dead) as run:
+        assert mlflow.get_run(dead).info.status == "KILLED"
+        assert mlflow.active_run().info.status == "RUNNING"  # the new run itself is not closed
+    new = mlflow.get_run(run.info.run_id)
+    assert new.info.status == "FINISHED" and new.data.tags["mfim.resumed_from"] == dead
+    assert new.info.run_name == "train E 3 steps seed 0 (resumed)"
+    assert mlflow.get_run(other.info.run_id).info.run_name == "warmstart"
+
+
+def test_a_running_run_of_a_live_process_is_left_alone(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _params(tmp_path)
+    with start_run("train", params, groups=["train"]) as outer:
+        # the outer run stays active, as a concurrent live run of the stage would
+        from mlflow.tracking import MlflowClient
+
+        from mfim.tracking import close_dead_runs
+
+        assert close_dead_runs("train", "t") == []
+        assert MlflowClient().get_run(outer.info.run_id).info.status == "RUNNING"
+

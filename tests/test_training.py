@@ -180,6 +180,51 @@ def test_checkpoint_killed_mid_write_leaves_previous_usable(tmp_path):
     assert any(p.name.endswith(".part") for p in tmp_path.iterdir())  # the half-written file never took the name
 
 
+def test_stale_part_files_of_a_killed_write_are_removed_at_start(tmp_path, caplog):
+    from mfim.training.checkpoint import remove_stale_parts
+
+    path = tmp_path / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    assert proc.stdout.readline().strip() == "first"
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    (tmp_path / ".other.pt.x.part").write_bytes(b"not ours")  # another output's temp file is left alone
+    parts = [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.pt.") and p.name.endswith(".part")]
+    assert parts
+    with caplog.at_level("WARNING"):
+        assert remove_stale_parts(path, tmp_path / "mfim.pt") == parts
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.x.part", "checkpoint.pt"]
+    assert "interrupted write of checkpoint.pt" in caplog.text
+    assert load_checkpoint(path)["step"] == 1  # the last complete checkpoint is still there
+
+
+@pytest.mark.parametrize("bad", [b"", b"PK\x03\x04 truncated zip", "truncated", "not_a_dict"])
+def test_corrupt_checkpoint_is_moved_aside_and_training_starts_over(tmp_path, caplog, bad):
+    from mfim.training.checkpoint import load_resumable
+
+    path = tmp_path / "checkpoint.pt"
+    if bad == "truncated":
+        atomic_torch_save({"step": 3, "w": torch.ones(1000)}, path)
+        path.write_bytes(path.read_bytes()[:1500])
+    elif bad == "not_a_dict":
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(bad)
+    content = path.read_bytes()
+    with caplog.at_level("WARNING"):
+        assert load_resumable(path) is None
+    assert not path.exists()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint.pt.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content  # kept for inspection, byte for byte
+    assert "moved it to checkpoint.pt.corrupt-" in caplog.text and "starting over" in caplog.text
+    # the next run writes a fresh checkpoint and resumes from it normally
+    atomic_torch_save({"step": 1}, path)
+    assert load_resumable(path) == {"step": 1}
+    assert load_resumable(tmp_path / "none.pt") is None
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist

@@ -50,6 +50,7 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ META_EXT = "json"
 _MEMBER_RE = re.compile(rf"({KEY_RE.pattern})\.(png|json)")
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK  # tarfile pads the archive end to a whole record
+# Untrusted shards: a tar header can declare any member size and a PNG header any image size. An aligned face is
+# a few MB at most; the limits keep a crafted 1.5 KB shard from making a reader seek or allocate without end.
+MAX_MEMBER_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class CorruptSample(ValueError):
@@ -102,10 +107,18 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> H×W×3 uint8 RGB; CorruptSample when the bytes are not a decodable colour image."""
+def decode_png(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """PNG bytes -> H×W×3 uint8 RGB; CorruptSample when the bytes are not a decodable colour image or declare more
+    than ``max_pixels`` pixels (read from the header by PIL before anything is decoded)."""
     if not data:
         raise CorruptSample("empty image member")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptSample(f"undecodable image member ({type(e).__name__})") from None
+    if w * h > max_pixels:
+        raise CorruptSample(f"image member declares {w}x{h} pixels (limit {max_pixels})")
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None or arr.ndim != 3 or arr.shape[2] != 3:
         raise CorruptSample("undecodable image member")
@@ -236,16 +249,62 @@ def _warn_once(what: str, reason: str) -> None:
         log.warning("skipping corrupt shard sample %s: %s", what, reason)
 
 
-def iter_samples(pattern: str | Sequence[str], resolution: int | None = None) -> Iterator[ShardSample]:
-    """Every valid sample once, in shard order, streamed with ``webdataset.WebDataset``; corrupt ones logged, skipped."""
+def scan_members(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular member whose header fits the file and the size limit.
+
+    Only headers are read (random access), so a member that declares more bytes than the file has is refused at
+    once -- a streaming tar reader would instead try to skip past it, which for a declared 2**62 bytes never ends.
+    Bad members and unreadable headers are logged and skipped; the headers after a bad size cannot be trusted, so
+    the scan of that shard stops at the first unreadable one.
+    """
+    size = os.path.getsize(path)
+    try:
+        tf = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as e:
+        _warn_once(f"shard {path}", f"unreadable tar ({e})")
+        return
+    with tf:
+        while True:
+            try:
+                info = tf.next()
+            except (tarfile.TarError, OSError) as e:
+                _warn_once(f"shard {path}", f"tar headers unreadable after {len(tf.members)} members ({e})")
+                return
+            if info is None:
+                return
+            if not info.isreg():
+                continue
+            if info.offset_data + info.size > size:
+                _warn_once(f"member {info.name!r} in {path}", f"truncated member (declares {info.size} bytes)")
+                continue
+            if info.size > max_member_bytes:
+                _warn_once(f"member {info.name!r} in {path}", f"member of {info.size} bytes (limit {max_member_bytes})")
+                continue
+            yield info.name, info.offset_data, info.size
+
+
+def _stream_members(shards: Sequence[str], max_member_bytes: int) -> Iterator[dict]:
+    """The members of each shard as webdataset's tar expander yields them ({fname, data, __url__}), from validated
+    headers; ``{}`` between shards so a sample never spans two of them."""
+    for path in shards:
+        with open(path, "rb") as f:
+            for name, offset, size in scan_members(path, max_member_bytes):
+                f.seek(offset)
+                yield {"fname": name, "data": f.read(size), "__url__": path}
+        yield {}
+
+
+def iter_samples(pattern: str | Sequence[str], resolution: int | None = None,
+                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[ShardSample]:
+    """Every valid sample once, in shard order, streamed (members grouped into samples by webdataset's own
+    ``group_by_keys``, from headers checked by :func:`scan_members`); corrupt ones logged, skipped."""
 
     def handler(exn: Exception) -> bool:
         _warn_once(f"{type(exn).__name__}: {str(exn)[:300]}", "tar read error")
         return True
 
-    ds = wds.WebDataset(expand_shards(pattern), shardshuffle=False, handler=handler, nodesplitter=None,
-                        workersplitter=None, empty_check=False)
-    for raw in ds:
+    members = _stream_members(expand_shards(pattern), max_member_bytes)
+    for raw in wds.tariterators.group_by_keys(members, handler=handler):
         member_key = raw.get("__key__", "")
         members = {k: v for k, v in raw.items() if not k.startswith("__")}
         try:
@@ -268,11 +327,12 @@ class ShardIndex:
     ``read(i)`` decodes sample ``i``. Picklable: open file descriptors are per process and reopened after fork.
     """
 
-    def __init__(self, pattern: str | Sequence[str]):
+    def __init__(self, pattern: str | Sequence[str], max_member_bytes: int = MAX_MEMBER_BYTES):
         self.shards = expand_shards(pattern)
         members: dict[str, dict[str, _Member]] = {}
         for s, path in enumerate(self.shards):
-            for name, member in self._scan(s, path):
+            for name, offset, size in scan_members(path, max_member_bytes):
+                member = _Member(s, offset, size)
                 m = _MEMBER_RE.fullmatch(name)
                 if m is None:
                     _warn_once(f"member {name!r} in {path}", "untrusted member name (not <key>.png|json)")
@@ -303,30 +363,6 @@ class ShardIndex:
         self.position_of = {k: i for i, k in enumerate(self.keys)}
         self.identities = np.array(
             [m["identity"] if isinstance(m.get("identity"), int) else -1 for m in self.metas], dtype=np.int64)
-
-    @staticmethod
-    def _scan(shard: int, path: str) -> Iterator[tuple[str, _Member]]:
-        size = os.path.getsize(path)
-        try:
-            tf = tarfile.open(path, mode="r:")
-        except (tarfile.TarError, OSError) as e:
-            _warn_once(f"shard {path}", f"unreadable tar ({e})")
-            return
-        with tf:
-            while True:
-                try:
-                    info = tf.next()
-                except (tarfile.TarError, OSError) as e:
-                    _warn_once(f"shard {path}", f"tar headers unreadable after {len(tf.members)} members ({e})")
-                    return
-                if info is None:
-                    return
-                if not info.isreg():
-                    continue
-                if info.offset_data + info.size > size:
-                    _warn_once(f"member {info.name!r} in {path}", "truncated member")
-                    continue
-                yield info.name, _Member(shard, info.offset_data, info.size)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -37,6 +37,7 @@ import torch
 
 from mfim.atomic import atomic_torch_save
 from mfim.models.layers import make_fir_kernel
+from mfim.models.limits import CheckpointError, validate_network_config
 from mfim.models.stylegan2 import Discriminator, Generator, channels_at
 
 FORMAT = "mfim-stylegan2"
@@ -44,10 +45,6 @@ FORMAT_VERSION = 1
 ASSET_NAME = "stylegan2_ffhq"  # the asset-registry entry whose params key (generator.checkpoint) names user files
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a pre-zip torch.save file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file exists but is not one this loader can use (corrupt, wrong kind, unsupported variant)."""
 
 
 # ====================================================================================================================
@@ -638,11 +635,20 @@ def _rosinality_discriminator_config(sd: dict[str, torch.Tensor]) -> dict:
 # ====================================================================================================================
 
 
-def _build(cls, config: dict, what: str):
+def _build(cls, config: dict, what: str, tensors: dict | None = None):
+    # Every config, stored or inferred from key names, passes the bounds before a single tensor is allocated.
+    kind = "generator" if cls is Generator else "discriminator"
+    config = validate_network_config(kind, config, what, tensors)
     try:
         return cls(**config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{what}: unusable config {config} ({e})") from None
+
+
+def _tensor_dict(state: Any, what: str) -> dict:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{what}: the weights are not a dict of tensors")
+    return state
 
 
 def _estimate_w_avg(G: Generator, n: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -657,7 +663,7 @@ def _generator_from_raw(raw: RawCheckpoint) -> Generator:
     what = f"{raw.path} ({raw.format})"
     d = raw.data
     if raw.format == "mfim":
-        G = _build(Generator, dict(d.get("config") or {}), what)
+        G = _build(Generator, d.get("config") or {}, what, _tensor_dict(d.get("g_ema"), what))
         try:
             G.load_state_dict(d["g_ema"], strict=True)
         except (KeyError, RuntimeError) as e:
@@ -666,12 +672,12 @@ def _generator_from_raw(raw: RawCheckpoint) -> Generator:
     if raw.format == "nvidia":
         rec = d["G_ema"]
         t = rec.tensors()
-        G = _build(Generator, _nvidia_generator_config(rec, t), what)
+        G = _build(Generator, _nvidia_generator_config(rec, t), what, t)
         _check_fir_buffers(t, what)
         _import_state(G, t, nvidia_generator_keys(G), what, ignore=lambda k: k.endswith("resample_filter"))
         return G
     sd = d["g_ema"]
-    G = _build(Generator, _rosinality_generator_config(sd), what)
+    G = _build(Generator, _rosinality_generator_config(_tensor_dict(sd, what)), what, sd)
     _import_state(G, sd, rosinality_generator_keys(G), what, ignore=lambda k: k.endswith("kernel"))
     latent_avg = d.get("latent_avg")
     with torch.no_grad():
@@ -688,7 +694,7 @@ def _discriminator_from_raw(raw: RawCheckpoint) -> Discriminator:
     if raw.format == "mfim":
         if "d" not in d:
             raise CheckpointError(f"{what}: this checkpoint has no discriminator")
-        D = _build(Discriminator, dict(d.get("d_config") or {}), what)
+        D = _build(Discriminator, d.get("d_config") or {}, what, _tensor_dict(d["d"], what))
         try:
             D.load_state_dict(d["d"], strict=True)
         except RuntimeError as e:
@@ -699,14 +705,14 @@ def _discriminator_from_raw(raw: RawCheckpoint) -> Discriminator:
         if not isinstance(rec, PersistentRecord):
             raise CheckpointError(f"{what}: this pickle has no discriminator")
         t = rec.tensors()
-        D = _build(Discriminator, _nvidia_discriminator_config(rec, t), what)
+        D = _build(Discriminator, _nvidia_discriminator_config(rec, t), what, t)
         _check_fir_buffers(t, what)
         _import_state(D, t, nvidia_discriminator_keys(D), what, ignore=lambda k: k.endswith("resample_filter"))
         return D
     sd = d.get("d")
     if not isinstance(sd, dict):
         raise CheckpointError(f"{what}: this checkpoint has no discriminator ('d')")
-    D = _build(Discriminator, _rosinality_discriminator_config(sd), what)
+    D = _build(Discriminator, _rosinality_discriminator_config(_tensor_dict(sd, what)), what, sd)
     _import_state(D, sd, rosinality_discriminator_keys(D), what, ignore=lambda k: k.endswith("kernel"))
     return D
 

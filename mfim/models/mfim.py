@@ -182,15 +182,20 @@ def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
 
 
 def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
-    from mfim.models.checkpoints import CheckpointError
+    from mfim.models.limits import CheckpointError, validate_encoder_config, validate_network_config
     from mfim.models.stylegan2 import Generator
 
     state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != SWAPPER_FORMAT:
         raise CheckpointError(f"{path}: not an MFIM swapper checkpoint (expected format {SWAPPER_FORMAT!r})")
-    G = Generator(**state["generator"]["config"])
-    G.load_state_dict(state["generator"]["state_dict"])
-    cfg = dict(state["encoder_config"])
+    gen = state.get("generator")
+    if not isinstance(gen, dict) or not isinstance(gen.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: swapper without generator config and weights")
+    # The config comes from the file: bound it (and check the weights hold what it needs) before allocating.
+    config = validate_network_config("generator", gen.get("config"), str(path), gen["state_dict"])
+    G = Generator(**config)
+    G.load_state_dict(gen["state_dict"])
+    cfg = validate_encoder_config(state["encoder_config"], str(path), G.resolution)
     cfg["style_map_resolutions"] = tuple(cfg["style_map_resolutions"])
     cfg.setdefault("style_map_injection", "strength")  # files written before the direct path existed
     model = MFIM(

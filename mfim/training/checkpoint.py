@@ -7,7 +7,11 @@ stored as tensors / ints for that reason).
 
 from __future__ import annotations
 
+import logging
+import pickle
 import random
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +19,60 @@ import torch
 
 from mfim.atomic import atomic_torch_save
 
-__all__ = ["atomic_torch_save", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["atomic_torch_save", "load_checkpoint", "load_resumable", "remove_stale_parts", "rng_state",
+           "set_rng_state"]
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def remove_stale_parts(*paths: str | Path) -> list[Path]:
+    """Delete the temp files (``.<name>.*.part``, see mfim.atomic) a killed write of these outputs left behind.
+
+    Call at stage start, before this run writes any: a .part is never read, so without this each kill during a
+    checkpoint write would leave a checkpoint-sized file in the output folder for good.
+    """
+    removed = []
+    for path in map(Path, paths):
+        for part in sorted(path.parent.glob(f".{path.name}.*.part")):
+            size = part.stat().st_size
+            part.unlink(missing_ok=True)
+            log.warning("removed %s (%d bytes), left by an interrupted write of %s", part, size, path.name)
+            removed.append(part)
+    return removed
+
+
+def load_resumable(path: str | Path, map_location="cpu") -> dict | None:
+    """The checkpoint at ``path``, or None when there is none or it cannot be read.
+
+    An unreadable one (truncated, not a torch file, refused pickle, not a dict) is kept across runs by DVC's
+    ``persist``, so failing on it would fail every later run; it is moved aside to ``<name>.corrupt-<time>``
+    (kept for inspection, never deleted) with a warning, and the caller starts over.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path, map_location)
+        if not isinstance(state, dict):
+            raise ValueError(f"top level is a {type(state).__name__}, not a dict")
+        return state
+    except (RuntimeError, ValueError, EOFError, OSError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        try:
+            path.rename(aside)
+        except FileNotFoundError:  # another rank of this run moved it first
+            return None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log.warning("%s is unreadable (%s: %s); moved it to %s and starting over", path, type(e).__name__, first,
+                    aside.name)
+        return None
 
 
 def rng_state() -> dict:

@@ -117,10 +117,13 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     position = None
     history: list[dict] = []
     resumed = False
-    if ck_path.is_file():
-        from mfim.training.checkpoint import load_checkpoint
+    resumed_run = None  # the MLflow run of the interrupted run this one continues
+    from mfim.training.checkpoint import load_resumable, remove_stale_parts
 
-        state = load_checkpoint(ck_path, map_location="cpu")
+    if dist.is_main:  # leftovers of writes killed in earlier runs; only rank 0 writes these files
+        remove_stale_parts(ck_path, out_dir / "mfim.pt")
+    state = load_resumable(ck_path, map_location="cpu")
+    if state is not None:
         data = state.get("data") or {}
         if data.get("fingerprint") != fingerprint:
             print(f"{ck_path} was made with other params or inputs; starting over")
@@ -130,6 +133,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             trainer.load_state_dict(state)
             position = data.get("position")
             history = list(data.get("history") or [])
+            resumed_run = data.get("mlflow_run_id")
             resumed = True
             print(f"resuming from {ck_path} at step {trainer.step}")
     if not resumed and init_path is not None:
@@ -180,18 +184,27 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
             mlflow.log_artifact(str(path), artifact_path=f"samples/step_{step:06d}")
 
+    run_ids: list[str] = []  # this run's MLflow id once started, saved in checkpoints so a resume can link to it
+
     def data_state() -> dict:
-        return {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history}
+        state = {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history}
+        if run_ids:
+            state["mlflow_run_id"] = run_ids[0]
+        return state
 
     from contextlib import nullcontext
 
     from mfim.tracking import start_run
 
-    ctx = start_run("train", params, groups=TRAIN_GROUPS + ["project"]) if mlflow_on else nullcontext()
+    run_name = f"train {tr.get('config', 'E')} {cfg.steps} steps seed {seed}" + (" (resumed)" if resumed else "")
+    ctx = (start_run("train", params, groups=TRAIN_GROUPS + ["project"], run_name=run_name,
+                     resumed_from=resumed_run) if mlflow_on else nullcontext())  # fmt: skip
     t0 = time.perf_counter()
-    with ctx:
+    with ctx as active:
         if mlflow_on:
             import mlflow
+
+            run_ids.append(active.info.run_id)
 
             mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint})
         last = trainer.fit(batches, on_log=on_log, on_sample=on_sample, data_state=data_state)

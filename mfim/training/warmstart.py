@@ -260,7 +260,8 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
         real = iter(pair_batches(split_pattern(shards_dir, "train"), None, (cfg.batch_size + 1) // 2, seed + 7,
                                  same_identity_fraction=0.0, augment=bool(lookup(params, "train.augment", True)),
                                  resolution=resolution))
-    with start_run("warmstart", params, groups=["warmstart", "encoder", "generator", "project"]):
+    with start_run("warmstart", params, groups=["warmstart", "encoder", "generator", "project"],
+                   run_name=f"warmstart {cfg.steps} steps seed {seed}"):
         import mlflow
 
         t0 = time.perf_counter()
