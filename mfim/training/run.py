@@ -77,12 +77,14 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     from mfim.models.mfim import save_swapper
     from mfim.training.build import (
         FITTED_REGRESSOR,
+        THREEDMM_STATS,
         build_model,
         build_objective,
         generator_path,
         load_frozen_generator,
     )
     from mfim.training.distributed import init_from_env
+    from mfim.training.objective import loss_shares
     from mfim.training.trainer import TrainConfig, Trainer
 
     params = apply_preset(raw_params)
@@ -110,7 +112,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     init = str(tr.get("init_checkpoint", "") or "")
     init_path = Path(init) if init else None
     fingerprint = params_fingerprint(
-        params, [generator_path(params), FITTED_REGRESSOR, Path(shards_dir) / "index.json"]
+        params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
         + ([init_path] if init_path else [])
     )
 
@@ -162,7 +164,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     mlflow_on = dist.is_main
 
     def on_log(step: int, logs: dict) -> None:
-        row = {"step": step, **logs, "peak_memory_mb": peak_memory_mb(device)}
+        row = {"step": step, **logs, **loss_shares(logs, objective.w), "peak_memory_mb": peak_memory_mb(device)}
         history.append(row)
         if mlflow_on:
             import mlflow
