@@ -27,7 +27,8 @@ from mfim.runtime import configure_threads, pick_device
 from mfim.training.presets import apply_preset
 
 TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
-BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers", "keep_checkpoint"}  # do not change what is learned
+# do not change what is learned
+BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers", "keep_checkpoint"}
 
 
 def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
