@@ -1,8 +1,9 @@
 """DVC stage `threedmm`: the configured 3DMM encoder (`threedmm.encoder`) over every shard sample.
 
-Writes data/threedmm/params.parquet (key, estimate, ground truth where the synthetic set has it) and
-reports/threedmm.json (per-group error of the estimate against the ground truth: pose MAE in degrees, shape/exp
-Pearson r and normalised RMSE). `threedmm.encoder: fitted` reads data/threedmm/regressor.pt, which the later
+Writes data/threedmm/params.parquet (key, estimate, ground truth where the synthetic set has it),
+data/threedmm/stats.json beside it (mean/std of the estimate's shape and expression over the training split: the
+scale L_shape / L_exp standardise DECA's FLAME coefficients with) and reports/threedmm.json (per-group error of the
+estimate against the ground truth: pose MAE in degrees, shape/exp Pearson r and normalised RMSE). `threedmm.encoder: fitted` reads data/threedmm/regressor.pt, which the later
 `fit_regressor` stage makes from this table: use it only with a regressor from an earlier run.
 """
 

@@ -66,6 +66,11 @@ def test_report_compares_estimate_with_ground_truth_per_split(tmp_path):
     assert report["rows"] == 12 and report["rows_per_split"] == {"train": 6, "eval": 6}
     assert set(report["error"]) == {"all", "train", "eval"} and report["error"]["all"]["n"] == 12
     assert report["error"]["all"]["pose"]["mae_deg"] > 0
+    # the coefficient statistics beside the table come from the training split only
+    stats = T.read_stats(tmp_path / T.STATS_NAME)
+    train = T.read_table(tmp_path / "p.parquet").query("split == 'train'")
+    assert stats["encoder"] == "stub" and stats["split"] == "train" and stats["rows"] == 6
+    assert np.allclose(stats["shape_mean"], T.stack_column(train, "shape").mean(0), atol=1e-5)
 
 
 def test_real_data_without_ground_truth_reports_no_error(tmp_path):

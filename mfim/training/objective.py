@@ -45,6 +45,17 @@ class LossWeights:
         return tuple(t for t in ("shape", "pose", "exp") if getattr(self, t) > 0)
 
 
+ENCODER_TERMS = ("id", "l1", "lpips", "adv", "shape", "pose", "exp")  # eq. (6) terms of the encoder update
+
+
+def loss_shares(terms: dict[str, float], weights: LossWeights) -> dict[str, float]:
+    """Each encoder term's share of the weighted total, ``loss_share/<term>`` (sums to 1): what dominates eq. (6),
+    e.g. raw FLAME terms that outweigh every other term (issue 13). The discriminator's terms are not part of it."""
+    weighted = {k: getattr(weights, k) * float(terms[k]) for k in ENCODER_TERMS if k in terms}
+    total = sum(weighted.values())
+    return {f"loss_share/{k}": v / total for k, v in weighted.items()} if total > 0 else {}
+
+
 class MFIMObjective(nn.Module):
     """Holds the frozen loss networks and the discriminator; computes the generator-side and D-side terms."""
 

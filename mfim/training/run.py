@@ -3,10 +3,11 @@
 Single process: ``python pipelines/train.py``. Several processes / GPUs: ``torchrun --nproc_per_node=N
 pipelines/train.py`` (each rank reads a disjoint part of every epoch; gradients are averaged).
 
-Outputs: data/train/checkpoint.pt (resumable state, kept across runs by DVC's ``persist`` and only resumed when the
-params it was made with are the current ones), data/train/mfim.pt (the EMA encoder + generator for inference),
-reports/train.json (final losses, img/s, peak memory), reports/plots/train_loss.csv (DVC plots), and an MLflow run
-with params, per-step metrics, sample grids and the exported model.
+Outputs: data/train/checkpoint.pt (resumable state while the run is under way, only resumed when the params it was
+made with are the current ones; not a DVC output, and deleted once the run finished unless train.keep_checkpoint),
+data/train/mfim.pt (the EMA encoder + generator for inference), reports/train.json (final losses, img/s, peak
+memory), reports/plots/train_loss.csv (DVC plots), and an MLflow run with params, per-step metrics, loss shares,
+sample grids and a reference to the exported model (path + sha256 tags, not a copy).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from mfim.runtime import configure_threads, pick_device
 from mfim.training.presets import apply_preset
 
 TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
-BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers"}  # do not change what is learned
+# do not change what is learned
+BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers", "keep_checkpoint"}
 
 
 def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
@@ -77,12 +79,14 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     from mfim.models.mfim import save_swapper
     from mfim.training.build import (
         FITTED_REGRESSOR,
+        THREEDMM_STATS,
         build_model,
         build_objective,
         generator_path,
         load_frozen_generator,
     )
     from mfim.training.distributed import init_from_env
+    from mfim.training.objective import loss_shares
     from mfim.training.trainer import TrainConfig, Trainer
 
     params = apply_preset(raw_params)
@@ -110,7 +114,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     init = str(tr.get("init_checkpoint", "") or "")
     init_path = Path(init) if init else None
     fingerprint = params_fingerprint(
-        params, [generator_path(params), FITTED_REGRESSOR, Path(shards_dir) / "index.json"]
+        params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
         + ([init_path] if init_path else [])
     )
 
@@ -166,7 +170,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     mlflow_on = dist.is_main
 
     def on_log(step: int, logs: dict) -> None:
-        row = {"step": step, **logs, "peak_memory_mb": peak_memory_mb(device)}
+        row = {"step": step, **logs, **loss_shares(logs, objective.w), "peak_memory_mb": peak_memory_mb(device)}
         history.append(row)
         if mlflow_on:
             import mlflow
@@ -194,7 +198,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
     from contextlib import nullcontext
 
-    from mfim.tracking import start_run
+    from mfim.tracking import log_file_reference, start_run
 
     run_name = f"train {tr.get('config', 'E')} {cfg.steps} steps seed {seed}" + (" (resumed)" if resumed else "")
     ctx = (start_run("train", params, groups=TRAIN_GROUPS + ["project"], run_name=run_name,
@@ -237,8 +241,12 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             )
             import mlflow
 
-            mlflow.log_artifact(str(export), artifact_path="model")
+            log_file_reference(export, "model")  # the file stays the DVC output; MLflow keeps its sha256
             mlflow.log_metric("train_seconds", seconds)
+            if not bool(tr.get("keep_checkpoint", False)):
+                # a finished run's training state is never resumed (run_training starts over), and at paper scale
+                # it is 6.4 GB; the swapper above is what the run leaves
+                ck_path.unlink(missing_ok=True)
     if dist.world > 1:
         import torch.distributed as tdist
 
