@@ -77,23 +77,35 @@ def ground_truth(shard_pattern: str) -> dict[str, dict]:
     return gt
 
 
-def concat_features(parts: list[Features]) -> Features:
-    if not parts:
-        return Features(*(np.zeros((0, 0)) for _ in fields(Features)))
-    return Features(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Features)))
+class Rows:
+    """Per-image values of one kind (features, errors) written into arrays sized for all rows on the first batch.
+
+    Preallocated rather than concatenated at the end: with the stage's allocator settings (nothing returned to the
+    OS, mfim.runtime.ensure_allocator_env) small arrays kept from every batch land in the space the batch's images
+    just freed and split it, so the next batch's images take fresh memory -- peak RSS then grew ~1 MB a pair."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def put(self, start: int, values: dict[str, np.ndarray]) -> None:
+        if self.arrays is None:
+            self.arrays = {k: np.empty((self.n, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in values.items()}
+        for k, v in values.items():
+            self.arrays[k][start : start + len(v)] = v
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self.arrays if self.arrays is not None else {}
 
 
-class FeatureList:
-    """Features of one kind of image, gathered batch by batch."""
+class FeatureRows(Rows):
+    def add(self, start: int, f: Features) -> None:
+        self.put(start, {k.name: getattr(f, k.name) for k in fields(Features)})
 
-    def __init__(self):
-        self.parts: list[Features] = []
-
-    def add(self, f: Features) -> None:
-        self.parts.append(f)
-
-    def result(self) -> Features:
-        return concat_features(self.parts)
+    def features(self) -> Features:
+        if self.arrays is None:
+            return Features(*(np.zeros((0, 0)) for _ in fields(Features)))
+        return Features(**self.arrays)
 
 
 @dataclass
@@ -149,10 +161,8 @@ def stream_pairs(model, pairs: pd.DataFrame, reader: ImageReader, evaluators, lp
                  keep: int = 8) -> PairFeatures:
     """One pass over the (source, target) pairs; ``fd``: a mfim.nets.fid.FrechetDistance (targets are its reals)."""
     res = reader.resolution
-    feats = {k: FeatureList() for k in ("source", "target", "swap")}
-    recon: dict[str, list[np.ndarray]] = {k: [] for k in ("self_swap_l1", "self_swap_lpips",
-                                                          "self_swap_l1_without_style_maps",
-                                                          "self_swap_lpips_without_style_maps")}
+    feats = {k: FeatureRows(len(pairs)) for k in ("source", "target", "swap")}
+    recon = Rows(len(pairs))
     grid = GridImages(keep)
 
     def at_res(x):  # errors are measured at the real images' resolution, as the paper's 256 px targets are
@@ -166,28 +176,29 @@ def stream_pairs(model, pairs: pd.DataFrame, reader: ImageReader, evaluators, lp
             src_d, tgt_d = x_src.to(device), x_tgt.to(device)
             x_swap = model.swap(src_d, tgt_d).float().cpu()
             for name, x in (("swap", x_swap), ("source", x_src), ("target", x_tgt)):
-                feats[name].add(evaluators.features(x))
+                feats[name].add(i, evaluators.features(x))
             fd.add("real", x_tgt)
             fd.add("fake", x_swap)
             x_rec = model.reconstruct(tgt_d).float().cpu()
             x_rec_nomaps = swap_without_style_maps(model, tgt_d, tgt_d).float().cpu()
+            errors = {}
             for suffix, x in (("", x_rec), ("_without_style_maps", x_rec_nomaps)):
-                recon[f"self_swap_l1{suffix}"].append((at_res(x) - x_tgt).abs().flatten(1).mean(1).numpy())
-                recon[f"self_swap_lpips{suffix}"].append(lpips(at_res(x.to(device)), tgt_d).flatten().float().cpu()
-                                                         .numpy())
+                errors[f"self_swap_l1{suffix}"] = (at_res(x) - x_tgt).abs().flatten(1).mean(1).numpy()
+                errors[f"self_swap_lpips{suffix}"] = lpips(at_res(x.to(device)), tgt_d).flatten().float().cpu().numpy()
+            recon.put(i, errors)
             for name, x in (("source", x_src), ("target", x_tgt), ("swap", x_swap), ("self_swap", x_rec),
                             ("self_swap_without_style_maps", x_rec_nomaps)):
                 grid.add(name, x)
             bar.update(len(rows))
-    return PairFeatures(feats["source"].result(), feats["target"].result(), feats["swap"].result(),
-                        {k: np.concatenate(v) if v else np.zeros(0) for k, v in recon.items()}, fd.report(), grid)
+    return PairFeatures(feats["source"].features(), feats["target"].features(), feats["swap"].features(),
+                        recon.result(), fd.report(), grid)
 
 
 @torch.no_grad()
 def stream_triplets(model, triplets: pd.DataFrame, reader: ImageReader, evaluators, batch: int, device,
                     keep: int = 8) -> TripletFeatures:
     """One pass over the ID-mixing triplets (target, global source, local source)."""
-    feats = {k: FeatureList() for k in ("global_source", "local_source", *MIXING_ROWS)}
+    feats = {k: FeatureRows(len(triplets)) for k in ("global_source", "local_source", *MIXING_ROWS)}
     grid = GridImages(keep)
     with _progress(len(triplets), "triplet") as bar:
         for i in range(0, len(triplets), batch):
@@ -197,12 +208,12 @@ def stream_triplets(model, triplets: pd.DataFrame, reader: ImageReader, evaluato
             d_tgt, d_gb, d_lc = t_tgt.to(device), t_gb.to(device), t_lc.to(device)
             results = {"local": model.swap(d_lc, d_tgt), "id_mixing": model.mix(d_tgt, d_gb, d_lc),
                        "global": model.swap(d_gb, d_tgt)}
-            feats["global_source"].add(evaluators.features(t_gb))
-            feats["local_source"].add(evaluators.features(t_lc))
+            feats["global_source"].add(i, evaluators.features(t_gb))
+            feats["local_source"].add(i, evaluators.features(t_lc))
             for row in MIXING_ROWS:
-                feats[row].add(evaluators.features(results[row].float().cpu()))
+                feats[row].add(i, evaluators.features(results[row].float().cpu()))
             for name, x in (("global", t_gb), ("local", t_lc), ("target", t_tgt), ("mix", results["id_mixing"])):
                 grid.add(name, x.float())
             bar.update(len(rows))
-    return TripletFeatures(feats["global_source"].result(), feats["local_source"].result(),
-                           {row: feats[row].result() for row in MIXING_ROWS}, grid)
+    return TripletFeatures(feats["global_source"].features(), feats["local_source"].features(),
+                           {row: feats[row].features() for row in MIXING_ROWS}, grid)
