@@ -151,8 +151,10 @@ class RunningStatistics:
             return
         n = self.n + len(f)
         delta = mean_b - self.mean
-        self.mean = self.mean + delta * (len(f) / n)
-        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (self.n * len(f) / n)
+        # in place: a fresh d×d matrix a batch (32 MB for Inception) would fragment the heap between image batches
+        self.mean += delta * (len(f) / n)
+        self.m2 += m2_b
+        self.m2 += np.outer(delta, delta) * (self.n * len(f) / n)
         self.n = n
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray, int]:
@@ -238,13 +240,13 @@ class FrechetDistance:
         def sizes(which):
             return "/".join(str(s) for s in sorted(self.input_sizes[which]))
 
-        resized = [f"{w} images area-downsampled from {sizes(w)} px" for w in ("real", "fake")
-                   if self.input_sizes[w] - {self.resolution}]
+        resized = [f"{label} images area-downsampled from {sizes(w)} px"
+                   for w, label in (("real", "real"), ("fake", "generated")) if self.input_sizes[w] - {self.resolution}]
         how = "; ".join(resized) if resized else "both given at that size"
         return f"Compared at {self.resolution} px ({how}) before the feature network's own resize."
 
     def report(self) -> dict:
-        """``{"name": "fid" | "fd_<network>", "value", "note", "n_real", "n_fake", "resolution"}``."""
+        """``{"name": "fid" | "fd_<network>", "value", "note", "n_real", "n_fake", "resolution", "resolution_note"}``."""
         real, fake = self.stats["real"].statistics(), self.stats["fake"].statistics()
         if self.inception_file is None:
             note = (f"{NOT_FOUND}Fréchet distance between {real[2]} real and {fake[2]} generated images in the "
@@ -254,7 +256,8 @@ class FrechetDistance:
             note = (f"FID (pytorch-fid Inception pool3, {self.inception_file.name}) between {real[2]} real and "
                     f"{fake[2]} generated images.")
         return {"name": self.extractor.name, "value": _frechet(real, fake), "note": f"{note} {self.resolution_note()}",
-                "n_real": real[2], "n_fake": fake[2], "resolution": self.resolution}
+                "n_real": real[2], "n_fake": fake[2], "resolution": self.resolution,
+                "resolution_note": self.resolution_note()}
 
 
 def compute_fd(
