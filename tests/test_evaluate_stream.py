@@ -112,6 +112,6 @@ def test_streamed_metrics_equal_the_in_memory_ones(tmp_path, checkpoint, monkeyp
     assert "identity_verification_auc" in out["evaluators_on_real_images"]
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == out
     detail = json.loads((tmp_path / "reports" / "metrics_detail.json").read_text())
-    assert detail["fd"]["resolution"] == RES and "area-downsampled from 64 px" in detail["fd"]["note"]
+    assert detail["fd"]["resolution"] == RES and "generated images area-downsampled from 64 px" in detail["fd"]["note"]
     for grid in ("swaps", "id_mixing", "style_maps", "paste_back"):
         assert (tmp_path / "reports" / "grids" / f"{grid}.png").is_file()

@@ -105,7 +105,7 @@ def test_fd_compares_generated_images_at_the_real_resolution(no_inception, monke
         fd.add("fake", f)
     report = fd.report()
     assert report["resolution"] == 16 and abs(report["value"]) < 1e-6
-    assert "fake images area-downsampled from 64 px" in report["note"]
+    assert "generated images area-downsampled from 64 px" in report["note"]
     # fed to the network at their own sizes (as before: pytorch-fid resizes each to 299 unaided) they differ
     apart = fid._frechet(fid.feature_statistics(MeanStd(), real, 5), fid.feature_statistics(MeanStd(), fake, 5))
     assert apart > 1e-3
