@@ -77,7 +77,8 @@ def in_memory(model, pairs, triplets) -> dict:
     f_gb, f_lc = ev.features(t_gb), ev.features(t_lc)
     for row, x in results.items():
         f = ev.features(x)
-        r_id_gb = M.relative_distance(M.l2_distance(f.identity, f_gb.identity), M.l2_distance(f.identity, f_lc.identity))[0]
+        r_id_gb = M.relative_distance(M.l2_distance(f.identity, f_gb.identity),
+                                      M.l2_distance(f.identity, f_lc.identity))[0]
         r_sh_gb = M.relative_distance(M.l2_distance(f.shape, f_gb.shape), M.l2_distance(f.shape, f_lc.shape))[0]
         out[f"id_mixing.{row}.r_id_gb"], out[f"id_mixing.{row}.r_shape_gb"] = r_id_gb.mean(), r_sh_gb.mean()
     return out

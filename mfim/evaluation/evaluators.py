@@ -1,8 +1,8 @@
 """The evaluation networks, configured separately from the training ones (params group ``evaluate``).
 
 identity: dlib ResNet (default; independent of the MobileFaceNet the ID loss trains against) or mobilefacenet.
-3DMM (``evaluate.threedmm_encoder``): 3DDFA_V2 (default; the training loss uses the fitted regressor on the embedded
-default, DECA at paper scale) or deca / fitted -- the report warns when it is the loss's network (loss.threedmm_encoder);
+3DMM (``evaluate.threedmm_encoder``): 3DDFA_V2 (default; the training loss uses the fitted regressor on the
+embedded default, DECA at paper scale) or deca / fitted; the report warns when it is the loss's network;
 shape (``evaluate.shape_encoder: evaluator``): an independent fitted regressor (data/threedmm/evaluator.pt).
 pose: the Hopenet-style ONNX (Pose-HN), or the official Hopenet ResNet-50 when nets.headpose.hopenet_checkpoint is set.
 """

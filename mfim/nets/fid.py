@@ -246,7 +246,8 @@ class FrechetDistance:
         return f"Compared at {self.resolution} px ({how}) before the feature network's own resize."
 
     def report(self) -> dict:
-        """``{"name": "fid" | "fd_<network>", "value", "note", "n_real", "n_fake", "resolution", "resolution_note"}``."""
+        """``{"name": "fid" | "fd_<network>", "value", "note", "n_real", "n_fake", "resolution",
+        "resolution_note"}``."""
         real, fake = self.stats["real"].statistics(), self.stats["fake"].statistics()
         if self.inception_file is None:
             note = (f"{NOT_FOUND}Fréchet distance between {real[2]} real and {fake[2]} generated images in the "
