@@ -10,6 +10,7 @@ BENCHES = [
     ["bench_reader.py"],
     ["bench_train.py"],
     ["bench_watermark.py", "--keys", "5"],
+    ["bench_evaluate.py"],
 ]
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from mfim.evaluation.evaluate import identity_separation, source_groups
+from mfim.evaluation.tables import identity_separation, source_groups
 
 
 def test_identity_separation_known_answer():

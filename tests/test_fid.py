@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mfim.nets.fid as fid
@@ -78,3 +79,54 @@ def test_substitute_is_named_after_its_network(no_inception):
     assert "NOT FID" in near_report["note"] and "not found" in near_report["note"]
     assert 0 <= near_report["value"] < far_report["value"]
     assert near_report["n_real"] == 24 and near_report["n_fake"] == 24
+
+
+class MeanStd(MeanColour):
+    """Mean and standard deviation per channel: the deviation sees fine detail, so it depends on the image size."""
+
+    def forward(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+
+
+def _detail_at_4x(x: torch.Tensor) -> torch.Tensor:
+    """x at 4× the size, plus a ±0.1 checkerboard that every 4×4 block averages away: area-downsampling restores x."""
+    up = F.interpolate(x, scale_factor=4, mode="nearest")
+    yy, xx = torch.meshgrid(torch.arange(up.shape[-2]), torch.arange(up.shape[-1]), indexing="ij")
+    return up + 0.1 * (1 - 2 * ((yy + xx) % 2)).float()
+
+
+def test_fd_compares_generated_images_at_the_real_resolution(no_inception, monkeypatch):
+    monkeypatch.setattr(fid, "build_substitute_extractor", lambda network="lpips_alex", device="cpu": MeanStd())
+    real = _images(12, 0.0, 0)  # 16 px
+    fake = _detail_at_4x(real)  # the same faces at 64 px, with detail a 16 px image cannot hold
+    fd = fid.FrechetDistance()
+    for r, f in zip(real.split(5), fake.split(5)):
+        fd.add("real", r)
+        fd.add("fake", f)
+    report = fd.report()
+    assert report["resolution"] == 16 and abs(report["value"]) < 1e-6
+    assert "generated images area-downsampled from 64 px" in report["note"]
+    # fed to the network at their own sizes (as before: pytorch-fid resizes each to 299 unaided) they differ
+    apart = fid._frechet(fid.feature_statistics(MeanStd(), real, 5), fid.feature_statistics(MeanStd(), fake, 5))
+    assert apart > 1e-3
+
+
+def test_fd_resolution_is_a_choice_but_never_an_upsampling(no_inception, monkeypatch):
+    monkeypatch.setattr(fid, "build_substitute_extractor", lambda network="lpips_alex", device="cpu": MeanStd())
+    real = _images(6, 0.0, 0)
+    at8 = fid.compute_fd(real, _detail_at_4x(real), batch_size=4, resolution=8)
+    assert at8["resolution"] == 8 and abs(at8["value"]) < 1e-6
+    assert "real images area-downsampled from 16 px" in at8["note"]
+    with pytest.raises(ValueError, match="above the images' 16 px"):
+        fid.compute_fd(real, _detail_at_4x(real), resolution=32)
+
+
+def test_running_statistics_match_numpy(rng):
+    f = rng.normal(size=(37, 5)) * [1, 2, 3, 4, 5] + 7
+    stats = fid.RunningStatistics()
+    for part in np.array_split(f, [1, 2, 10, 30]):  # a batch of one and uneven ones
+        stats.update(part)
+    mean, cov, n = stats.statistics()
+    assert n == 37
+    np.testing.assert_allclose(mean, f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(f, rowvar=False), rtol=1e-10)

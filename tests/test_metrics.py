@@ -49,6 +49,18 @@ def test_bootstrap_interval_contains_mean_and_shrinks_with_n(rng):
     assert bootstrap_ci([])["n"] == 0
 
 
+def test_bootstrap_in_blocks_is_the_single_draw_interval(rng, monkeypatch):
+    """Blocks of replicates bound memory; the interval must stay the one a single (n_boot, n) draw gives."""
+    from mfim.evaluation import metrics
+
+    v = rng.normal(size=1001)
+    single = np.random.default_rng(3).integers(0, v.size, size=(200, v.size))
+    lo, hi = np.quantile(v[single].mean(axis=1), [0.025, 0.975])
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK", 3 * v.size + 5)  # 3 replicates a block, 200 % 3 left over
+    blocked = bootstrap_ci(v, n_boot=200, seed=3)
+    assert (blocked["ci_low"], blocked["ci_high"]) == (lo, hi)
+
+
 def test_angle_error_wraps():
     a = np.radians([[179.0, 0, 0]])
     b = np.radians([[-179.0, 0, 0]])

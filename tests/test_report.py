@@ -48,3 +48,41 @@ def test_paper_rows_and_ours_sit_in_their_tables():
     assert "| MFIM (paper, CelebA-HQ) | 91.469 | 0.782 | 0.400 | 0.057 | 4.095 | 4.946 |" in t3
     assert t3[-1] == "| **ours (synthetic)** | 0.100 | 0.200 | 0.300 | 0.400 | 0.500 | 12.500 (fd_lpips_alex) |"
     assert t3[0].endswith("| Pose-HN ↓ | FID ↓ |")
+
+
+def _evaluators(threedmm: str, loss: str) -> dict:
+    return {"evaluators": {"identity_embedder": "dlib", "threedmm_encoder": threedmm, "loss_threedmm_encoder": loss}}
+
+
+def test_report_warns_when_the_evaluation_3dmm_is_the_loss_network(tmp_path, monkeypatch, caplog):
+    import json
+
+    same = report.protocol_note(_metrics(), _evaluators("deca", "deca"))
+    assert "**Warning**" in same and "**deca**" in same and "evaluate.threedmm_encoder" in same
+    assert "Warning" not in report.protocol_note(_metrics(), _evaluators("tddfa", "deca"))
+    # written reports carry it, and the stage log says it
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: {})
+    (tmp_path / "metrics.json").write_text(json.dumps(_metrics()))
+    (tmp_path / "metrics_detail.json").write_text(json.dumps(_evaluators("deca", "deca")))
+    with caplog.at_level("WARNING"):
+        tables, ablation = report.write_reports({}, tmp_path)
+    assert "**Warning**" in tables.read_text() and "**Warning**" in ablation.read_text()
+    assert any("measured with deca" in r.getMessage() for r in caplog.records)
+
+
+def test_configs_evaluate_3dmm_with_another_network_than_the_loss():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("params.yaml", "configs/paper.yaml"):
+        p = yaml.safe_load((root / name).read_text())
+        assert p["evaluate"]["threedmm_encoder"] != p["loss"]["threedmm_encoder"], name
+
+
+def test_report_says_at_which_resolution_the_fd_compares():
+    detail = {"fd": {"resolution": 256, "resolution_note": "Compared at 256 px (generated images area-downsampled "
+                                                           "from 1024 px) before the feature network's own resize."}}
+    assert "Compared at 256 px (generated images area-downsampled from 1024 px)" in report.protocol_note(_metrics(),
+                                                                                                         detail)

@@ -1,7 +1,8 @@
 """The evaluation networks, configured separately from the training ones (params group ``evaluate``).
 
 identity: dlib ResNet (default; independent of the MobileFaceNet the ID loss trains against) or mobilefacenet.
-3DMM: 3DDFA_V2 (default; the training loss uses the fitted regressor on the embedded default) or deca / fitted;
+3DMM (``evaluate.threedmm_encoder``): 3DDFA_V2 (default; the training loss uses the fitted regressor on the
+embedded default, DECA at paper scale) or deca / fitted; the report warns when it is the loss's network;
 shape (``evaluate.shape_encoder: evaluator``): an independent fitted regressor (data/threedmm/evaluator.pt).
 pose: the Hopenet-style ONNX (Pose-HN), or the official Hopenet ResNet-50 when nets.headpose.hopenet_checkpoint is set.
 """
@@ -40,6 +41,9 @@ class Evaluators:
         self.batch_size = batch_size
         self.identity_name = str(lookup(params, "evaluate.identity_embedder", "dlib"))
         self.threedmm_name = str(lookup(params, "evaluate.threedmm_encoder", "tddfa"))
+        # the network inside L_shape / L_pose / L_exp (mfim.training.build's default): the report warns when the
+        # evaluation measures with the very network the swapper was optimised against
+        self.loss_threedmm_name = str(lookup(params, "loss.threedmm_encoder", "fitted"))
         # the network the ID loss trained against (reference only): the iresnet when one is configured
         from mfim.training.build import build_identity_embedder
 
@@ -77,6 +81,7 @@ class Evaluators:
         return {
             "identity_embedder": self.identity_name,
             "threedmm_encoder": self.threedmm_name,
+            "loss_threedmm_encoder": self.loss_threedmm_name,
             "shape_encoder": f"independent fitted regressor ({SHAPE_EVALUATOR})" if self.shape_net is not None
             else self.threedmm_name,
             "shape_coefficients": self.shape_k or "all",

@@ -8,7 +8,10 @@ those match -- the tables say so every time.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PAPER_TABLE2 = {  # FaceForensics++; Identity, Shape, Expression, Pose, Pose-HN
     "Deepfakes": (120.907, 0.639, 0.802, 0.188, 4.588),
@@ -55,10 +58,26 @@ def _ci(detail: dict, name: str) -> str:
     return f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
 
+def evaluator_warnings(detail: dict) -> list[str]:
+    """What makes the run's numbers flatter the model, stated above the tables."""
+    ev = detail.get("evaluators", {})
+    out = []
+    name = ev.get("threedmm_encoder")
+    if name and name == ev.get("loss_threedmm_encoder"):
+        out.append(
+            f"**Warning**: Shape / Expression / Pose are measured with **{name}**, the 3DMM network the 3DMM losses "
+            "trained against (`loss.threedmm_encoder`): a swapper optimised against a network scores well on that "
+            "network, so these columns flatter it. Set `evaluate.threedmm_encoder` to another network (the paper "
+            "trains with DECA and measures with RingNet)."
+        )
+    return out
+
+
 def protocol_note(metrics: dict, detail: dict) -> str:
     ev = detail.get("evaluators", {})
     proto = detail.get("protocol", {})
-    lines = [
+    fd = detail.get("fd", {})
+    lines = [f"- {w}" for w in evaluator_warnings(detail)] + [
         f"- Protocol: **{metrics.get('protocol')}** — {metrics.get('n_pairs')} pairs, {metrics.get('n_triplets')} "
         f"ID-mixing triplets. {proto.get('images', '')}",
         f"- Identity: L2 between features of **{ev.get('identity_embedder')}** (paper: VGGFace2 ResNet-50, "
@@ -71,7 +90,7 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         f"- Pose-HN: L2 of (yaw, pitch, roll) in degrees from **{ev.get('pose_network')}** (paper: official "
         "Hopenet hopenet_robust_alpha1).",
         f"- Fréchet distance: **{metrics.get('fd', {}).get('name')}** (FID only when the official Inception "
-        "weights were given).",
+        f"weights were given), over the pairs' targets (real) and swaps. {fd.get('resolution_note', '')}".rstrip(),
         "- Means over pairs with bootstrap 95% intervals in reports/metrics_detail.json.",
     ]
     if metrics.get("protocol") == "synthetic":
@@ -178,6 +197,8 @@ def write_reports(params: dict, reports_dir="reports") -> list[Path]:
     metrics = json.loads((reports_dir / "metrics.json").read_text())
     detail_path = reports_dir / "metrics_detail.json"
     detail = json.loads(detail_path.read_text()) if detail_path.is_file() else {}
+    for w in evaluator_warnings(detail):
+        log.warning(w.replace("**", ""))
     note = protocol_note(metrics, detail)
     tables = reports_dir / "tables.md"
     tables.write_text(

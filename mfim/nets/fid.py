@@ -10,6 +10,10 @@ distance in the feature space of another network it does have and names the numb
 LPIPS AlexNet trunk, each of its five ReLU maps averaged over space, concatenated, 1152-d), with a note saying it is
 not FID and not comparable to published FID values. The Fréchet distance itself is pytorch-fid's
 ``calculate_frechet_distance``.
+
+``FrechetDistance`` takes batches as they come (running mean and covariance, one d×d matrix per set), so the
+evaluate stage never holds its swaps; both sets are area-resized to one resolution first (the real images' by
+default).
 """
 
 from __future__ import annotations
@@ -126,15 +130,59 @@ def _batches(images, batch_size: int) -> Iterator[torch.Tensor]:
         yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+class RunningStatistics:
+    """Mean and covariance of features added a batch at a time (Chan et al.'s pairwise update of the centred sums),
+    so a Fréchet distance over any number of images holds one d×d matrix instead of every feature vector."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None  # sum over images of (f - mean)(f - mean)^T
+
+    def update(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+        if len(f) == 0:
+            return
+        mean_b = f.mean(0)
+        c = f - mean_b
+        m2_b = c.T @ c
+        if self.n == 0:
+            self.n, self.mean, self.m2 = len(f), mean_b, m2_b
+            return
+        n = self.n + len(f)
+        delta = mean_b - self.mean
+        # in place: a fresh d×d matrix a batch (32 MB for Inception) would fragment the heap between image batches
+        self.mean += delta * (len(f) / n)
+        self.m2 += m2_b
+        self.m2 += np.outer(delta, delta) * (self.n * len(f) / n)
+        self.n = n
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray, int]:
+        if self.n < 2:
+            raise ValueError("a Fréchet distance needs at least two images per set")
+        return self.mean, self.m2 / (self.n - 1), self.n
+
+
+def area_resize(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """Area-downsample to ``resolution`` px (None or the same size: unchanged). Upsampling is refused: it adds no
+    detail, and comparing real and generated images at different sizes is what this resize exists to prevent."""
+    if resolution is None or images.shape[-1] == resolution:
+        return images
+    if images.shape[-1] < resolution or images.shape[-2] < resolution:
+        raise ValueError(f"FID resolution {resolution} px is above the images' {images.shape[-1]} px; "
+                         "choose one at most the smaller of the real and generated sizes")
+    return F.interpolate(images, size=(resolution, resolution), mode="area")
+
+
 @torch.no_grad()
-def feature_statistics(extractor: nn.Module, images, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mean, covariance, count) of the extractor's features over all images."""
+def feature_statistics(extractor: nn.Module, images, batch_size: int = 50,
+                       resolution: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, covariance, count) of the extractor's features over all images (area-resized to ``resolution``)."""
     device = next(extractor.parameters()).device
-    feats = [extractor(b.to(device, torch.float32)).double().cpu() for b in _batches(images, batch_size)]
-    f = torch.cat(feats).numpy()
-    if len(f) < 2:
-        raise ValueError("a Fréchet distance needs at least two images per set")
-    return f.mean(0), np.cov(f, rowvar=False), len(f)
+    stats = RunningStatistics()
+    for b in _batches(images, batch_size):
+        stats.update(extractor(area_resize(b.to(device, torch.float32), resolution)).double().cpu().numpy())
+    return stats.statistics()
 
 
 def _frechet(real_stats, fake_stats) -> float:
@@ -149,23 +197,68 @@ def build_substitute_extractor(network: str = "lpips_alex", device: str | torch.
     raise ValueError(f"unknown substitute feature network {network!r}; choose one of {', '.join(SUBSTITUTES)}")
 
 
-def frechet_distance_report(
-    real_images,
-    fake_images,
-    network: str = "lpips_alex",
-    batch_size: int = 50,
-    device: str | torch.device = "cpu",
-    reason: str = "",
-) -> dict:
-    """Fréchet distance in a non-Inception feature space, named after that network (never "fid")."""
-    extractor = build_substitute_extractor(network, device)
-    real = feature_statistics(extractor, real_images, batch_size)
-    fake = feature_statistics(extractor, fake_images, batch_size)
-    note = (
-        f"{reason}Fréchet distance between {real[2]} real and {fake[2]} generated images in the feature space of "
-        f"{extractor.name[3:]} ({real[0].shape[0]}-d); NOT FID and not comparable to published FID numbers."
-    )
-    return {"name": extractor.name, "value": _frechet(real, fake), "note": note, "n_real": real[2], "n_fake": fake[2]}
+NOT_FOUND = (
+    f"FID Inception weights {FID_WEIGHTS_FILENAME} not found (params.yaml `evaluate.fid.inception_checkpoint`, "
+    "MFIM asset cache, torch hub cache). "
+)
+
+
+class FrechetDistance:
+    """A Fréchet distance fed a batch at a time: FID with the official Inception weights, else the named substitute.
+
+    Every image is first area-resized to ``resolution`` px (None: the size of the first real batch), so real and
+    generated sets meet at one resolution: pytorch-fid resizes whatever it gets to 299 px bilinearly without
+    antialiasing, which would alias a 1024 px swap and not a 256 px real image, and the distance would partly
+    measure that. A given but missing ``inception_checkpoint`` raises MissingAssetError (a typo should not silently
+    switch metrics); an empty one falls back to the caches, then to the substitute.
+    """
+
+    def __init__(self, inception_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 substitute: str = "lpips_alex", resolution: int | None = None):
+        self.inception_file = find_inception_checkpoint(inception_checkpoint)
+        if self.inception_file is None:
+            self.extractor = build_substitute_extractor(substitute, device)
+        else:
+            self.extractor = InceptionFeatures(load_fid_inception(self.inception_file, device))
+        self.device = next(self.extractor.parameters()).device
+        self.resolution = resolution
+        self.input_sizes: dict[str, set[int]] = {"real": set(), "fake": set()}
+        self.stats = {"real": RunningStatistics(), "fake": RunningStatistics()}
+
+    @torch.no_grad()
+    def add(self, which: str, images: torch.Tensor) -> None:
+        """Add a B×3×H×W batch in [-1, 1] to the ``"real"`` or ``"fake"`` set."""
+        if self.resolution is None:
+            if which != "real":
+                raise ValueError("without an explicit resolution, add a real batch first (it sets the size)")
+            self.resolution = int(images.shape[-1])
+        self.input_sizes[which].add(int(images.shape[-1]))
+        x = area_resize(images.to(self.device, torch.float32), self.resolution)
+        self.stats[which].update(self.extractor(x).double().cpu().numpy())
+
+    def resolution_note(self) -> str:
+        def sizes(which):
+            return "/".join(str(s) for s in sorted(self.input_sizes[which]))
+
+        resized = [f"{label} images area-downsampled from {sizes(w)} px"
+                   for w, label in (("real", "real"), ("fake", "generated")) if self.input_sizes[w] - {self.resolution}]
+        how = "; ".join(resized) if resized else "both given at that size"
+        return f"Compared at {self.resolution} px ({how}) before the feature network's own resize."
+
+    def report(self) -> dict:
+        """``{"name": "fid" | "fd_<network>", "value", "note", "n_real", "n_fake", "resolution",
+        "resolution_note"}``."""
+        real, fake = self.stats["real"].statistics(), self.stats["fake"].statistics()
+        if self.inception_file is None:
+            note = (f"{NOT_FOUND}Fréchet distance between {real[2]} real and {fake[2]} generated images in the "
+                    f"feature space of {self.extractor.name[3:]} ({real[0].shape[0]}-d); NOT FID and not comparable "
+                    "to published FID numbers.")
+        else:
+            note = (f"FID (pytorch-fid Inception pool3, {self.inception_file.name}) between {real[2]} real and "
+                    f"{fake[2]} generated images.")
+        return {"name": self.extractor.name, "value": _frechet(real, fake), "note": f"{note} {self.resolution_note()}",
+                "n_real": real[2], "n_fake": fake[2], "resolution": self.resolution,
+                "resolution_note": self.resolution_note()}
 
 
 def compute_fd(
@@ -175,31 +268,22 @@ def compute_fd(
     batch_size: int = 50,
     device: str | torch.device = "cpu",
     substitute: str = "lpips_alex",
+    resolution: int | None = None,
 ) -> dict:
-    """FID when the official Inception weights are found, else the substitute Fréchet distance.
-
-    Returns ``{"name": "fid" | "fd_lpips_alex", "value": float, "note": str, "n_real": int, "n_fake": int}``.
-    A ``inception_checkpoint`` that is given but missing raises MissingAssetError (a typo should not silently
-    switch metrics); an empty one falls back to the caches, then to the substitute.
-    """
-    found = find_inception_checkpoint(inception_checkpoint)
-    if found is None:
-        reason = (
-            f"FID Inception weights {FID_WEIGHTS_FILENAME} not found (params.yaml `evaluate.fid.inception_checkpoint`, "
-            "MFIM asset cache, torch hub cache). "
-        )
-        return frechet_distance_report(real_images, fake_images, substitute, batch_size, device, reason=reason)
-    extractor = InceptionFeatures(load_fid_inception(found, device))
-    real = feature_statistics(extractor, real_images, batch_size)
-    fake = feature_statistics(extractor, fake_images, batch_size)
-    note = f"FID (pytorch-fid Inception pool3, {found.name}) between {real[2]} real and {fake[2]} generated images."
-    return {"name": "fid", "value": _frechet(real, fake), "note": note, "n_real": real[2], "n_fake": fake[2]}
+    """FID when the official Inception weights are found, else the substitute Fréchet distance (FrechetDistance),
+    over in-memory sets or iterables of batches."""
+    fd = FrechetDistance(inception_checkpoint, device, substitute, resolution)
+    for which, images in (("real", real_images), ("fake", fake_images)):
+        for b in _batches(images, batch_size):
+            fd.add(which, b)
+    return fd.report()
 
 
 __all__ = [
     "load_fid_inception",
     "compute_fd",
-    "frechet_distance_report",
+    "FrechetDistance",
+    "RunningStatistics",
     "feature_statistics",
     "find_inception_checkpoint",
     "hub_cached_inception",

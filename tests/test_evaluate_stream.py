@@ -1,0 +1,118 @@
+"""The evaluate stage streams: its metrics equal those of one in-memory pass over every image, with a small random
+MFIM (written by save_swapper, generator at twice the data resolution like the paper's 1024 vs 256 px) and stub
+evaluation networks (tests/stubs.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mfim.data.shards import resize_square
+from mfim.evaluation import metrics as M
+from mfim.evaluation.grids import from_uint8
+from mfim.imageio import read_rgb
+from tests.stubs import StubEvaluators, StubFeatureNet, StubLPIPS, stub_evaluation_networks, write_evalsets
+
+RES = 32  # data resolution: the real images; the generator makes 64 px swaps
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from mfim.models.encoder import EncoderConfig
+    from mfim.models.mfim import MFIM, save_swapper
+    from mfim.models.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    G = Generator(resolution=64, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
+    model = MFIM(G, EncoderConfig(input_size=RES, width=8, code_channels=16), coarse_max_res=16)
+    with torch.no_grad():  # a fresh encoder starts at the average codes: every swap would be the same image
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("ck") / "mfim.pt"
+    save_swapper(model, path, meta={"data_resolution": RES})
+    return path
+
+
+def in_memory(model, pairs, triplets) -> dict:
+    """Every image stacked, one forward per network, statistics with numpy: what streaming must reproduce."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    def stack(paths):
+        return from_uint8(np.stack([resize_square(read_rgb(p), RES) for p in paths]))
+
+    def down(x):
+        return F.interpolate(x, size=(RES, RES), mode="area")
+
+    ev = StubEvaluators(batch_size=10_000)
+    x_src, x_tgt = stack(pairs.source_path), stack(pairs.target_path)
+    with torch.no_grad():
+        x_swap, x_rec = model.swap(x_src, x_tgt), model.reconstruct(x_tgt)
+        lpips = StubLPIPS()(down(x_rec), x_tgt).flatten().numpy()
+        fr, ff = (StubFeatureNet()(x).double().numpy() for x in (x_tgt, down(x_swap)))
+    f_src, f_tgt, f_swap = (ev.features(x) for x in (x_src, x_tgt, x_swap))
+    ids = pairs.source_identity.to_numpy()
+    gallery_ids = np.unique(ids)
+    gallery = np.stack([f_src.identity[ids == i].mean(0) for i in gallery_ids])
+    out = {
+        "swap.identity": M.l2_distance(f_swap.identity, f_src.identity).mean(),
+        "swap.id_retrieval": M.id_retrieval(f_swap.identity, gallery, np.searchsorted(gallery_ids, ids)).mean(),
+        "swap.shape": M.l2_distance(f_swap.shape, f_src.shape).mean(),
+        "swap.expression": M.l2_distance(f_swap.exp, f_tgt.exp).mean(),
+        "swap.pose": M.l2_distance(f_swap.pose, f_tgt.pose).mean(),
+        "swap.pose_hn": M.l2_distance(f_swap.pose_hn, f_tgt.pose_hn).mean(),
+        "swap.train_id_similarity_source": M.cosine_similarity(f_swap.id_train, f_src.id_train).mean(),
+        "reconstruction.self_swap_l1": (down(x_rec) - x_tgt).abs().flatten(1).mean(1).mean().item(),
+        "reconstruction.self_swap_lpips": lpips.mean(),
+        "fd.value": calculate_frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), ff.mean(0),
+                                               np.cov(ff, rowvar=False)),
+    }
+    t_tgt, t_gb, t_lc = (stack(triplets[f"{c}_path"]) for c in ("target", "global", "local"))
+    with torch.no_grad():
+        results = {"local": model.swap(t_lc, t_tgt), "id_mixing": model.mix(t_tgt, t_gb, t_lc),
+                   "global": model.swap(t_gb, t_tgt)}
+    f_gb, f_lc = ev.features(t_gb), ev.features(t_lc)
+    for row, x in results.items():
+        f = ev.features(x)
+        r_id_gb = M.relative_distance(M.l2_distance(f.identity, f_gb.identity),
+                                      M.l2_distance(f.identity, f_lc.identity))[0]
+        r_sh_gb = M.relative_distance(M.l2_distance(f.shape, f_gb.shape), M.l2_distance(f.shape, f_lc.shape))[0]
+        out[f"id_mixing.{row}.r_id_gb"], out[f"id_mixing.{row}.r_shape_gb"] = r_id_gb.mean(), r_sh_gb.mean()
+    return out
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def test_streamed_metrics_equal_the_in_memory_ones(tmp_path, checkpoint, monkeypatch, one_thread):
+    import pandas as pd
+
+    from mfim.evaluation.evaluate import SWAP_METRICS, run_evaluation
+    from mfim.models.mfim import load_swapper
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=9, n_pairs=11, n_triplets=7)
+    params = {"project": {"device": "cpu", "threads": 1},
+              "evaluate": {"batch_size": 4, "bootstrap": 50}}  # 4 per batch: 11 pairs end on a partial batch
+    out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
+                         raw_dir=tmp_path / "no_raw", reports_dir=tmp_path / "reports")
+
+    model, _ = load_swapper(checkpoint)
+    want = in_memory(model, pd.read_parquet(evalsets / "pairs.parquet"), pd.read_parquet(evalsets / "triplets.parquet"))
+    for key, value in want.items():
+        assert _get(out, key) == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    # what the report and the tables read is all there, and metrics.json is the returned dict
+    assert set(SWAP_METRICS) <= set(out["swap"]) and out["n_pairs"] == 11 and out["n_triplets"] == 7
+    assert out["fd"]["name"] == "fd_stub" and set(out["id_mixing"]) == {"local", "id_mixing", "global"}
+    assert "identity_verification_auc" in out["evaluators_on_real_images"]
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == out
+    detail = json.loads((tmp_path / "reports" / "metrics_detail.json").read_text())
+    assert detail["fd"]["resolution"] == RES and "generated images area-downsampled from 64 px" in detail["fd"]["note"]
+    for grid in ("swaps", "id_mixing", "style_maps", "paste_back"):
+        assert (tmp_path / "reports" / "grids" / f"{grid}.png").is_file()
