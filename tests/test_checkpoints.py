@@ -424,5 +424,5 @@ def test_generate_command_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys)
     bad.write_bytes(b"not a checkpoint")
     rc = main(["generate", "--checkpoint", str(bad), "--seeds", "0", "--outdir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("mfim generate:") and "Traceback" not in err
+    assert rc == 3 and err.startswith("mfim generate:") and "Traceback" not in err
     assert main(["generate", "--checkpoint", str(bad), "--seeds", "x-y", "--outdir", str(tmp_path / "o")]) == 2

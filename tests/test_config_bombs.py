@@ -128,7 +128,7 @@ def test_config_bomb_is_refused_fast_before_allocating(tmp_path, make, how, says
     assert path.stat().st_size < 64_000
     got = _probe(how, path, tmp_path)
     if how == "cli":
-        assert got["error"] == "exit 2" and says in got["stderr"] and str(path) in got["stderr"]
+        assert got["error"] == "exit 3" and says in got["stderr"] and str(path) in got["stderr"]
         assert "Traceback" not in got["stderr"]
     else:
         assert got["error"] == "CheckpointError", got

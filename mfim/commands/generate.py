@@ -7,6 +7,7 @@ output: nominal range [-1, 1], not clipped, so it can be compared with other imp
 
 Before loading the checkpoint, --outdir is checked: a file the run would write that already exists (or is the
 checkpoint itself) is refused unless --overwrite, and so is a folder that cannot be written (exit status 2, one line).
+A checkpoint that cannot be used (unreadable, wrong kind, config out of bounds) is one line and exit status 3.
 Every file is written atomically.
 """
 
@@ -168,8 +169,8 @@ def run(args) -> int:
     except (OutputRefused, FileExistsError) as e:  # FileExistsError: another run wrote one of them meanwhile
         print(f"mfim generate: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:
+    except CheckpointError as e:  # a model-file problem: exit 3, as `mfim swap` / `mfim mix` (mfim.cli)
         print(f"mfim generate: {e}", file=sys.stderr)
-        return 2
+        return 3
     print(f"wrote {len(m['images'])} images and images.npy {tuple(m['array_shape'])} to {args.outdir}")
     return 0
