@@ -28,6 +28,6 @@ def test_generate_refuses_existing_outputs_and_bad_outdir_before_loading(tmp_pat
     assert main(argv + ["--outdir", str(ckpt / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
-    # with --overwrite the checks pass and the (bad) checkpoint is what fails
-    assert main(argv + ["--outdir", str(out), "--overwrite"]) == 2
+    # with --overwrite the checks pass and the (bad) checkpoint is what fails: a model-file problem, exit 3
+    assert main(argv + ["--outdir", str(out), "--overwrite"]) == 3
     assert "already exists" not in capsys.readouterr().err

@@ -167,14 +167,19 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_checkpoint_killed_mid_write_leaves_previous_usable(tmp_path):
-    path = tmp_path / "ck.pt"
+def _kill_during_second_write(path):
+    """Run KILL_SCRIPT: one complete checkpoint at ``path``, then SIGKILL while the second is being written."""
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True,
                             cwd=os.getcwd())
     assert proc.stdout.readline().strip() == "first"
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def test_checkpoint_killed_mid_write_leaves_previous_usable(tmp_path):
+    path = tmp_path / "ck.pt"
+    _kill_during_second_write(path)
     ck = load_checkpoint(path)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(1000))
     assert any(p.name.endswith(".part") for p in tmp_path.iterdir())  # the half-written file never took the name
@@ -184,12 +189,7 @@ def test_stale_part_files_of_a_killed_write_are_removed_at_start(tmp_path, caplo
     from mfim.training.checkpoint import remove_stale_parts
 
     path = tmp_path / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True,
-                            cwd=os.getcwd())
-    assert proc.stdout.readline().strip() == "first"
-    assert proc.stdout.readline().strip() == "writing"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_during_second_write(path)
     (tmp_path / ".other.pt.x.part").write_bytes(b"not ours")  # another output's temp file is left alone
     parts = [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.pt.") and p.name.endswith(".part")]
     assert parts
