@@ -66,7 +66,9 @@ def _float(config: Mapping, name: str, what: str, default: Any = None, optional:
 
 
 def _channels(base: int, cmax: int, resolution: int) -> dict[int, int]:
-    return {2**i: int(min(base // 2**i, cmax)) for i in range(2, int(math.log2(resolution)) + 1)}
+    from mfim.models.stylegan2 import channels_at  # the networks' own rule, so the bound cannot drift from it
+
+    return {2**i: channels_at(2**i, base, cmax) for i in range(2, int(math.log2(resolution)) + 1)}
 
 
 def generator_parameters(c: Mapping) -> int:
