@@ -10,13 +10,14 @@ previous record whole under "previous" and adds each continuation's params, curv
 the warm start to the shipped file stays reproducible by this pipeline's own stages.
 """
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 import yaml
+
+from mfim.assets import sha256_file
 
 out = Path(sys.argv[1])
 runs = [Path(p) for p in sys.argv[2:]]
@@ -38,7 +39,7 @@ last = runs[-1] / "train"
 swapper = torch.load(last / "mfim.pt", map_location="cpu", weights_only=True)
 swapper["discriminator"] = torch.load(last / "checkpoint.pt", map_location="cpu", weights_only=True)["discriminator"]
 torch.save(swapper, out)
-digest = hashlib.sha256(out.read_bytes()).hexdigest()
+digest = sha256_file(out)
 record = {
     "output": str(out),
     "output_sha256": digest,
