@@ -22,7 +22,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
     from mfim.config import load_params, lookup
     from mfim.data.shards import SPLITS, split_pattern
-    from mfim.data.threedmm_table import run_precompute
+    from mfim.data.threedmm_table import error_metrics, error_summary, run_precompute
     from mfim.nets.threedmm import build_threedmm_encoder
     from mfim.runtime import configure_threads, pick_device
 
@@ -40,9 +40,8 @@ def main(params_path: str = "params.yaml") -> dict:
     Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
     Path(REPORT).write_text(json.dumps(report, indent=1))
     err = (report.get("error") or {}).get("all")
-    summary = (f"pose MAE {err['pose']['mae_deg']:.2f}°, shape r {err['shape']['pearson_r']:.3f}, "
-               f"exp r {err['exp']['pearson_r']:.3f}" if err else "no ground truth")
-    print(f"threedmm: {report['rows']} rows with {name} in {report['seconds']:.0f} s ({summary}) -> {OUT}, {REPORT}")
+    print(f"threedmm: {report['rows']} rows with {name} in {report['seconds']:.0f} s ({error_summary(err)}) -> {OUT}, "
+          f"{REPORT}")
 
     import mlflow
 
@@ -51,9 +50,7 @@ def main(params_path: str = "params.yaml") -> dict:
     with start_run("threedmm", params, ["threedmm"]):
         mlflow.log_metrics({"rows": float(report["rows"]), "seconds": float(report["seconds"])})
         if err:
-            mlflow.log_metrics({"pose_mae_deg": err["pose"]["mae_deg"], "shape_pearson_r": err["shape"]["pearson_r"],
-                                "shape_nrmse": err["shape"]["nrmse"], "exp_pearson_r": err["exp"]["pearson_r"],
-                                "exp_nrmse": err["exp"]["nrmse"]})
+            mlflow.log_metrics(error_metrics(err))
         mlflow.log_artifact(REPORT)
     return report
 

@@ -85,3 +85,31 @@ def test_real_data_without_ground_truth_reports_no_error(tmp_path):
     assert not T.has_ground_truth(df) and df["gt_shape"].isna().all()
     with pytest.raises(ValueError, match="null rows"):
         T.load_threedmm_arrays(tmp_path / "p.parquet", "ground_truth")
+
+
+class FlameWidthEncoder:
+    """Like DECA: 100 shape and 50 expression coefficients (FLAME), pose as yaw/pitch/roll."""
+
+    def __call__(self, x: torch.Tensor) -> ThreeDMMParams:
+        m = x.mean(dim=(2, 3))
+        return ThreeDMMParams(m[:, :1].repeat(1, 100), m[:, 1:2].repeat(1, 50), m)
+
+
+def test_a_flame_width_table_reads_back_and_reports_pose_only_against_bfm_ground_truth(tmp_path):
+    make_fixture_shards(tmp_path, n_identities=2, per_identity=3)
+    report = T.run_precompute([str(tmp_path / "train-*.tar")], FlameWidthEncoder(), "deca", tmp_path / "p.parquet")
+    arrays = T.load_threedmm_arrays(tmp_path / "p.parquet", "estimate")
+    assert arrays["shape"].shape == (6, 100) and arrays["exp"].shape == (6, 50) and arrays["pose"].shape == (6, 3)
+    assert T.load_threedmm_arrays(tmp_path / "p.parquet", "ground_truth")["shape"].shape == (6, 40)
+    err = report["error"]["all"]
+    assert err["pose"]["mae_deg"] > 0 and "not_comparable" in err["shape"] and "not_comparable" in err["exp"]
+    assert set(T.error_metrics(err)) == {"pose_mae_deg"} and "shape not comparable" in T.error_summary(err)
+    stats = T.read_stats(tmp_path / T.STATS_NAME)
+    assert len(stats["shape_std"]) == 100 and len(stats["exp_std"]) == 50
+    # rows of two widths in one column are refused, as is an expected width that does not match
+    df = T.read_table(tmp_path / "p.parquet")
+    df.at[0, "shape"] = np.zeros(40, np.float32)
+    with pytest.raises(ValueError, match="mixes rows"):
+        T.stack_column(df, "shape")
+    with pytest.raises(ValueError, match="expected 40"):
+        T.stack_column(T.read_table(tmp_path / "p.parquet"), "shape", dim=40)

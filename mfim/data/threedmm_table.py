@@ -1,9 +1,10 @@
 """3DMM parameters of every shard sample, precomputed once and joined by key during training.
 
 Table (``data/threedmm/params.parquet``), one row per sample: ``key``, ``split``, ``identity`` (-1 unknown),
-``encoder`` (what made the estimate), ``shape`` (40), ``exp`` (10), ``pose`` (3: yaw, pitch, roll in radians) -- the
-estimate -- and ``gt_shape``, ``gt_exp``, ``gt_pose`` beside it where the synthetic ground truth is known (null
-otherwise). Vectors are stored as float32 lists.
+``encoder`` (what made the estimate), ``shape``, ``exp`` (BFM: 40 / 10 coefficients; DECA's FLAME: 100 / 50), ``pose``
+(3: yaw, pitch, roll in radians) -- the estimate -- and ``gt_shape``, ``gt_exp``, ``gt_pose`` beside it where the
+synthetic ground truth (BFM) is known (null otherwise). Vectors are stored as float32 lists; a column's width is
+whatever its 3DMM gives, the same on every row.
 
 Beside the table, ``stats.json`` holds the per-coefficient mean and std of the estimate's shape and expression over
 the training split (:func:`coefficient_stats`): DECA's FLAME codes are not standardised for a given data set, so
@@ -34,6 +35,7 @@ from mfim.nets.types import N_EXP, N_SHAPE, POSE_NAMES, ThreeDMMParams
 
 log = logging.getLogger(__name__)
 
+# BFM widths (3DDFA_V2, the fitted regressor, the synthetic ground truth); other 3DMMs keep their own (FLAME 100 / 50)
 GROUPS = {"shape": N_SHAPE, "exp": N_EXP, "pose": 3}
 COLUMN_SETS = {"estimate": ("shape", "exp", "pose"), "ground_truth": ("gt_shape", "gt_exp", "gt_pose")}
 
@@ -106,18 +108,24 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
-def stack_column(df: pd.DataFrame, column: str) -> np.ndarray:
-    """A list column -> N×D float32 (ValueError when a row is null)."""
+def stack_column(df: pd.DataFrame, column: str, dim: int | None = None) -> np.ndarray:
+    """A list column -> N×D float32. D is the rows' own width (every row must have the same), or ``dim`` when given
+    (then checked). ValueError when a row is null or the widths disagree."""
     values = df[column].tolist()
     if any(v is None for v in values):
         raise ValueError(f"column {column!r} has null rows (no ground truth for real data?)")
-    dim = GROUPS[column.removeprefix("gt_")]
     if not values:
-        return np.zeros((0, dim), np.float32)
-    out = np.stack([np.asarray(v, np.float32) for v in values])
-    if out.shape[1] != dim:
-        raise ValueError(f"column {column!r} holds {out.shape[1]} values per row, expected {dim}")
-    return out
+        width = dim if dim is not None else GROUPS[column.removeprefix("gt_")]
+        return np.zeros((0, width), np.float32)
+    widths = {len(v) for v in values}
+    if len(widths) > 1:
+        raise ValueError(f"column {column!r} mixes rows of {sorted(widths)} values (two 3DMMs in one table?)")
+    width = widths.pop()
+    if column.removeprefix("gt_") == "pose" and width != 3:
+        raise ValueError(f"column {column!r} holds {width} values per row, expected 3 (yaw, pitch, roll)")
+    if dim is not None and width != dim:
+        raise ValueError(f"column {column!r} holds {width} values per row, expected {dim}")
+    return np.stack([np.asarray(v, np.float32) for v in values])
 
 
 def has_ground_truth(df: pd.DataFrame) -> bool:
@@ -125,7 +133,8 @@ def has_ground_truth(df: pd.DataFrame) -> bool:
 
 
 def load_threedmm_arrays(path: str | Path, columns: str = "estimate") -> dict:
-    """{'key': [str], 'shape': N×40, 'exp': N×10, 'pose': N×3} from the table (``columns``: estimate | ground_truth)."""
+    """{'key': [str], 'shape': N×S, 'exp': N×E, 'pose': N×3} from the table (``columns``: estimate | ground_truth);
+    S / E are the table's 3DMM widths (BFM 40 / 10, FLAME 100 / 50)."""
     if columns not in COLUMN_SETS:
         raise ValueError(f"columns must be one of {sorted(COLUMN_SETS)}")
     df = read_table(path)
@@ -145,13 +154,19 @@ def pearson_per_column(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def group_errors(pred: dict, gt: dict) -> dict:
-    """Per-group error of ``pred`` vs ``gt`` (dicts with 'shape', 'exp', 'pose' arrays N×D)."""
+    """Per-group error of ``pred`` vs ``gt`` (dicts with 'shape', 'exp', 'pose' arrays N×D). A shape / expression
+    group whose widths differ (DECA's FLAME estimate against BFM ground truth) holds a ``not_comparable`` note
+    instead: coefficients of two different 3DMMs do not correspond one to one."""
     out: dict = {"n": int(len(gt["pose"]))}
     dp = np.degrees(np.abs(np.asarray(pred["pose"], np.float64) - np.asarray(gt["pose"], np.float64)))
     out["pose"] = {f"{name}_mae_deg": float(dp[:, i].mean()) for i, name in enumerate(POSE_NAMES)}
     out["pose"]["mae_deg"] = float(dp.mean())
     for name in ("shape", "exp"):
         p, g = np.asarray(pred[name], np.float64), np.asarray(gt[name], np.float64)
+        if p.shape[1:] != g.shape[1:]:
+            out[name] = {"not_comparable": f"{p.shape[1]} estimated vs {g.shape[1]} ground-truth coefficients "
+                                           "(different 3DMMs)"}
+            continue
         spread = ((g - g.mean(0)) ** 2).sum()
         r = pearson_per_column(p, g)
         # BFM coefficients are ordered by variance: the first ten carry what a 64 px face shows, the rest are
@@ -164,6 +179,27 @@ def group_errors(pred: dict, gt: dict) -> dict:
             "rmse": float(np.sqrt(((p - g) ** 2).mean())),
         }
     return out
+
+
+def error_metrics(err: dict) -> dict[str, float]:
+    """The headline numbers of a :func:`group_errors` result, for MLflow; groups that are not comparable (FLAME vs
+    BFM) are left out."""
+    out = {"pose_mae_deg": float(err["pose"]["mae_deg"])}
+    for name in ("shape", "exp"):
+        for k in ("pearson_r", "nrmse"):
+            if k in err.get(name, {}):
+                out[f"{name}_{k}"] = float(err[name][k])
+    return out
+
+
+def error_summary(err: dict | None) -> str:
+    if not err:
+        return "no ground truth"
+    parts = [f"pose MAE {err['pose']['mae_deg']:.2f}°"]
+    for name in ("shape", "exp"):
+        g = err.get(name, {})
+        parts.append(f"{name} r {g['pearson_r']:.3f}" if "pearson_r" in g else f"{name} not comparable")
+    return ", ".join(parts)
 
 
 def table_report(df: pd.DataFrame, encoder_name: str, seconds: float) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +286,8 @@ def fit_from_table(train_pattern: str, table_path: str | Path, out_path: str | P
     from mfim.data.threedmm_table import group_errors
 
     images, targets, identities, _ = load_training_data(train_pattern, table_path, target, model_config.input_size)
+    # the head is as wide as the table's 3DMM (distilling DECA: FLAME's 100 / 50; BFM: 40 / 10)
+    model_config = replace(model_config, n_shape=int(targets["shape"].shape[1]), n_exp=int(targets["exp"].shape[1]))
     log(f"regressor: {len(images)} images, target {target}, {len(np.unique(identities[identities >= 0]))} identities")
     model, report = fit_regressor(images, targets, identities, model_config, fit, log)
     if eval_pattern is not None:
