@@ -116,3 +116,22 @@ def test_streamed_metrics_equal_the_in_memory_ones(tmp_path, checkpoint, monkeyp
     assert detail["fd"]["resolution"] == RES and "generated images area-downsampled from 64 px" in detail["fd"]["note"]
     for grid in ("swaps", "id_mixing", "style_maps", "paste_back"):
         assert (tmp_path / "reports" / "grids" / f"{grid}.png").is_file()
+
+
+def test_a_protocol_without_triplets_evaluates_its_pairs_and_says_so(tmp_path, checkpoint, monkeypatch, one_thread):
+    from mfim.evaluation import report
+    from mfim.evaluation.evaluate import run_evaluation
+    from mfim.provenance import read_record
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=5, n_triplets=0)
+    (evalsets / "protocol.json").write_text('{"protocol": "ffpp"}')
+    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 20}}
+    out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
+                         raw_dir=tmp_path / "no_raw", reports_dir=tmp_path / "reports")
+    assert out["n_pairs"] == 5 and out["n_triplets"] == 0 and out["id_mixing"] == {}
+    assert np.isfinite(out["swap"]["identity"])
+    grid = tmp_path / "reports" / "grids" / "id_mixing.png"
+    assert "no ID-mixing triplets in the ffpp protocol" in read_record(grid)["note"]
+    table = report.mixing_table(out)
+    assert "| **ID mixing (ours)** | – | – | – | – |" in table

@@ -31,7 +31,8 @@ def _cells(line: str) -> int:
 
 
 def test_every_table_row_has_as_many_cells_as_its_header(monkeypatch):
-    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: {"B": {c: 1.0 for c in report.SWAP_COLS}})
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow",
+                        lambda params: {"B": [{c: 1.0 for c in report.ABLATION_COLS} | {"seed": "0"}]})
     m = _metrics()
     text = "\n\n".join([report.swap_tables(m, {}), report.mixing_table(m), report.ablation_table({}, "E", m)])
     tables = _tables(text)
@@ -39,6 +40,27 @@ def test_every_table_row_has_as_many_cells_as_its_header(monkeypatch):
     for t in tables:
         want = _cells(t[0])
         assert all(_cells(line) == want for line in t), t
+
+
+def _runs(seed_values: dict[str, list[float]]) -> dict[str, list[dict]]:
+    """Ablation rows with every column at the given per-seed values."""
+    return {cfg: [{c: v for c in report.ABLATION_COLS} | {"seed": str(i)} for i, v in enumerate(vals)]
+            for cfg, vals in seed_values.items()}
+
+
+def test_ablation_rows_give_seed_means_spreads_and_which_steps_exceed_seed_noise(monkeypatch):
+    rows = _runs({"A": [1.0, 1.2], "B": [0.5, 0.7], "C": [0.6, 0.8], "D": [0.65, 0.75]})
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: rows)
+    text = report.ablation_table({}, "E", _metrics())
+    ours = _tables(text)[1]
+    a_row = next(line for line in ours if line.startswith("| **A."))
+    assert "| 1.100 ± 0.100 |" in a_row and a_row.endswith("| 0, 1 |")
+    assert any(line.startswith("| **E.") and "| 0.100 |" in line for line in ours)  # the current run, one seed
+    steps = report.beyond_seed_noise(rows)
+    assert steps[0].startswith("- A -> B: identity -0.500 (better)")
+    assert "id_retrieval -0.500 (worse)" in steps[0]  # higher is better there
+    assert steps[1].startswith("- B -> C: identity +0.100 (within seed noise)")
+    assert len(steps) == 3  # E has one seed: no verdict for D -> E
 
 
 def test_paper_rows_and_ours_sit_in_their_tables():

@@ -74,15 +74,17 @@ def run_evaluation(
                          resolution=int(lookup(params, "evaluate.fid.resolution", 0) or 0) or res)
     with ImageReader(pattern, res) as reader:
         pf = stream_pairs(model, pairs, reader, evaluators, lpips, fd, batch, device)
-        tf = stream_triplets(model, triplets, reader, evaluators, batch, device)
+        # FF++ has no triplets (the paper's ID-mixing analysis is on CelebA-HQ): Table 5 is then left empty
+        tf = stream_triplets(model, triplets, reader, evaluators, batch, device) if len(triplets) else None
 
     # --- tables from the features -------------------------------------------------------------------------------
     per_pair = T.swap_columns(pairs, pf.source, pf.target, pf.swap)
     gt_errors, evaluator_error = T.ground_truth_errors(pairs, pf.target, pf.swap, ground_truth(pattern))
     per_pair.update(gt_errors)
     evaluator_error.update(T.identity_separation(pairs, pf.source.identity, pf.target.identity))
-    mixing = {row: T.summarize(v, n_boot, seed) for row, v in T.id_mixing(tf).items()}
-    grids = write_grids(model, meta, reports_dir / "grids", pf.grid, tf.grid, pairs, raw_dir, device)
+    mixing = {row: T.summarize(v, n_boot, seed) for row, v in T.id_mixing(tf).items()} if tf else {}
+    grids = write_grids(model, meta, reports_dir / "grids", pf.grid, tf.grid if tf else None, pairs, raw_dir, device,
+                        protocol=protocol.get("protocol", ""))
 
     # --- write --------------------------------------------------------------------------------------------------
     swap_summary = T.summarize(per_pair, n_boot, seed)
@@ -129,13 +131,15 @@ def run_evaluation(
 
 def log_to_mlflow(params: dict, out: dict, grids: list[Path], reports_dir: Path) -> None:
     from mfim.config import flatten
+    from mfim.training.run import train_seed
     from mfim.tracking import start_run
 
     with start_run("evaluate", params, groups=["evaluate", "evalsets", "train", "loss", "encoder"]):
         import mlflow
 
         mlflow.set_tags({"train.config": str(lookup(params, "train.config", "E")),
-                         "train.steps": str(lookup(params, "train.steps", ""))})
+                         "train.steps": str(lookup(params, "train.steps", "")),
+                         "train.seed": str(train_seed(params))})
         flat = {k: float(v) for k, v in flatten({k: out[k] for k in ("swap", "reconstruction", "id_mixing",
                                                                        "evaluators_on_real_images")}).items()}
         flat[f"fd.{out['fd']['name']}"] = out["fd"]["value"]

@@ -48,19 +48,36 @@ def save_grid(path: str | Path, columns: list[torch.Tensor], record: dict | None
     return save_image(path, image_grid(columns, size=size), record or provenance_record("synthetic"))
 
 
-def write_grids(model, meta: dict, out_dir: Path, pair_images, triplet_images, pairs, raw_dir, device) -> list[Path]:
+def write_grids(model, meta: dict, out_dir: Path, pair_images, triplet_images, pairs, raw_dir, device,
+                protocol: str = "") -> list[Path]:
     """source | target | swap | E+ (ROI-only) ; global | local | target | mix ; target | self-swap | without maps;
     and raw target photo | E+ pasted back into it. ``pair_images`` / ``triplet_images``: the first rows the
-    evaluation kept (mfim.evaluation.features.GridImages)."""
+    evaluation kept (mfim.evaluation.features.GridImages); ``triplet_images`` None when the protocol has no
+    ID-mixing triplets (FF++), and id_mixing.png then says so instead."""
     p = pair_images
     roi = roi_swaps(p["swap"], p["target"])
     paths = [save_grid(out_dir / "swaps.png", [p["source"], p["target"], p["swap"], roi])]
     t = triplet_images
-    paths.append(save_grid(out_dir / "id_mixing.png", [t["global"], t["local"], t["target"], t["mix"]]))
+    if t is None:
+        paths.append(notice_image(out_dir / "id_mixing.png",
+                                  f"no ID-mixing triplets in the {protocol or 'this'} protocol"))
+    else:
+        paths.append(save_grid(out_dir / "id_mixing.png", [t["global"], t["local"], t["target"], t["mix"]]))
     paths.append(save_grid(out_dir / "style_maps.png",
                            [p["target"], p["self_swap"], p["self_swap_without_style_maps"]]))
     paths.append(paste_back_examples(model, meta, pairs.head(4), raw_dir, device, out_dir / "paste_back.png", roi))
     return paths
+
+
+def notice_image(path: Path, text: str, width: int = 480, height: int = 48) -> Path:
+    """A plain image with one line of text, where a grid has nothing to show (the file is a declared output)."""
+    from PIL import Image, ImageDraw
+
+    from mfim.provenance import provenance_record, save_image
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(img).text((8, height // 2 - 6), text, fill=(0, 0, 0))
+    return save_image(path, np.asarray(img), provenance_record("synthetic", note=text))
 
 
 def roi_swaps(x_swap: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:

@@ -140,15 +140,24 @@ def mixing_table(metrics: dict) -> str:
         m = metrics.get("id_mixing", {}).get(row, {})
         out.append(f"| **{names[row]} (ours)** | " + " | ".join(
             _fmt(m.get(k)) for k in ("r_id_gb", "r_id_lc", "r_shape_gb", "r_shape_lc")) + " |")
+    if not metrics.get("id_mixing"):
+        out += ["", f"Ours: no ID-mixing triplets in the {metrics.get('protocol', '?')} protocol (the paper's ID-mixing "
+                "analysis is on CelebA-HQ)."]
     out += ["", "R-X(gb) = D(x, x_gb) / (D(x, x_gb) + D(x, x_lc)); R-X(gb) + R-X(lc) = 1. 'Local'/'Global' are plain "
             "swaps with only the local / global source; 'ID mixing' takes global codes at the coarse-ID resolution "
             "and local codes above it."]
     return "\n".join(out)
 
 
-def ablation_rows_from_mlflow(params: dict) -> dict[str, dict]:
-    """Latest `evaluate` run per train.config in the MLflow store (A-E runs from `dvc exp run`), among runs trained
-    for the current train.steps (so a short smoke run does not stand in for a configuration)."""
+ABLATION_COLS = SWAP_COLS + ["id_retrieval", "self_swap_lpips"]  # ours: + what separates A from B here
+ABLATION_HEADER = HEADER.replace("| |", "| Configuration |") + " ID retrieval ↑ | Self-swap LPIPS ↓ | seeds |"
+LOWER_IS_BETTER = {c: True for c in SWAP_COLS} | {"id_retrieval": False, "self_swap_lpips": True}
+
+
+def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
+    """Per train.config, the latest `evaluate` run of each train seed in the MLflow store (A-E runs from `dvc exp
+    run`), among runs trained for the current train.steps (so a short smoke run does not stand in for a
+    configuration). Runs from before the seed tag count as seed "?"."""
     try:
         import mlflow
 
@@ -162,32 +171,87 @@ def ablation_rows_from_mlflow(params: dict) -> dict[str, dict]:
         )
     except Exception:  # noqa: BLE001 - no store yet: an empty table
         return {}
-    rows: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
+    seen: set[tuple[str, str]] = set()
     for _, r in runs.iterrows():
         cfg = r.get("tags.train.config")
-        if not isinstance(cfg, str) or cfg in rows:
+        seed = r.get("tags.train.seed")
+        seed = seed if isinstance(seed, str) else "?"
+        if not isinstance(cfg, str) or (cfg, seed) in seen:
             continue
-        rows[cfg] = {c: r.get(f"metrics.swap.{c}") for c in SWAP_COLS}
-        rows[cfg]["run_id"] = r.get("run_id")
-        rows[cfg]["experiment"] = r.get("tags.dvc.experiment") or ""
+        seen.add((cfg, seed))
+        row = {c: r.get(f"metrics.swap.{c}") for c in SWAP_COLS + ["id_retrieval"]}
+        row["self_swap_lpips"] = r.get("metrics.reconstruction.self_swap_lpips")
+        row.update(run_id=r.get("run_id"), experiment=r.get("tags.dvc.experiment") or "", seed=seed)
+        rows.setdefault(cfg, []).append(row)
     return rows
+
+
+def _spread(runs: list[dict], col: str) -> tuple[float, float] | None:
+    """(mean, half range) over the seeds' values of ``col``; None when no run has it."""
+    vals = [float(r[col]) for r in runs if r.get(col) is not None and r.get(col) == r.get(col)]
+    if not vals:
+        return None
+    return sum(vals) / len(vals), (max(vals) - min(vals)) / 2.0
+
+
+def _fmt_spread(ms: tuple[float, float] | None, n: int) -> str:
+    if ms is None:
+        return "–"
+    return f"{ms[0]:.3f} ± {ms[1]:.3f}" if n > 1 else f"{ms[0]:.3f}"
+
+
+def beyond_seed_noise(rows: dict[str, list[dict]]) -> list[str]:
+    """Each step of the ablation (A->B, B->C, ...) per column: the change of the seed mean, and whether it exceeds
+    seed noise, i.e. the two configurations' seed ranges do not overlap (needs two seeds or more on both sides)."""
+    out = []
+    order = [c for c in PAPER_TABLE4 if c in rows]
+    for a, b in zip(order, order[1:]):
+        if len(rows[a]) < 2 or len(rows[b]) < 2:
+            continue
+        parts = []
+        for col in ABLATION_COLS:
+            va = [float(r[col]) for r in rows[a] if r.get(col) is not None]
+            vb = [float(r[col]) for r in rows[b] if r.get(col) is not None]
+            if len(va) < 2 or len(vb) < 2:
+                continue
+            delta = sum(vb) / len(vb) - sum(va) / len(va)
+            apart = max(va) < min(vb) or max(vb) < min(va)
+            better = (delta < 0) == LOWER_IS_BETTER[col]
+            verdict = ("better" if better else "worse") if apart else "within seed noise"
+            parts.append(f"{col} {delta:+.3f} ({verdict})")
+        out.append(f"- {a} -> {b}: " + "; ".join(parts))
+    return out
 
 
 def ablation_table(params: dict, current: str, metrics: dict) -> str:
     rows = ablation_rows_from_mlflow(params)
-    rows.setdefault(current, {c: metrics["swap"].get(c) for c in SWAP_COLS})
+    if current not in rows:
+        cur = {c: metrics["swap"].get(c) for c in SWAP_COLS + ["id_retrieval"]}
+        cur["self_swap_lpips"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
+        rows[current] = [cur]
     out = ["# Ablation (paper Table 4 layout)", "", HEADER.replace("| |", "| Configuration |"), "|---|---|---|---|---|---|"]
     for cfg, vals in PAPER_TABLE4.items():
         out.append(f"| {CONFIG_NAMES[cfg]} (paper, CelebA-HQ) | " + " | ".join(_fmt(v) for v in vals) + " |")
+    out += ["", "Ours: mean ± half range over the seeds (train.seed) of each configuration.", "",
+            ABLATION_HEADER, "|" + "---|" * (len(ABLATION_COLS) + 2)]
     for cfg in PAPER_TABLE4:
-        r = rows.get(cfg)
-        if r is None:
-            out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | not run yet | | | | |")
-        else:
-            out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | " + " | ".join(_fmt(r.get(c)) for c in SWAP_COLS) + " |")
-    out += ["", "Our rows: the latest `evaluate` run of each configuration in the MLflow store with the current "
-            "train.steps. To fill them:", "",
-            "```", "for c in A B C D E; do dvc exp run --queue -S train.config=$c; done", "dvc exp run --run-all",
+        runs = rows.get(cfg)
+        if not runs:
+            out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | not run yet |" + " |" * len(ABLATION_COLS))
+            continue
+        seeds = ", ".join(sorted(str(r.get("seed", "?")) for r in runs))
+        out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | "
+                   + " | ".join(_fmt_spread(_spread(runs, c), len(runs)) for c in ABLATION_COLS) + f" | {seeds} |")
+    steps = beyond_seed_noise(rows)
+    if steps:
+        out += ["", "Differences between neighbouring configurations (change of the seed mean; beyond seed noise when "
+                "the two seed ranges do not overlap):", ""] + steps
+    out += ["", "Our rows: the latest `evaluate` run of each configuration and seed in the MLflow store with the "
+            "current train.steps. To fill them:", "",
+            "```", "for c in A B C D E; do for s in 0 1; do",
+            "  dvc exp run --queue -S train.config=$c -S train.seed=$s; done; done",
+            "dvc exp run --run-all",
             "dvc exp show --only-changed", "python pipelines/report.py   # rebuilds this file", "```"]
     return "\n".join(out)
 

@@ -31,6 +31,14 @@ TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
 BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers", "keep_checkpoint"}
 
 
+def train_seed(params: dict) -> int:
+    """The seed of the `train` stage: train.seed, or project.seed when it is unset (null). A seed of the train
+    stage alone lets `dvc exp run -S train.seed=1` repeat a configuration without re-running the upstream stages
+    that depend on project.seed (regressor fit, warm start)."""
+    value = lookup(params, "train.seed", None)
+    return int(lookup(params, "project.seed", 0) if value is None else value)
+
+
 def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
     """What a resumable checkpoint must match: the training params (without bookkeeping), the seed, and the
     contents of the input files (generator, 3DMM regressor, shard index)."""
@@ -38,7 +46,7 @@ def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
 
     scoped = {g: params.get(g) for g in TRAIN_GROUPS}
     scoped["train"] = {k: v for k, v in (scoped["train"] or {}).items() if k not in BOOKKEEPING}
-    scoped["seed"] = lookup(params, "project.seed", 0)
+    scoped["seed"] = train_seed(params)
     scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -97,7 +105,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    seed = int(lookup(params, "project.seed", 0))
+    seed = train_seed(params)
     torch.manual_seed(seed + dist.rank)
 
     out_dir, reports_dir = Path(out_dir), Path(reports_dir)
