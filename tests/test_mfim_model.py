@@ -199,3 +199,22 @@ def test_ir_se50_file_without_num_batches_tracked_loads(tmp_path):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="keys missing"):
         load_ir_se50(enc, tmp_path / "broken.pth")
+
+
+def test_one_source_of_encoder_and_split_defaults():
+    """Keys params.yaml leaves out take the library's defaults (the paper's values), and configs/paper.yaml states
+    those same values: no second copy of a default can drift."""
+    from pathlib import Path
+
+    import yaml
+
+    from mfim.models.encoder import EncoderConfig
+    from mfim.models.mfim import COARSE_MAX_RES, MIX_GLOBAL_RES
+
+    assert EncoderConfig.from_params({}, input_size=64) == EncoderConfig(input_size=64)
+    enc = {"width": "16", "style_map_resolutions": [8], "style_maps": 0, "coarse_max_res": 8}  # not an encoder field
+    cfg = EncoderConfig.from_params({"encoder": enc}, input_size=32)
+    assert (cfg.width, cfg.style_map_resolutions, cfg.style_maps) == (16, (8,), False)
+    paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())["encoder"]
+    assert tuple(paper["style_map_resolutions"]) == EncoderConfig.style_map_resolutions
+    assert paper["coarse_max_res"] == COARSE_MAX_RES and tuple(paper["mix_global_res"]) == MIX_GLOBAL_RES

@@ -331,3 +331,30 @@ def test_generator_gradients_reach_every_parameter():
     img.square().mean().backward()
     missing = [n for n, p in G.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+
+
+def test_discriminator_at_a_lower_resolution_keeps_the_lower_blocks_and_epilogue():
+    from mfim.models.stylegan2 import Discriminator, discriminator_at
+
+    torch.manual_seed(0)
+    D = Discriminator(64, channel_base=256, channel_max=16)
+    small = discriminator_at(D, 16)
+    assert small.resolution == 16 and small.block_resolutions == [16, 8]
+    for mine, theirs in zip(small.blocks, D.blocks[2:]):  # D's blocks: 64, 32, 16, 8
+        for (k, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+            assert torch.equal(a, b), k
+    assert all(torch.equal(a, b) for a, b in zip(small.epilogue.state_dict().values(), D.epilogue.state_dict().values()))
+    # the same features at 16 px give the same logit: only FromRGB is new
+    x = torch.randn(4, small.blocks[0].conv0.weight.shape[1], 16, 16)
+    h_small, h_full = x, x
+    for blk in small.blocks:
+        h_small = blk(h_small)
+    for blk in D.blocks[2:]:
+        h_full = blk(h_full)
+    assert torch.equal(small.epilogue(h_small), D.epilogue(h_full))
+    assert small(torch.randn(4, 3, 16, 16)).shape == (4, 1)
+    same = discriminator_at(D, 64)
+    img = torch.randn(4, 3, 64, 64)
+    assert torch.equal(same(img), D(img))
+    with pytest.raises(ValueError, match="cannot grow"):
+        discriminator_at(small, 32)

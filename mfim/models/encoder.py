@@ -21,7 +21,7 @@ version of pSp/e4e's "start from latent average": an untrained encoder gives the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ class EncoderConfig:
     latent_channels: int | None = None  # FPN width; default 512 for ir_se50, 4*width for small
     code_channels: int | None = None  # hidden width of the M2C blocks; default: latent_channels (pSp: 512)
     style_maps: bool = True
-    style_map_resolutions: tuple[int, ...] = (8, 16, 32)
+    style_map_resolutions: tuple[int, ...] = (16, 32, 64)  # paper scale (pSp-style mid levels of 1024 px)
     style_map_channels: int = 1  # 1: B×1×H×W maps like StyleGAN noise; 0: per-channel maps (B×C×H×W)
     # How a map reaches the generator. "direct": added to the layer's activations, scaled by a trainable per-layer
     # gain the encoder owns (init ``style_map_gain``). "strength": as a literal noise input, i.e. times the frozen
@@ -60,19 +60,15 @@ class EncoderConfig:
 
     @staticmethod
     def from_params(params: dict, input_size: int) -> "EncoderConfig":
+        """From the params.yaml ``encoder`` group; a key it leaves out takes the default above (the one source of
+        defaults: these are the paper-scale values, params.yaml states the embedded default's own)."""
         enc = params.get("encoder", {})
-        return EncoderConfig(
-            input_size=input_size,
-            backbone=enc.get("backbone", "small"),
-            width=int(enc.get("width", 32)),
-            latent_channels=enc.get("latent_channels"),
-            code_channels=enc.get("code_channels"),
-            style_maps=bool(enc.get("style_maps", True)),
-            style_map_resolutions=tuple(int(r) for r in enc.get("style_map_resolutions", (8, 16, 32))),
-            style_map_channels=int(enc.get("style_map_channels", 1)),
-            style_map_injection=str(enc.get("style_map_injection", "direct")),
-            style_map_gain=float(enc.get("style_map_gain", 1.0)),
-        )
+        casts = {"width": int, "style_maps": bool, "style_map_channels": int, "style_map_injection": str,
+                 "style_map_gain": float, "backbone": str,
+                 "style_map_resolutions": lambda v: tuple(int(r) for r in v)}
+        kw = {f.name: casts.get(f.name, lambda v: v)(enc[f.name])
+              for f in fields(EncoderConfig) if f.name != "input_size" and f.name in enc}
+        return EncoderConfig(input_size=input_size, **kw)
 
 
 def _conv_lrelu(cin: int, cout: int, stride: int) -> list[nn.Module]:

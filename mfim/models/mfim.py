@@ -22,13 +22,19 @@ from torch import nn
 from mfim.models.encoder import EncoderConfig, FacialAttributeEncoder
 
 
+# The paper's split of a 1024 px generator (§3.1, §3.3): layers up to 16 px take the target's codes; ID mixing drives
+# 32 px from the global source. The one source of these defaults (params.yaml states the embedded default's values).
+COARSE_MAX_RES = 16
+MIX_GLOBAL_RES = (32,)
+
+
 class MFIM(nn.Module):
     def __init__(
         self,
         generator: nn.Module,
         encoder_cfg: EncoderConfig,
-        coarse_max_res: int = 16,
-        mix_global_res: Sequence[int] = (32,),
+        coarse_max_res: int = COARSE_MAX_RES,
+        mix_global_res: Sequence[int] = MIX_GLOBAL_RES,
         noise_mode: str = "const",
     ):
         super().__init__()

@@ -452,6 +452,28 @@ class Discriminator(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self._config.items())
 
 
+def discriminator_at(D: Discriminator, resolution: int) -> Discriminator:
+    """A discriminator for ``resolution`` px images made of ``D``'s lower part: its residual blocks from
+    ``resolution`` down to 4x4 and its epilogue, copied, and a fresh FromRGB at the new input size.
+
+    The paper's swapper judges 256 px targets while the official FFHQ D takes 1024 px; the blocks below 256 px see
+    the same kind of features in both (channels follow the same rule), so they keep what the official D learned
+    about faces instead of starting from nothing. Only FromRGB (3 -> channels at ``resolution``) is new.
+    """
+    c = D.config
+    if resolution > c["resolution"]:
+        raise ValueError(f"cannot grow a {c['resolution']} px discriminator to {resolution} px")
+    out = Discriminator(resolution, c["channel_base"], c["channel_max"], c["mbstd_group_size"], c["mbstd_channels"],
+                        c["conv_clamp"], c["img_channels"])
+    skip = D.block_resolutions.index(resolution) if resolution in D.block_resolutions else len(D.blocks)
+    for mine, theirs in zip(out.blocks, D.blocks[skip:]):
+        mine.load_state_dict(theirs.state_dict())
+    out.epilogue.load_state_dict(D.epilogue.state_dict())
+    if resolution == c["resolution"]:
+        out.from_rgb.load_state_dict(D.from_rgb.state_dict())
+    return out
+
+
 def generator_from_params(group: dict) -> Generator:
     """A randomly initialised Generator from the params.yaml ``generator`` group."""
     return Generator(

@@ -17,7 +17,7 @@ import torch
 
 from mfim.config import lookup
 from mfim.models.encoder import EncoderConfig
-from mfim.models.mfim import MFIM
+from mfim.models.mfim import COARSE_MAX_RES, MIX_GLOBAL_RES, MFIM
 
 PRETRAINED_GENERATOR = Path("data/generator/generator.pt")
 FITTED_REGRESSOR = Path("data/threedmm/regressor.pt")
@@ -44,21 +44,33 @@ def load_frozen_generator(params: dict, device):
 
 
 def build_discriminator(params: dict, G, device):
-    """StyleGAN2's residual D at ``data.resolution`` (it judges targets and resized swaps). It starts from the
-    generator checkpoint's D when that one has the same resolution (the embedded default), else fresh (paper scale:
-    the official D is 1024 px, the targets 256 px)."""
+    """StyleGAN2's residual D at ``data.resolution`` (it judges targets and resized swaps).
+
+    ``loss.d_init``: ``pretrained`` (default) starts from the generator checkpoint's D -- as it is when it has the
+    targets' resolution (the embedded default), else its blocks from that resolution down plus its epilogue under a
+    fresh FromRGB (paper scale: the official D is 1024 px, the targets 256 px; mfim.models.stylegan2.discriminator_at);
+    a checkpoint without a D falls back to a fresh one, and says so. ``scratch``: always fresh.
+    """
     from mfim.models.checkpoints import CheckpointError, load_discriminator
-    from mfim.models.stylegan2 import Discriminator
+    from mfim.models.stylegan2 import Discriminator, discriminator_at
 
     res = int(lookup(params, "data.resolution", G.resolution))
+    init = str(lookup(params, "loss.d_init", "pretrained"))
+    if init not in ("pretrained", "scratch"):
+        raise ValueError(f"loss.d_init must be pretrained or scratch, not {init!r}")
     c = G.config
-    try:
-        D = load_discriminator(generator_path(params), device=device)
-        if D.resolution == res:
-            return D.to(device)
-        why = f"its D is {D.resolution} px, targets are {res} px"
-    except (KeyError, FileNotFoundError, CheckpointError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    why = "loss.d_init: scratch"
+    if init == "pretrained":
+        try:
+            D = load_discriminator(generator_path(params), device=device)
+            if D.resolution == res:
+                return D.to(device)
+            if D.resolution > res:
+                print(f"discriminator: the checkpoint's {D.resolution} px D, from {res} px down, with a new FromRGB")
+                return discriminator_at(D, res).to(device)
+            why = f"its D is {D.resolution} px, targets are {res} px"
+        except (KeyError, FileNotFoundError, CheckpointError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"discriminator: starting from scratch ({why})")
     return Discriminator(res, c["channel_base"], c["channel_max"], img_channels=c["img_channels"]).to(device)
 
@@ -69,8 +81,8 @@ def build_model(params: dict, G) -> MFIM:
     model = MFIM(
         G,
         cfg,
-        coarse_max_res=int(enc.get("coarse_max_res", 16)),
-        mix_global_res=tuple(enc.get("mix_global_res", (32,))),
+        coarse_max_res=int(enc.get("coarse_max_res", COARSE_MAX_RES)),
+        mix_global_res=tuple(enc.get("mix_global_res", MIX_GLOBAL_RES)),
         noise_mode=str(lookup(params, "generator.noise_mode", "const")),
     )
     if cfg.backbone == "ir_se50" and enc.get("backbone_checkpoint"):
