@@ -277,6 +277,64 @@ def test_cross_identity_pairs_weigh_less_in_reconstruction():
     assert float(terms["l1"]) == pytest.approx(float((x_swap[0] - b["tgt"][0]).abs().mean()), rel=1e-5)
 
 
+def test_background_l1_sees_only_the_background_of_cross_pairs():
+    from mfim.criteria.recon_loss import BackgroundL1
+
+    bg_loss = BackgroundL1()
+    bg = bg_loss.background(32, "cpu", torch.float32)[0, 0]
+    assert bg[16, 16] == 0 and bg[0, 0] == 1 and 0.3 < float(bg.mean()) < 0.8  # the face centre is excluded
+    tgt = torch.zeros(2, 3, 32, 32)
+    face_only = tgt + 0.7 * (bg == 0).float()  # differs from the target inside the face only
+    cross = torch.tensor([1.0, 1.0])
+    assert float(bg_loss(face_only, tgt, cross)) == 0.0
+    moved = tgt + 0.5  # a uniform shift: its mean over the (soft) background is the shift itself
+    assert float(bg_loss(moved, tgt, cross)) == pytest.approx(0.5, rel=1e-5)
+    assert float(bg_loss(moved, tgt, torch.tensor([1.0, 0.0]))) == pytest.approx(0.5, rel=1e-5)
+    # in the objective: same-identity pairs do not count, and a batch without a cross pair has no such term
+    tr = build(LossWeights(**{**ONLY, "background_l1": 1.0}))
+    b = fixed_batch()
+    x_swap = tr.model(b["src"], b["tgt"])
+    with pytest.raises(ValueError, match="same_identity"):
+        tr.objective.encoder_terms(x_swap, b["src"], b["tgt"])
+    _, none = tr.objective.encoder_terms(x_swap, b["src"], b["tgt"], torch.ones(4, dtype=torch.bool))
+    assert "background_l1" not in none
+    flags = torch.tensor([False, True, True, True])
+    total, terms = tr.objective.encoder_terms(x_swap, b["src"], b["tgt"], flags)
+    mask = tr.objective.background.background(RES, "cpu", torch.float32)
+    want = float(((x_swap[0] - b["tgt"][0]).abs() * mask[0]).sum() / (mask.sum() * 3))
+    assert float(terms["background_l1"]) == pytest.approx(want, rel=1e-5)
+    # no gradient reaches the image inside the face
+    x = x_swap.detach().requires_grad_(True)
+    tr.objective.encoder_terms(x, b["src"], b["tgt"], flags)[0].backward()
+    assert float(x.grad[:, :, mask[0, 0] == 0].abs().max()) == 0.0 and float(x.grad.abs().max()) > 0
+
+
+def test_loss_network_targets_stay_float32_under_bf16_autocast():
+    """The no-grad targets (R(x_src), 3DMM of source and target) are computed in fp32 inside the trainer's bf16
+    autocast; the swap's own branch is autocast as before."""
+    tr = build(LossWeights(**{**ONLY, "id": 1.0, "shape": 1.0, "pose": 1.0, "exp": 1.0}))
+    seen = []
+    for net in (tr.objective.id_loss.embedder.net[0], tr.objective.threedmm.encoder.head):
+        net.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
+    b = fixed_batch()
+    x_swap = tr.model(b["src"], b["tgt"]).detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tr.objective.encoder_terms(x_swap, b["src"], b["tgt"])
+    targets = [dtype for grad, dtype in seen if not grad]
+    swap_branch = [dtype for grad, dtype in seen if grad]
+    assert len(targets) == 3 and all(d == torch.float32 for d in targets)  # R(x_src), 3DMM(src), 3DMM(tgt)
+    assert len(swap_branch) == 2 and all(d == torch.bfloat16 for d in swap_branch)
+
+
+def test_train_seed_defaults_to_the_project_seed_and_overrides_it():
+    from mfim.training.run import params_fingerprint, train_seed
+
+    base = {"project": {"seed": 3}, "train": {"seed": None}}
+    assert train_seed(base) == 3 and train_seed({"project": {"seed": 3}, "train": {"seed": 1}}) == 1
+    assert train_seed({}) == 0
+    assert params_fingerprint(base) != params_fingerprint({"project": {"seed": 3}, "train": {"seed": 1}})
+
+
 def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_path):
     from mfim.training.run import init_encoder
     from mfim.training.warmstart import save_warmstart

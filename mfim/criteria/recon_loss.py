@@ -33,3 +33,37 @@ class ReconLoss(nn.Module):
             return {k: v.mean() for k, v in per.items()}
         w = weight.to(x.dtype)
         return {k: (v * w).sum() / w.sum().clamp_min(1e-8) for k, v in per.items()}
+
+
+class BackgroundL1(nn.Module):
+    """L1 outside the face: what a swap must keep of the target whatever the source (hair, background, neck).
+
+    The face region is the alignment template's soft face mask (mfim.nets.align.face_mask on the canonical
+    landmarks), dilated by ``margin`` of the image size so that the face outline, where the source's face shape
+    may legitimately differ from the target's, is not penalised. Aligned crops put every face at the template, so
+    one fixed mask serves the whole batch; no landmarks or segmentation network are needed per step.
+    """
+
+    def __init__(self, margin: float = 0.06):
+        super().__init__()
+        self.margin = float(margin)
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def background(self, size: int, device, dtype) -> torch.Tensor:
+        key = (size, int(self.margin * 1000))
+        if key not in self._masks:
+            from mfim.nets.align import face_mask
+
+            face = torch.from_numpy(face_mask(size))[None, None]
+            k = 2 * max(1, round(self.margin * size)) + 1
+            face = F.max_pool2d(face, k, stride=1, padding=k // 2)
+            self._masks[key] = 1.0 - face
+        return self._masks[key].to(device=device, dtype=dtype)
+
+    def forward(self, x_swap: torch.Tensor, x_tgt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Weighted batch mean (``weight``: B) of each pair's mean L1 over the background pixels."""
+        x = match_size(x_swap, x_tgt)
+        bg = self.background(x.shape[-1], x.device, x.dtype)
+        per = ((x - x_tgt).abs() * bg).flatten(1).sum(1) / (bg.sum() * x.shape[1])
+        w = weight.to(x.dtype)
+        return (per * w).sum() / w.sum().clamp_min(1e-8)

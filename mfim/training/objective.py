@@ -5,17 +5,22 @@
 λ_recon is split into λ_l1 and λ_lpips (pSp's l2_lambda / lpips_lambda). A term whose λ is 0 is not computed at all,
 so it contributes exactly no gradient (and costs nothing). The discriminator sees the target images as real and the
 swaps (resized to the target's size) as fake.
+
+Not in the paper: ``background_l1`` (λ, default 0), an L1 outside the face region on pairs of different people
+(mfim.criteria.recon_loss.BackgroundL1), for when ``recon_cross_identity`` < 1 leaves their hair and background
+unsupervised.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from mfim.criteria.adv_loss import discriminator_loss, generator_loss, r1_penalty
-from mfim.criteria.recon_loss import match_size
+from mfim.criteria.recon_loss import BackgroundL1, match_size
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class LossWeights:
     # L1 + LPIPS weight of pairs of *different* people relative to same-identity pairs. 1.0 is eq. (2) as written
     # (every pair); below 1 the pixel terms pull less towards the target's face where the ID loss pulls away.
     recon_cross_identity: float = 1.0
+    # L1 outside the face on pairs of different people: hair and background come from the target whatever the
+    # source, so this pixel pull does not fight the ID loss the way full-image L1/LPIPS on a cross pair does.
+    background_l1: float = 0.0
 
     @staticmethod
     def from_params(loss: dict) -> "LossWeights":
@@ -45,7 +53,8 @@ class LossWeights:
         return tuple(t for t in ("shape", "pose", "exp") if getattr(self, t) > 0)
 
 
-ENCODER_TERMS = ("id", "l1", "lpips", "adv", "shape", "pose", "exp")  # eq. (6) terms of the encoder update
+# eq. (6) terms of the encoder update, plus our optional background L1 on cross pairs
+ENCODER_TERMS = ("id", "l1", "lpips", "background_l1", "adv", "shape", "pose", "exp")
 
 
 def loss_shares(terms: dict[str, float], weights: LossWeights) -> dict[str, float]:
@@ -56,12 +65,23 @@ def loss_shares(terms: dict[str, float], weights: LossWeights) -> dict[str, floa
     return {f"loss_share/{k}": v / total for k, v in weighted.items()} if total > 0 else {}
 
 
+@contextlib.contextmanager
+def fp32_targets(x: torch.Tensor):
+    """No-grad targets of the frozen loss networks (R(x_src), 3DMM of source and target) in float32 even inside the
+    trainer's bf16 autocast: they are constants of the step, and bf16's 8-bit mantissa would add noise of ~0.4 % of
+    each parameter to L_shape / L_exp for nothing (only the swap's branch needs to be fast and differentiable)."""
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        yield
+
+
 class MFIMObjective(nn.Module):
     """Holds the frozen loss networks and the discriminator; computes the generator-side and D-side terms."""
 
-    def __init__(self, weights: LossWeights, id_loss=None, recon=None, threedmm=None, discriminator=None):
+    def __init__(self, weights: LossWeights, id_loss=None, recon=None, threedmm=None, discriminator=None,
+                 background=None):
         super().__init__()
         self.w = weights
+        self.background = background if background is not None or weights.background_l1 <= 0 else BackgroundL1()
         self.id_loss = id_loss
         self.recon = recon
         self.threedmm = threedmm
@@ -79,7 +99,9 @@ class MFIMObjective(nn.Module):
         only when ``recon_cross_identity`` != 1."""
         w, terms = self.w, {}
         if w.id > 0:
-            terms["id"] = self.id_loss(x_swap, x_src)
+            with fp32_targets(x_src):
+                src_embedding = self.id_loss.embedder(x_src.float())
+            terms["id"] = self.id_loss(x_swap, x_src, src_embedding=src_embedding)
         if w.l1 > 0 or w.lpips > 0:
             pair_weight = None
             if w.recon_cross_identity != 1.0:
@@ -92,13 +114,19 @@ class MFIMObjective(nn.Module):
                 terms["l1"] = rec["l1"]
             if w.lpips > 0:
                 terms["lpips"] = rec["lpips"]
+        if w.background_l1 > 0:
+            if same_identity is None:
+                raise ValueError("loss.background_l1 > 0 needs the batch's same_identity flags")
+            cross = 1.0 - same_identity.to(x_swap.device).float()
+            if cross.sum() > 0:
+                terms["background_l1"] = self.background(x_swap, x_tgt, cross)
         if w.adv > 0:
             terms["adv"] = generator_loss(self.discriminator(match_size(x_swap, x_tgt)))
         wanted = w.threedmm_terms
         if wanted:
-            with torch.no_grad():
-                src = self.threedmm.encoder(x_src) if "shape" in wanted else None
-                tgt = self.threedmm.encoder(x_tgt) if ("pose" in wanted or "exp" in wanted) else None
+            with fp32_targets(x_src):
+                src = self.threedmm.encoder(x_src.float()) if "shape" in wanted else None
+                tgt = self.threedmm.encoder(x_tgt.float()) if ("pose" in wanted or "exp" in wanted) else None
             terms.update(self.threedmm(x_swap, src if src is not None else tgt, tgt if tgt is not None else src, wanted))
         total = sum(getattr(w, k) * v for k, v in terms.items())
         return total, terms
