@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mfim.evaluation.tables import identity_separation, source_groups
 
@@ -33,3 +34,18 @@ def test_source_groups_use_labels_or_video():
                            "source_frame_index": [-1, -1]})
     g = source_groups(stills)
     assert g[0] != g[1]
+
+
+def test_pose_vector_takes_the_jaw_only_when_asked_and_only_from_flame():
+    import torch
+
+    from mfim.evaluation.evaluators import pose_vector
+    from mfim.nets.deca import FLAMEParams
+    from mfim.nets.types import ThreeDMMParams
+
+    pose, jaw = torch.randn(2, 3), torch.randn(2, 3)
+    flame = FLAMEParams(torch.zeros(2, 100), torch.zeros(2, 50), pose, jaw=jaw)
+    assert torch.equal(pose_vector(flame), pose)
+    assert torch.equal(pose_vector(flame, jaw=True), torch.cat([pose, jaw], 1))
+    with pytest.raises(ValueError, match="no jaw"):
+        pose_vector(ThreeDMMParams(torch.zeros(2, 40), torch.zeros(2, 10), pose), jaw=True)

@@ -10,6 +10,7 @@ pose: the Hopenet-style ONNX (Pose-HN), or the official Hopenet ResNet-50 when n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,12 +24,21 @@ class Features:
     identity: np.ndarray  # N×D evaluation-embedder features
     shape: np.ndarray  # N×S std-normalised 3DMM shape
     exp: np.ndarray  # N×E std-normalised 3DMM expression
-    pose: np.ndarray  # N×3 radians (yaw, pitch, roll) from the 3DMM
+    pose: np.ndarray  # N×3 radians (yaw, pitch, roll) from the 3DMM (N×6 with evaluate.jaw_pose: + FLAME jaw)
     pose_hn: np.ndarray  # N×3 degrees from the head-pose network
     id_train: np.ndarray  # N×512 features of the training ID network (reference only, not independent)
 
 
 SHAPE_EVALUATOR = "data/threedmm/evaluator.pt"
+
+
+def pose_vector(p: ThreeDMMParams, jaw: bool = False) -> torch.Tensor:
+    """What Pose compares: (yaw, pitch, roll) in radians, plus FLAME's jaw rotation (axis-angle) when ``jaw``."""
+    if not jaw:
+        return p.pose
+    if getattr(p, "jaw", None) is None:
+        raise ValueError("evaluate.jaw_pose: the 3DMM encoder returned no jaw pose (only DECA/FLAME has one)")
+    return torch.cat([p.pose, p.jaw], dim=1)
 
 
 class Evaluators:
@@ -60,7 +70,22 @@ class Evaluators:
         if self.threedmm_name == "fitted":
             kw["checkpoint"] = "data/threedmm/regressor.pt"
         self.threedmm = build_threedmm_encoder(self.threedmm_name, params=params, device=self.device, **kw)
-        self.normalizer = build_threedmm_normalizer(self.threedmm_name).to(self.device)
+        # DECA's FLAME coefficients are standardised by the training set's own statistics, as in the loss, when the
+        # threedmm stage made them (threedmm.encoder: deca); otherwise they stay in raw FLAME units, and describe()
+        # says so
+        from mfim.training.build import THREEDMM_STATS
+
+        stats = THREEDMM_STATS if self.threedmm_name == "deca" and Path(THREEDMM_STATS).is_file() else None
+        self.coefficient_units = ("standardised by 3DDFA_V2's BFM statistics" if self.threedmm_name != "deca" else
+                                  f"standardised by {THREEDMM_STATS}" if stats else
+                                  f"raw FLAME units (no {THREEDMM_STATS}: run the threedmm stage with "
+                                  "threedmm.encoder: deca)")
+        self.normalizer = build_threedmm_normalizer(self.threedmm_name, stats_path=stats).to(self.device)
+        # FLAME opens the mouth with its jaw joint: evaluate.jaw_pose puts that rotation into Pose (DECA only)
+        self.jaw_pose = bool(lookup(params, "evaluate.jaw_pose", False))
+        if self.jaw_pose and self.threedmm_name != "deca":
+            raise ValueError(f"evaluate.jaw_pose needs evaluate.threedmm_encoder: deca ({self.threedmm_name} has no "
+                             "jaw); set evaluate.jaw_pose: false")
         # Shape may come from its own network: on the synthetic protocol 3DDFA_V2 sees BFM shape at r ~0.12, so an
         # independent regressor (other people, other width and seed than the loss network) measures it instead.
         self.shape_name = str(lookup(params, "evaluate.shape_encoder", "") or self.threedmm_name)
@@ -85,6 +110,8 @@ class Evaluators:
             "shape_encoder": f"independent fitted regressor ({SHAPE_EVALUATOR})" if self.shape_net is not None
             else self.threedmm_name,
             "shape_coefficients": self.shape_k or "all",
+            "coefficient_units": self.coefficient_units,
+            "pose_parameters": "yaw, pitch, roll + FLAME jaw rotation" if self.jaw_pose else "yaw, pitch, roll",
             "pose_network": self.pose_name,
             "training_identity_embedder": f"{self.train_embedder_name} (reference only)",
         }
@@ -95,14 +122,15 @@ class Evaluators:
         ids, shapes, exps, poses, hns, trains = [], [], [], [], [], []
         for i in range(0, len(images), self.batch_size):
             x = images[i : i + self.batch_size].to(self.device).float().clamp(-1, 1)
-            p: ThreeDMMParams = self.normalizer.normalize(self.threedmm(x))
+            raw = self.threedmm(x)
+            p: ThreeDMMParams = self.normalizer.normalize(raw)  # standardised shape / exp; a plain ThreeDMMParams
             shape = p.shape
             if self.shape_net is not None:
                 n = self.shape_net.config.n_shape
                 shape = self.shape_net.forward_normalized(x)[:, :n]
             shapes.append(shape[:, : self.shape_k].cpu().numpy())
             exps.append(p.exp.cpu().numpy())
-            poses.append(p.pose.cpu().numpy())
+            poses.append(pose_vector(raw, self.jaw_pose).cpu().numpy())  # raw: DECA's FLAMEParams keep the jaw
             hns.append(self.headpose(x).cpu().numpy())
             t = self.train_embedder(x)
             trains.append(t.cpu().numpy())
