@@ -137,7 +137,7 @@ def test_config_bomb_is_refused_fast_before_allocating(tmp_path, make, how, says
 
 
 def test_limits_reject_each_bad_field():
-    from mfim.models.limits import CheckpointError, validate_network_config
+    from mfim.weights.limits import CheckpointError, validate_network_config
 
     good = _small_generator().config
     assert validate_network_config("generator", good, "f")["resolution"] == 16

@@ -37,7 +37,7 @@ import torch
 
 from mfim.atomic import atomic_torch_save
 from mfim.models.layers import make_fir_kernel
-from mfim.models.limits import CheckpointError, validate_network_config
+from mfim.weights.limits import CheckpointError, validate_network_config
 from mfim.models.stylegan2 import Discriminator, Generator, channels_at
 
 FORMAT = "mfim-stylegan2"

@@ -188,7 +188,7 @@ def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
 
 
 def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
-    from mfim.models.limits import CheckpointError, validate_encoder_config, validate_network_config
+    from mfim.weights.limits import CheckpointError, validate_encoder_config, validate_network_config
     from mfim.models.stylegan2 import Generator
 
     state = torch.load(path, map_location=device, weights_only=True)
