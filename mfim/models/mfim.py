@@ -174,7 +174,7 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
 def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
     """The swapper in ``path``; any problem with the file (unreadable, truncated, refused pickle, wrong kind, weights
     that do not fit the recorded config) is one ``CheckpointError`` naming the file."""
-    from mfim.models.checkpoints import CheckpointError
+    from mfim.weights import CheckpointError
 
     try:
         return _load_swapper(path, device)
