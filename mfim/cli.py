@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from mfim.assets import MissingAssetError
-    from mfim.models.checkpoints import CheckpointError
+    from mfim.weights import CheckpointError
 
     try:
         return int(args.func(args) or 0)

@@ -28,7 +28,7 @@ def import_checkpoint(source: str, out: str) -> dict:
 
     from mfim.assets import resolve, sha256_file
     from mfim.atomic import atomic_copy
-    from mfim.models.checkpoints import (
+    from mfim.weights import (
         ASSET_NAME,
         CheckpointError,
         load_discriminator,

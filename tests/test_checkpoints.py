@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mfim.assets import MissingAssetError, sha256_file
-from mfim.models.checkpoints import (
+from mfim.weights import (
     CheckpointError,
     PersistentRecord,
     load_discriminator,
@@ -23,9 +23,9 @@ from mfim.models.checkpoints import (
     write_nvidia_pickle,
     write_rosinality_checkpoint,
 )
-from mfim.models.checkpoints import _RestrictedUnpickler as RestrictedUnpickler
 from mfim.models.layers import make_fir_kernel
 from mfim.models.stylegan2 import Discriminator, Generator
+from mfim.weights.nvidia import _RestrictedUnpickler as RestrictedUnpickler
 
 # Official stylegan2-ada-pytorch networks at img_resolution=16, z_dim=w_dim=64, 2 mapping layers, channel_base=256,
 # channel_max=32: every state_dict entry in order, as their code produces it.
@@ -278,7 +278,7 @@ def test_restricted_unpickler_never_runs_pickled_code(tmp_path):
 
 
 def test_unknown_types_outside_the_networks_are_ignored_not_run(tmp_path):
-    from mfim.models.checkpoints import _GlobalRef, _nvidia_generator_record, _OfficialPickler, _Reduce
+    from mfim.weights.nvidia_writer import _GlobalRef, _nvidia_generator_record, _OfficialPickler, _Reduce
 
     G, _ = nvidia_pair(0)
     augment = _Reduce(_GlobalRef.of("training.augment", "AugmentPipe"), (1, 2))  # a class we do not know

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfim.models import checkpoints as ck
 from mfim.models.stylegan2 import Generator
+from mfim.weights import FORMAT, nvidia_writer
 
 HUGE = 65536  # 2 noise buffers of 65536² floats: 34 GB at this resolution alone
 
@@ -30,14 +30,14 @@ def _small_generator() -> Generator:
 
 
 def own_format_bomb(path: Path) -> Path:
-    torch.save({"format": ck.FORMAT, "version": 1, "config": {"resolution": HUGE, "style_dim": 8, "n_mlp": 2,
-                "channel_base": 8 * HUGE, "channel_max": 8}, "g_ema": {}}, path)  # fmt: skip
+    torch.save({"format": FORMAT, "version": 1, "config": {"resolution": HUGE, "style_dim": 8, "n_mlp": 2,
+             "channel_base": 8 * HUGE, "channel_max": 8}, "g_ema": {}}, path)  # fmt: skip
     return path
 
 
 def own_format_empty_weights(path: Path) -> Path:
     """A plausible config (config F, 1024 px: ~120 MB) with no weights behind it."""
-    torch.save({"format": ck.FORMAT, "version": 1, "config": {}, "g_ema": {"mapping.w_avg": torch.zeros(512)}}, path)
+    torch.save({"format": FORMAT, "version": 1, "config": {}, "g_ema": {"mapping.w_avg": torch.zeros(512)}}, path)
     return path
 
 
@@ -59,12 +59,12 @@ def rosinality_bomb(path: Path) -> Path:
 def nvidia_bomb(path: Path) -> Path:
     """A real (16 px) network pickle with one more synthesis block, named b65536."""
     G = _small_generator()
-    rec = ck._nvidia_generator_record(G, ck.PLACEHOLDER_MODULE_SRC)
+    rec = nvidia_writer._nvidia_generator_record(G, nvidia_writer.PLACEHOLDER_MODULE_SRC)
     blocks = rec.args[0]["state"]["_modules"]["synthesis"].args[0]["state"]["_modules"]
     blocks[f"b{HUGE}"] = blocks["b16"]
     data = {"training_set_kwargs": None, "G": rec, "D": None, "G_ema": rec, "augment_pipe": None}
     with path.open("wb") as f:
-        ck._OfficialPickler(f, protocol=4).dump(data)
+        nvidia_writer._OfficialPickler(f, protocol=4).dump(data)
     return path
 
 
@@ -81,7 +81,7 @@ _PROBE = textwrap.dedent(
     """
     import json, resource, sys, time
     import torch
-    from mfim.models.checkpoints import load_generator
+    from mfim.weights import load_generator
     from mfim.models.mfim import load_swapper
     from mfim.cli import main
 
@@ -137,7 +137,7 @@ def test_config_bomb_is_refused_fast_before_allocating(tmp_path, make, how, says
 
 
 def test_limits_reject_each_bad_field():
-    from mfim.models.limits import CheckpointError, validate_network_config
+    from mfim.weights.limits import CheckpointError, validate_network_config
 
     good = _small_generator().config
     assert validate_network_config("generator", good, "f")["resolution"] == 16

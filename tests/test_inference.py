@@ -70,7 +70,7 @@ def test_cli_swap_with_real_model_marks_output(checkpoint, photo_paths, tmp_path
 def test_bad_swapper_file_is_one_clear_error_and_exit_code(tmp_path, checkpoint, photo_paths, capsys, content):
     import pickle
 
-    from mfim.models.checkpoints import CheckpointError
+    from mfim.weights import CheckpointError
 
     bad = tmp_path / "bad.pt"
     if content == "truncated":

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfim.models.checkpoints import load_discriminator, load_generator, read_checkpoint, save_checkpoint
 from mfim.models.stylegan2 import Discriminator, Generator
 from mfim.training.pretrain import (
     PretrainConfig,
@@ -25,6 +24,7 @@ from mfim.training.pretrain import (
     pretrain,
     sample_checkpoint,
 )
+from mfim.weights import load_discriminator, load_generator, read_checkpoint, save_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (fixture in conftest.py)
@@ -197,7 +197,7 @@ def test_grid_and_frechet_helpers():
 
 def test_stage_imports_a_given_checkpoint_instead_of_training(tmp_path):
     from mfim.assets import sha256_file
-    from mfim.models.checkpoints import save_checkpoint, write_rosinality_checkpoint
+    from mfim.weights import save_checkpoint, write_rosinality_checkpoint
     from pipelines.pretrain_generator import import_checkpoint
 
     G, D = tiny_nets(10)

@@ -237,7 +237,7 @@ _ASSETS = [
             "or convert with rosinality/stylegan2-pytorch",
         ),
         params_key="generator.checkpoint",
-        loader="mfim.models.checkpoints:load_generator",
+        loader="mfim.weights:load_generator",
     ),
     Asset(
         "arcface_iresnet",

@@ -95,7 +95,7 @@ def generate(
 
     from mfim.assets import sha256_file
     from mfim.atomic import atomic_write
-    from mfim.models.checkpoints import load_generator
+    from mfim.weights import load_generator
     from mfim.provenance import provenance_record, save_image
     from mfim.runtime import pick_device
 
@@ -147,7 +147,7 @@ def generate(
 def run(args) -> int:
     import sys
 
-    from mfim.models.checkpoints import CheckpointError
+    from mfim.weights import CheckpointError
     from mfim.outputs import OutputRefused
 
     try:

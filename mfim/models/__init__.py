@@ -1,12 +1,7 @@
-"""MFIM networks: StyleGAN2 (generator with an explicit S space, discriminator, official-weight loading) and the
-facial attribute encoder / MFIM wrapper (mfim.models.encoder, mfim.models.mfim)."""
+"""MFIM networks (the paper's section 3): StyleGAN2 (generator with an explicit S space, discriminator) and the
+facial attribute encoder / MFIM wrapper (mfim.models.encoder, mfim.models.mfim). Reading and writing weight files,
+official or ours, is mfim.weights."""
 
-from mfim.models.checkpoints import (
-    CheckpointError,
-    load_discriminator,
-    load_generator,
-    save_checkpoint,
-)
 from mfim.models.stylegan2 import (
     Discriminator,
     Generator,
@@ -17,14 +12,10 @@ from mfim.models.stylegan2 import (
 )
 
 __all__ = [
-    "CheckpointError",
     "Discriminator",
     "Generator",
     "NoiseLayer",
     "StyleLayer",
     "discriminator_for",
     "generator_from_params",
-    "load_discriminator",
-    "load_generator",
-    "save_checkpoint",
 ]

@@ -174,7 +174,7 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
 def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
     """The swapper in ``path``; any problem with the file (unreadable, truncated, refused pickle, wrong kind, weights
     that do not fit the recorded config) is one ``CheckpointError`` naming the file."""
-    from mfim.models.checkpoints import CheckpointError
+    from mfim.weights import CheckpointError
 
     try:
         return _load_swapper(path, device)
@@ -188,7 +188,7 @@ def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
 
 
 def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
-    from mfim.models.limits import CheckpointError, validate_encoder_config, validate_network_config
+    from mfim.weights.limits import CheckpointError, validate_encoder_config, validate_network_config
     from mfim.models.stylegan2 import Generator
 
     state = torch.load(path, map_location=device, weights_only=True)

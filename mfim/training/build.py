@@ -30,7 +30,7 @@ def generator_path(params: dict) -> Path:
 
 
 def load_frozen_generator(params: dict, device):
-    from mfim.models.checkpoints import load_generator
+    from mfim.weights import load_generator
 
     path = generator_path(params)
     if not path.is_file():
@@ -51,7 +51,7 @@ def build_discriminator(params: dict, G, device):
     fresh FromRGB (paper scale: the official D is 1024 px, the targets 256 px; mfim.models.stylegan2.discriminator_at);
     a checkpoint without a D falls back to a fresh one, and says so. ``scratch``: always fresh.
     """
-    from mfim.models.checkpoints import CheckpointError, load_discriminator
+    from mfim.weights import CheckpointError, load_discriminator
     from mfim.models.stylegan2 import Discriminator, discriminator_at
 
     res = int(lookup(params, "data.resolution", G.resolution))

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mfim.models.checkpoints import save_checkpoint
 from mfim.models.stylegan2 import Discriminator, Generator
+from mfim.weights import save_checkpoint
 
 
 @dataclass
@@ -233,7 +233,7 @@ def write_sample_grid(G: Generator, z: torch.Tensor, path: str | Path, record: d
 def sample_checkpoint(checkpoint: str | Path, path: str | Path, device, n: int = 16, seed: int = 0) -> Path:
     """A sample grid of a generator checkpoint (e.g. an imported one) from fixed latents, marked synthetic."""
     from mfim.assets import sha256_file
-    from mfim.models.checkpoints import load_generator
+    from mfim.weights import load_generator
     from mfim.provenance import provenance_record
 
     G = load_generator(checkpoint, device=device).eval()
