@@ -98,27 +98,27 @@ def _resolve(path: str | os.PathLike | None) -> Path:
     return resolve(ASSET_NAME, path, fetch_missing=False)
 
 
+def _load_network(path: str | os.PathLike | None, part: str, device: str | torch.device):
+    raw = read_checkpoint(_resolve(path))
+    build = getattr(_FORMATS[raw.format], f"{part}_from")
+    try:
+        net = build(raw.data, f"{raw.path} ({raw.format})")
+    except KeyError as e:
+        raise CheckpointError(f"{raw.path} ({raw.format}): missing entry {e}") from None
+    return net.eval().to(device)
+
+
 def load_generator(path: str | os.PathLike | None, device: str | torch.device = "cpu") -> Generator:
     """A Generator (eval mode) from our format, an NVIDIA .pkl (``G_ema``) or a rosinality .pt (``g_ema``).
 
     A missing file raises ``MissingAssetError`` (naming ``generator.checkpoint``); an unusable one ``CheckpointError``.
     """
-    raw = read_checkpoint(_resolve(path))
-    try:
-        G = _FORMATS[raw.format].generator_from(raw.data, f"{raw.path} ({raw.format})")
-    except KeyError as e:
-        raise CheckpointError(f"{raw.path} ({raw.format}): missing entry {e}") from None
-    return G.eval().to(device)
+    return _load_network(path, "generator", device)
 
 
 def load_discriminator(path: str | os.PathLike | None, device: str | torch.device = "cpu") -> Discriminator:
     """The discriminator stored alongside the generator (NVIDIA ``D``, rosinality ``d``, ours ``d``)."""
-    raw = read_checkpoint(_resolve(path))
-    try:
-        D = _FORMATS[raw.format].discriminator_from(raw.data, f"{raw.path} ({raw.format})")
-    except KeyError as e:
-        raise CheckpointError(f"{raw.path} ({raw.format}): missing entry {e}") from None
-    return D.eval().to(device)
+    return _load_network(path, "discriminator", device)
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
