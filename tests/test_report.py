@@ -63,6 +63,19 @@ def test_ablation_rows_give_seed_means_spreads_and_which_steps_exceed_seed_noise
     assert len(steps) == 3  # E has one seed: no verdict for D -> E
 
 
+def test_exported_ablation_rows_travel_and_the_stores_own_runs_replace_theirs(tmp_path, monkeypatch):
+    exported = _runs({"A": [1.0, 1.2], "B": [0.5, 0.7]})
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: exported)
+    path = report.export_ablation_runs({"train": {"steps": 100}}, tmp_path / "runs.json")
+    assert report.load_ablation_runs({"train": {"steps": 100}}, path) == exported
+    assert report.load_ablation_runs({"train": {"steps": 5}}, path) == {}  # other steps: not these rows
+    # a fresh store with a new run of B seed 1 and one of C: B seed 0 and all of A come from the file
+    own = {"B": [{c: 9.0 for c in report.ABLATION_COLS} | {"seed": "1"}], "C": [{"identity": 2.0, "seed": "0"}]}
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: own)
+    merged = report.merged_ablation_rows({"train": {"steps": 100}}, path)
+    assert [r["identity"] for r in merged["B"]] == [9.0, 0.5] and len(merged["A"]) == 2 and merged["C"][0]["seed"] == "0"
+
+
 def test_paper_rows_and_ours_sit_in_their_tables():
     text = report.swap_tables(_metrics(), {})
     t2, t3 = _tables(text)[:2]

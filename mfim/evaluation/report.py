@@ -187,6 +187,44 @@ def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
     return rows
 
 
+ABLATION_RUNS = Path("reports/ablation_runs.json")  # committed rows of the runs behind the shipped ablation.md
+
+
+def export_ablation_runs(params: dict, path: str | Path | None = None) -> Path:
+    """Write the MLflow store's ablation rows (latest run per configuration and seed, current train.steps) to a JSON
+    file that travels with the repository, so a fresh clone's `report` stage shows them without the runs' store."""
+    from mfim.atomic import atomic_write
+
+    rows = ablation_rows_from_mlflow(params)
+    steps = params.get("train", {}).get("steps")
+    payload = {"train_steps": steps, "note": "exported by `python pipelines/report.py --export-ablation`",
+               "rows": {cfg: runs for cfg, runs in sorted(rows.items())}}
+    path = Path(path or ABLATION_RUNS)
+    data = (json.dumps(payload, indent=1, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def load_ablation_runs(params: dict, path: str | Path | None = None) -> dict[str, list[dict]]:
+    """Rows from an exported file (default :data:`ABLATION_RUNS`), when it was made with the current train.steps."""
+    path = Path(path or ABLATION_RUNS)
+    if not path.is_file():
+        return {}
+    payload = json.loads(path.read_text())
+    if str(payload.get("train_steps")) != str(params.get("train", {}).get("steps")):
+        return {}
+    return {cfg: list(runs) for cfg, runs in payload.get("rows", {}).items()}
+
+
+def merged_ablation_rows(params: dict, path: str | Path | None = None) -> dict[str, list[dict]]:
+    """The exported rows, with this store's own runs in place of any (configuration, seed) they repeat."""
+    rows = load_ablation_runs(params, path)
+    for cfg, runs in ablation_rows_from_mlflow(params).items():
+        seeds = {r.get("seed") for r in runs}
+        rows[cfg] = runs + [r for r in rows.get(cfg, []) if r.get("seed") not in seeds]
+    return rows
+
+
 def _spread(runs: list[dict], col: str) -> tuple[float, float] | None:
     """(mean, half range) over the seeds' values of ``col``; None when no run has it."""
     vals = [float(r[col]) for r in runs if r.get(col) is not None and r.get(col) == r.get(col)]
@@ -225,7 +263,7 @@ def beyond_seed_noise(rows: dict[str, list[dict]]) -> list[str]:
 
 
 def ablation_table(params: dict, current: str, metrics: dict) -> str:
-    rows = ablation_rows_from_mlflow(params)
+    rows = merged_ablation_rows(params)
     if current not in rows:
         cur = {c: metrics["swap"].get(c) for c in SWAP_COLS + ["id_retrieval"]}
         cur["self_swap_lpips"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
@@ -247,12 +285,14 @@ def ablation_table(params: dict, current: str, metrics: dict) -> str:
     if steps:
         out += ["", "Differences between neighbouring configurations (change of the seed mean; beyond seed noise when "
                 "the two seed ranges do not overlap):", ""] + steps
-    out += ["", "Our rows: the latest `evaluate` run of each configuration and seed in the MLflow store with the "
-            "current train.steps. To fill them:", "",
+    out += ["", "Our rows: the latest `evaluate` run of each configuration and seed with the current train.steps, from "
+            f"the MLflow store and from {ABLATION_RUNS} (the runs behind the committed table; the store's own runs "
+            "replace those of the same configuration and seed). To fill them:", "",
             "```", "for c in A B C D E; do for s in 0 1; do",
             "  dvc exp run --queue -S train.config=$c -S train.seed=$s; done; done",
             "dvc exp run --run-all",
-            "dvc exp show --only-changed", "python pipelines/report.py   # rebuilds this file", "```"]
+            "dvc exp show --only-changed", "python pipelines/report.py   # rebuilds this file",
+            "python pipelines/report.py --export-ablation   # keeps the rows in " + str(ABLATION_RUNS), "```"]
     return "\n".join(out)
 
 
