@@ -177,7 +177,8 @@ def run_stage(name: str, cmd: str, cwd: Path, log: dict) -> None:
     proc = subprocess.run([sys.executable, str(REPO / argv[1]), *argv[2:]], cwd=cwd, env=env, text=True,
                           capture_output=True)  # fmt: skip
     log[name] = round(time.monotonic() - t0, 1)
-    assert proc.returncode == 0, f"stage {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"stage {name} failed ({proc.returncode}):\n{tail}"
 
 
 def read_json(path: Path) -> dict:
