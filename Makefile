@@ -35,11 +35,13 @@ repro: assets
 	@echo "  images    : reports/grids/"
 	@echo "  tracking  : make ui   -> http://127.0.0.1:5000  (mlflow ui on $(CURDIR)/mlflow.db)"
 
+# the suite, then the paper-scale smoke (issue 11: every stage of configs/paper.yaml on official-format files)
 test: assets
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m paper_smoke
 
 test-all: assets
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "slow or not slow or paper_smoke"
 
 bench: assets
 	$(BIN)/python benchmarks/run_all.py

@@ -15,7 +15,13 @@ from torch import nn
 
 from mfim.assets import MissingAssetError, get, resolve
 
-GEN = torch.Generator().manual_seed(0)
+from .official_files import (
+    GEN,
+    write_deca_tar,
+    write_fid_inception,
+    write_hopenet_pkl,
+    write_iresnet_backbone,
+)
 
 
 # --- key layouts, written out independently of our modules -----------------------------------------------------
@@ -52,18 +58,6 @@ def iresnet_keys(layers) -> list[str]:
     return keys + [*_bn("bn2"), "fc.weight", "fc.bias", *_bn("features")]
 
 
-def randomize_batchnorm(net: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so a mis-loaded buffer changes the output."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5, generator=GEN)
-                m.bias.normal_(0, 0.1, generator=GEN)
-                m.running_mean.normal_(0, 0.1, generator=GEN)
-                m.running_var.uniform_(0.5, 1.5, generator=GEN)
-    return net.eval()
-
-
 def aligned_batch(n: int = 2, size: int = 128) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=GEN) * 2 - 1
 
@@ -76,12 +70,11 @@ def test_iresnet_backbone_pth_roundtrip(tmp_path):
 
     assert list(IResNet(IRESNET_LAYERS[50]).state_dict()) == iresnet_keys(IRESNET_LAYERS[50])
     # the round trip on r18 (same block and key structure, a quarter of the compute)
-    net = randomize_batchnorm(IResNet(IRESNET_LAYERS[18]))
-    state = net.state_dict()
+    path = tmp_path / "backbone.pth"
+    net = write_iresnet_backbone(path, depth=18)
+    state = torch.load(path, weights_only=True)
     assert list(state) == iresnet_keys(IRESNET_LAYERS[18])
     assert state["fc.weight"].shape == (512, 512 * 7 * 7)
-    path = tmp_path / "backbone.pth"
-    torch.save(state, path)
 
     emb = load_iresnet(path)
     x = aligned_batch()
@@ -118,10 +111,13 @@ def test_wrong_checkpoint_names_the_file(tmp_path):
 
 
 def test_deca_model_tar_roundtrip(tmp_path):
-    from mfim.nets.deca import DECA_CODE_SIZE, DECAEncoder, FLAMEParams, FlameEncoder
+    from mfim.nets.deca import DECA_CODE_SIZE, DECAEncoder, FLAMEParams
 
-    e_flame = randomize_batchnorm(FlameEncoder())
-    state = e_flame.state_dict()
+    path = tmp_path / "deca_model.tar"
+    e_flame = write_deca_tar(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert list(checkpoint) == ["E_flame", "E_detail", "D_detail"]  # the detail networks ride along, as released
+    state = checkpoint["E_flame"]
     assert list(state) == [f"encoder.{k}" for k in resnet50_keys()] + [
         "layers.0.weight",
         "layers.0.bias",
@@ -129,10 +125,6 @@ def test_deca_model_tar_roundtrip(tmp_path):
         "layers.2.bias",
     ]
     assert state["layers.2.weight"].shape == (DECA_CODE_SIZE, 1024) and DECA_CODE_SIZE == 236
-    # the released file also carries the detail networks; the coarse encoder must ignore them
-    checkpoint = {"E_flame": state, "E_detail": {"layers.0.weight": torch.zeros(3)}, "D_detail": {"x": torch.zeros(1)}}
-    path = tmp_path / "deca_model.tar"
-    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
 
     deca = DECAEncoder(path)
     x = aligned_batch(1)
@@ -151,15 +143,14 @@ def test_deca_model_tar_roundtrip(tmp_path):
 def test_hopenet_pkl_roundtrip(tmp_path):
     from mfim.nets.headpose import HopenetResNet50
 
-    net = randomize_batchnorm(HopenetResNet50(load=False))
+    path = tmp_path / "hopenet_robust_alpha1.pkl"
+    net = write_hopenet_pkl(path)
     state = net.state_dict()
     heads = [f"fc_{h}.{p}" for h in ("yaw", "pitch", "roll", "finetune") for p in ("weight", "bias")]
     assert list(state) == resnet50_keys() + heads
     assert state["fc_yaw.weight"].shape == (66, 2048) and state["fc_finetune.weight"].shape == (3, 2051)
     # written like the 2017 original: no num_batches_tracked, legacy (non-zip) serialisation
-    official = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    path = tmp_path / "hopenet_robust_alpha1.pkl"
-    torch.save(official, path, _use_new_zipfile_serialization=False)
+    assert not any(k.endswith("num_batches_tracked") for k in torch.load(path, weights_only=True))
 
     loaded = HopenetResNet50(path)
     x = aligned_batch(1)
@@ -168,20 +159,6 @@ def test_hopenet_pkl_roundtrip(tmp_path):
 
 
 # --- pytorch-fid Inception ---------------------------------------------------------------------------------------
-
-
-def _reference_fid_inception() -> nn.Module:
-    """The FID Inception as pytorch-fid assembles it: torchvision Inception-v3 (1008 classes, no aux head) with the
-    TF-compatible Mixed blocks swapped in."""
-    import torchvision
-    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
-
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
-    net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
-    net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
-    net.Mixed_7b, net.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
-    return randomize_batchnorm(net)
 
 
 def _reference_pool3(net: nn.Module, images01: torch.Tensor) -> torch.Tensor:
@@ -198,12 +175,11 @@ def _reference_pool3(net: nn.Module, images01: torch.Tensor) -> torch.Tensor:
 def test_fid_inception_pth_roundtrip(tmp_path):
     from mfim.nets.fid import InceptionFeatures, load_fid_inception
 
-    ref = _reference_fid_inception()
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    ref = write_fid_inception(path)
     state = ref.state_dict()
     assert state["fc.weight"].shape == (1008, 2048)
     assert "Mixed_7c.branch3x3dbl_3b.conv.weight" in state and not any(k.startswith("AuxLogits") for k in state)
-    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(state, path)
 
     features = InceptionFeatures(load_fid_inception(path))
     x = aligned_batch(1, 64)
@@ -219,7 +195,7 @@ def test_compute_fd_reports_fid_with_the_weights(tmp_path):
     from mfim.nets.fid import compute_fd
 
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(_reference_fid_inception().state_dict(), path)
+    write_fid_inception(path)
     report = compute_fd(aligned_batch(6, 64), aligned_batch(6, 64), inception_checkpoint=path, batch_size=3)
     assert report["name"] == "fid" and report["value"] >= 0 and "NOT FID" not in report["note"]
 
