@@ -153,7 +153,8 @@ def smoke_params(weights: dict[str, Path], ffhq: Path, ffpp: Path, celebahq: Pat
                           channel_max=32)
     p["encoder"].update(backbone_checkpoint=str(weights["ir_se50"]), latent_channels=32, code_channels=32)
     p["warmstart"].update(regression_steps=1, recon_steps=1, batch_size=1, log_every=1)
-    p["train"].update(steps=1, batch_size=1, checkpoint_every=1000, sample_every=1000, log_every=1, workers=0)
+    p["train"].update(steps=1, batch_size=1, checkpoint_every=1000, sample_every=1000, log_every=1, workers=0,
+                      sample_pairs=2)
     p["evaluate"].update(batch_size=2, bootstrap=10)
     p["evaluate"]["fid"]["inception_checkpoint"] = str(weights["inception"])
     return p

@@ -28,7 +28,7 @@ from mfim.training.presets import apply_preset
 
 TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
 # do not change what is learned
-BOOKKEEPING = {"log_every", "sample_every", "checkpoint_every", "workers", "keep_checkpoint"}
+BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", "workers", "keep_checkpoint"}
 
 
 def train_seed(params: dict) -> int:
@@ -168,7 +168,8 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     )
     sample = next(
         iter(
-            pair_batches(split_pattern(shards_dir, "eval"), None, 6, seed + 99, same_identity_fraction=0.0,
+            pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)), seed + 99,
+                         same_identity_fraction=0.0,
                          resolution=int(lookup(params, "data.resolution", G.resolution)))
         )
     )
