@@ -14,7 +14,7 @@ from mfim.nets.deca import DECAEncoder, FlameEncoder
 from mfim.nets.types import ThreeDMMParams
 from mfim.training.build import threedmm_std
 from mfim.training.objective import LossWeights, loss_shares
-from tests.test_official_formats import randomize_batchnorm
+from tests.official_files import randomize_batchnorm
 
 
 def faces(n: int, seed: int, size: int = 64) -> torch.Tensor:
