@@ -95,6 +95,12 @@ def test_report_warns_when_the_evaluation_3dmm_is_the_loss_network(tmp_path, mon
     same = report.protocol_note(_metrics(), _evaluators("deca", "deca"))
     assert "**Warning**" in same and "**deca**" in same and "evaluate.threedmm_encoder" in same
     assert "Warning" not in report.protocol_note(_metrics(), _evaluators("tddfa", "deca"))
+    deca = _evaluators("deca", "fitted")
+    deca["evaluators"].update(coefficient_units="standardised by data/threedmm/stats.json",
+                              pose_parameters="yaw, pitch, roll + FLAME jaw rotation", loss_jaw_pose=True)
+    note = report.protocol_note(_metrics(), deca)
+    assert "standardised by data/threedmm/stats.json" in note and "+ FLAME jaw rotation in radians" in note
+    assert "L_pose with FLAME's jaw rotation" in note
     # written reports carry it, and the stage log says it
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: {})
     (tmp_path / "metrics.json").write_text(json.dumps(_metrics()))

@@ -83,6 +83,7 @@ class Evaluators:
         self.normalizer = build_threedmm_normalizer(self.threedmm_name, stats_path=stats).to(self.device)
         # FLAME opens the mouth with its jaw joint: evaluate.jaw_pose puts that rotation into Pose (DECA only)
         self.jaw_pose = bool(lookup(params, "evaluate.jaw_pose", False))
+        self.loss_jaw_pose = bool(lookup(params, "loss.jaw_pose", False))
         if self.jaw_pose and self.threedmm_name != "deca":
             raise ValueError(f"evaluate.jaw_pose needs evaluate.threedmm_encoder: deca ({self.threedmm_name} has no "
                              "jaw); set evaluate.jaw_pose: false")
@@ -112,6 +113,7 @@ class Evaluators:
             "shape_coefficients": self.shape_k or "all",
             "coefficient_units": self.coefficient_units,
             "pose_parameters": "yaw, pitch, roll + FLAME jaw rotation" if self.jaw_pose else "yaw, pitch, roll",
+            "loss_jaw_pose": self.loss_jaw_pose,
             "pose_network": self.pose_name,
             "training_identity_embedder": f"{self.train_embedder_name} (reference only)",
         }

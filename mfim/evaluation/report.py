@@ -83,7 +83,9 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         f"- Identity: L2 between features of **{ev.get('identity_embedder')}** (paper: VGGFace2 ResNet-50, "
         "un-normalised features); ID retrieval: top-1 nearest source identity by cosine.",
         f"- Shape / Expression / Pose: L2 of **{ev.get('threedmm_encoder')}** 3DMM parameters (shape and expression "
-        "standardised by the 3DMM's coefficient std; pose = (yaw, pitch, roll) in radians). Paper: RingNet/FLAME.",
+        f"{ev.get('coefficient_units', 'standardised by the 3DMM coefficient std')}; pose = "
+        f"{ev.get('pose_parameters', 'yaw, pitch, roll')} in radians). Paper: RingNet/FLAME. Training: L_pose "
+        f"{'with' if ev.get('loss_jaw_pose') else 'without'} FLAME's jaw rotation (`loss.jaw_pose`).",
         f"- Shape (and R-Shape) from **{ev.get('shape_encoder', ev.get('threedmm_encoder'))}**, leading "
         f"{ev.get('shape_coefficients', 'all')} coefficients; its own accuracy on unswapped images is "
         "`shape_pearson_r_on_real` below.",
