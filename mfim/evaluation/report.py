@@ -159,7 +159,7 @@ LOWER_IS_BETTER = {c: True for c in SWAP_COLS} | {"id_retrieval": False, "self_s
 def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
     """Per train.config, the latest `evaluate` run of each train seed in the MLflow store (A-E runs from `dvc exp
     run`), among runs trained for the current train.steps (so a short smoke run does not stand in for a
-    configuration). Runs from before the seed tag count as seed "?"."""
+    configuration). Runs from before the train.seed tag are left out."""
     try:
         import mlflow
 
@@ -178,8 +178,8 @@ def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
     for _, r in runs.iterrows():
         cfg = r.get("tags.train.config")
         seed = r.get("tags.train.seed")
-        seed = seed if isinstance(seed, str) else "?"
-        if not isinstance(cfg, str) or (cfg, seed) in seen:
+        # runs from before the seed tag (an older model, as a rule) cannot be placed in a seed column: left out
+        if not isinstance(cfg, str) or not isinstance(seed, str) or (cfg, seed) in seen:
             continue
         seen.add((cfg, seed))
         row = {c: r.get(f"metrics.swap.{c}") for c in SWAP_COLS + ["id_retrieval"]}
