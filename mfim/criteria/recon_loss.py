@@ -47,10 +47,10 @@ class BackgroundL1(nn.Module):
     def __init__(self, margin: float = 0.06):
         super().__init__()
         self.margin = float(margin)
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor] = {}  # image size -> background weight (1×1×size×size)
 
     def background(self, size: int, device, dtype) -> torch.Tensor:
-        key = (size, int(self.margin * 1000))
+        key = size
         if key not in self._masks:
             from mfim.nets.align import face_mask
 
