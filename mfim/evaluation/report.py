@@ -227,9 +227,14 @@ def merged_ablation_rows(params: dict, path: str | Path | None = None) -> dict[s
     return rows
 
 
+def _values(runs: list[dict], col: str) -> list[float]:
+    """The seeds' values of ``col``, without missing ones (None, or NaN from an MLflow frame)."""
+    return [float(r[col]) for r in runs if r.get(col) is not None and r.get(col) == r.get(col)]
+
+
 def _spread(runs: list[dict], col: str) -> tuple[float, float] | None:
     """(mean, half range) over the seeds' values of ``col``; None when no run has it."""
-    vals = [float(r[col]) for r in runs if r.get(col) is not None and r.get(col) == r.get(col)]
+    vals = _values(runs, col)
     if not vals:
         return None
     return sum(vals) / len(vals), (max(vals) - min(vals)) / 2.0
@@ -251,8 +256,7 @@ def beyond_seed_noise(rows: dict[str, list[dict]]) -> list[str]:
             continue
         parts = []
         for col in ABLATION_COLS:
-            va = [float(r[col]) for r in rows[a] if r.get(col) is not None]
-            vb = [float(r[col]) for r in rows[b] if r.get(col) is not None]
+            va, vb = _values(rows[a], col), _values(rows[b], col)
             if len(va) < 2 or len(vb) < 2:
                 continue
             delta = sum(vb) / len(vb) - sum(va) / len(va)
