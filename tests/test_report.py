@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from mfim.evaluation import report
 
 
@@ -74,6 +76,9 @@ def test_exported_ablation_rows_travel_and_the_stores_own_runs_replace_theirs(tm
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: own)
     merged = report.merged_ablation_rows({"train": {"steps": 100}}, path)
     assert [r["identity"] for r in merged["B"]] == [9.0, 0.5] and len(merged["A"]) == 2 and merged["C"][0]["seed"] == "0"
+    # exporting from that store keeps the file's other rows (a checkout that ran only B and C drops no A)
+    report.export_ablation_runs({"train": {"steps": 100}}, path)
+    assert report.load_ablation_runs({"train": {"steps": 100}}, path) == json.loads(json.dumps(merged))
 
 
 def test_paper_rows_and_ours_sit_in_their_tables():

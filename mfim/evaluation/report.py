@@ -193,11 +193,13 @@ ABLATION_RUNS = Path("reports/ablation_runs.json")  # committed rows of the runs
 
 
 def export_ablation_runs(params: dict, path: str | Path | None = None) -> Path:
-    """Write the MLflow store's ablation rows (latest run per configuration and seed, current train.steps) to a JSON
-    file that travels with the repository, so a fresh clone's `report` stage shows them without the runs' store."""
+    """Write the ablation rows (latest run per configuration and seed, current train.steps) to a JSON file that
+    travels with the repository, so a fresh clone's `report` stage shows them without the runs' store. The rows
+    already in that file stay unless this store has its own run of the same configuration and seed: a checkout
+    that ran only some of the configurations adds them without dropping the others."""
     from mfim.atomic import atomic_write
 
-    rows = ablation_rows_from_mlflow(params)
+    rows = merged_ablation_rows(params, path)
     steps = params.get("train", {}).get("steps")
     payload = {"train_steps": steps, "note": "exported by `python pipelines/report.py --export-ablation`",
                "rows": {cfg: runs for cfg, runs in sorted(rows.items())}}
