@@ -182,14 +182,12 @@ def test_self_swap_shortcut_equals_the_two_pass_swap():
 def test_ir_se50_file_without_num_batches_tracked_loads(tmp_path):
     # files written by older PyTorch lack BatchNorm's num_batches_tracked; pSp loads them, so must we
     from mfim.models.encoder import load_ir_se50
+    from tests.official_files import write_psp_ir_se50
 
-    torch.manual_seed(0)
     enc = FacialAttributeEncoder(EncoderConfig(input_size=256, backbone="ir_se50", style_maps=False),
                                  StubGenerator(64).style_layers, StubGenerator(64).noise_layers)
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in enc.backbone.state_dict().items()
-             if not k.endswith("num_batches_tracked")}
-    state["output_layer.0.weight"] = torch.zeros(3)  # the recognition head pSp skips
-    torch.save(state, tmp_path / "model_ir_se50.pth")
+    state = write_psp_ir_se50(tmp_path / "model_ir_se50.pth")  # no num_batches_tracked, + the head pSp skips
+    assert not any(k.endswith("num_batches_tracked") for k in state)
     unused = load_ir_se50(enc, tmp_path / "model_ir_se50.pth")
     assert unused == ["output_layer.0.weight"]
     for k, v in state.items():
