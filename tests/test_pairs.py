@@ -142,3 +142,36 @@ def test_photometric_augmentation_is_seeded_and_moves_no_pixel():
         inside = o[9:23, 9:23].astype(float).mean()
         outside = o[:6].astype(float).mean()
         assert inside > outside + 30
+
+
+def test_one_identity_split_says_why_no_cross_pair_exists(tmp_path):
+    from mfim.data.pairs import EpochPlan, PairItems
+    from mfim.data.shards import CorruptSample, ShardIndex
+
+    make_fixture_shards(tmp_path, n_identities=1, per_identity=3)
+    index = ShardIndex(str(tmp_path / "train-*.tar"))
+    items = PairItems(index, EpochPlan(len(index), 0), None, same_identity_fraction=0.0)
+    with pytest.raises(CorruptSample, match="holds 1 identity; a pair of different people needs two"):
+        items.choose_source(0, np.random.default_rng(0))
+
+
+def test_self_pairs_are_the_augmented_target_itself_and_drawn_before_same_identity(tmp_path):
+    make_fixture_shards(tmp_path, n_identities=8, per_identity=4)
+    pattern = str(tmp_path / "train-*.tar")
+    b = next(pair_batches(pattern, None, batch_size=16, seed=0, augment=True, self_pair_fraction=1.0))
+    assert b["src_key"] == b["tgt_key"] and torch.equal(b["src"], b["tgt"]) and bool(b["same_identity"].all())
+    it = pair_batches(pattern, None, batch_size=16, seed=0, augment=True, self_pair_fraction=0.5,
+                      same_identity_fraction=0.0)
+    kinds = {"self": 0, "cross": 0}
+    for _ in range(20):
+        b = next(it)
+        for s, t, flag in zip(b["src_key"], b["tgt_key"], b["same_identity"].tolist()):
+            assert flag == (s == t)  # no other-render pairs at same_identity_fraction 0
+            kinds["self" if s == t else "cross"] += 1
+    assert abs(kinds["self"] / 320 - 0.5) < 0.09  # 320 draws: ±3σ ≈ 0.084
+    with pytest.raises(ValueError, match="self_pair_fraction"):
+        pair_batches(pattern, None, batch_size=4, seed=0, self_pair_fraction=1.5)
+    # 0 draws nothing extra: the pairs are those of a run without the option
+    want = next(pair_batches(pattern, None, batch_size=8, seed=3, augment=True))
+    got = next(pair_batches(pattern, None, batch_size=8, seed=3, augment=True, self_pair_fraction=0.0))
+    assert got["src_key"] == want["src_key"] and torch.equal(got["src"], want["src"])

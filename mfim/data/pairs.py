@@ -4,8 +4,10 @@ Targets follow the rank's stream of ``mfim.data.shards`` (shuffled per epoch, di
 within an epoch, exact resume from ``.position``). Each target's source is drawn from the whole split with the
 sample's own generator (seeded from ``(seed, rank, position)``):
 
-* with probability ``same_identity_fraction``: another image of the target's identity, or the target itself when the
-  identity is unknown or has a single image (``same_identity`` is then True);
+* with probability ``self_pair_fraction``: the target itself, the very same (augmented) array -- FaceShifter's and
+  SimSwap's reconstruction pairs (x_src = x_tgt), the one pair kind whose ideal swap is known pixel for pixel;
+* else with probability ``same_identity_fraction``: another image of the target's identity, or the target itself when
+  the identity is unknown or has a single image (``same_identity`` is then True for both kinds);
 * otherwise: an image of a different identity (identities unknown: a different image; ``same_identity`` False).
 
 When a 3DMM table is given (``mfim.data.threedmm_table``), each batch carries ``src_3dmm``/``tgt_3dmm`` as
@@ -38,11 +40,13 @@ class PairItems(ItemSource):
     image_fields = ("src", "tgt")
 
     def __init__(self, index: ShardIndex, plan: EpochPlan, resolution: int | None, same_identity_fraction: float,
-                 augment=None, threedmm: Mapping[str, np.ndarray] | None = None):
-        if not 0.0 <= same_identity_fraction <= 1.0:
-            raise ValueError("same_identity_fraction must lie in [0, 1]")
+                 augment=None, threedmm: Mapping[str, np.ndarray] | None = None, self_pair_fraction: float = 0.0):
+        for name, f in (("same_identity_fraction", same_identity_fraction), ("self_pair_fraction", self_pair_fraction)):
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]")
         self.index, self.plan, self.resolution = index, plan, resolution
         self.fraction, self.augment, self.threedmm = float(same_identity_fraction), augment, threedmm
+        self.self_fraction = float(self_pair_fraction)
         ids = index.identities
         self._members: dict[int, np.ndarray] = {}
         for ident in np.unique(ids[ids >= 0]):
@@ -70,7 +74,10 @@ class PairItems(ItemSource):
             s = int(rng.integers(n))
             if (ids[s] != ident) if ident >= 0 else (s != t):
                 return s, False
-        raise CorruptSample("no source of another identity found")
+        known = len(self._members) + int((ids < 0).any())
+        why = (f"the split holds {known} identit{'y' if known == 1 else 'ies'}; a pair of different people needs "
+               "two (or same_identity_fraction 1)" if known < 2 else f"none in {_TRIES} random draws")
+        raise CorruptSample(f"no source of another identity than {ident} for {self.index.keys[t]!r}: {why}")
 
     def _labels(self, key: str) -> dict:
         row = self._row.get(key)
@@ -95,9 +102,11 @@ class PairItems(ItemSource):
     def make(self, position: int) -> dict:
         t = self.plan.index_at(position)
         rng = sample_rng(self.plan.seed, self.plan.rank, position, 1)
-        s, same = self.choose_source(t, rng)
+        # no extra draw at 0, so the pairs of runs without self pairs stay what they were
+        self_pair = self.self_fraction > 0 and rng.random() < self.self_fraction
+        s, same = (t, True) if self_pair else self.choose_source(t, rng)
         tgt, tgt_labels = self._image(t, rng)
-        src, src_labels = self._image(s, rng)
+        src, src_labels = (tgt, tgt_labels) if self_pair else self._image(s, rng)
         item = {"src": src, "tgt": tgt, "src_key": self.index.keys[s], "tgt_key": self.index.keys[t],
                 "same_identity": np.bool_(same)}
         if tgt_labels is not None:
@@ -121,7 +130,8 @@ def _finish(batch: dict) -> dict:
 def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1, same_identity_fraction: float = 0.2, augment: bool = False, *,
                  workers: int = 0, position: ReaderPosition | Mapping | None = None, resolution: int | None = None,
-                 threedmm_columns: str = "estimate", flip_probability: float = 0.0) -> BatchIterator:
+                 threedmm_columns: str = "estimate", flip_probability: float = 0.0,
+                 self_pair_fraction: float = 0.0) -> BatchIterator:
     """Infinite iterator of dict(src, tgt: B×3×H×W in [-1, 1]; src_key, tgt_key: lists; same_identity: B bool;
     src_3dmm, tgt_3dmm: ThreeDMMParams when ``threedmm_table`` is given). ``.position`` resumes it exactly.
 
@@ -135,6 +145,6 @@ def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch
     labels = load_threedmm_arrays(threedmm_table, threedmm_columns) if threedmm_table else None
     augmenter = FaceAugment(flip_probability=flip_probability) if augment else None
     source = PairItems(index, EpochPlan(len(index), seed, rank, world), resolution, same_identity_fraction,
-                       augmenter, labels)
+                       augmenter, labels, self_pair_fraction)
     return BatchIterator(source, batch_size, workers, position, finish=_finish)
 
