@@ -1,11 +1,14 @@
 """Shape / expression r of the fitted 3DMM regressor against the size of its render set (docs/EXPERIMENTS.md).
 
-Run from the repo root after `dvc repro shard threedmm`: python docs/experiments/regressor_curve.py 200 400 800 1600
-(numbers of identities, 5 renders each). Validation: held-out identities of the render set, and the eval shards.
+Run from the repo root after `dvc repro shard threedmm`: python docs/experiments/regressor_curve.py 150 300 600 1200
+(numbers of identities, threedmm.regressor.render_images_per_identity renders each; the largest set is rendered once
+and the smaller ones are its first identities). Validation: held-out identities of the render set, and the eval
+shards (the swapper's 40 evaluation people). Writes reports/regressor_curve.json.
 """
 
 import json
 import sys
+from pathlib import Path
 
 from mfim.config import load_params
 from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
@@ -15,13 +18,15 @@ from mfim.runtime import configure_threads
 
 params = load_params()
 configure_threads(2)
-sizes = [int(a) for a in sys.argv[1:]] or [200, 400, 800, 1600]
+sizes = [int(a) for a in sys.argv[1:]] or [150, 300, 600, 1200]
 r = params["threedmm"]["regressor"]
+per_identity = int(r["render_images_per_identity"])
 full = render_aligned_set(SynthConfig.from_params(params["synthesize"]),
-                          RenderSetConfig(identities=max(sizes), images_per_identity=5, identity_offset=100_000))
+                          RenderSetConfig(identities=max(sizes), images_per_identity=per_identity,
+                                          identity_offset=int(r["identity_offset"])))
 rows = []
 for n in sizes:
-    keep = full["identity"] < 100_000 + n
+    keep = full["identity"] < int(r["identity_offset"]) + n
     subset = {k: v[keep] for k, v in full.items()}
     rep = fit_from_render_set(subset, "/tmp/regressor_curve.pt", RegressorConfig(64, int(r["width"])),
                               FitConfig(epochs=int(r["epochs"]), batch_size=64, lr=float(r["lr"])),
@@ -29,5 +34,11 @@ for n in sizes:
     e = rep["eval_split_error"]
     rows.append({"identities": n, "images": int(keep.sum()), "seconds": rep["seconds"],
                  "shape_r": e["shape"]["pearson_r"], "shape_r_first10": e["shape"]["pearson_r_first10"],
-                 "exp_r": e["exp"]["pearson_r"], "pose_mae_deg": e["pose"]["mae_deg"]})
-    print(json.dumps(rows[-1]))
+                 "exp_r": e["exp"]["pearson_r"], "pose_mae_deg": e["pose"]["mae_deg"],
+                 "val_shape_r_first10": rep["val_error"]["shape"]["pearson_r_first10"],
+                 "val_exp_r": rep["val_error"]["exp"]["pearson_r"]})
+    print(json.dumps(rows[-1]), flush=True)
+    Path("reports/regressor_curve.json").write_text(json.dumps(
+        {"images_per_identity": per_identity, "width": int(r["width"]), "epochs": int(r["epochs"]),
+         "validation": "eval split: the 40 evaluation people (shape_r*, exp_r, pose); val_*: held-out identities "
+                       "of the render set", "rows": rows}, indent=1) + "\n")
