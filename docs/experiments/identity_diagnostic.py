@@ -55,7 +55,7 @@ def people(split: str, n: int, res: int):
 
 def swap_without(model, a, t, drop_map_res=(), split=None):
     """The swap of a onto t with the target's style maps at ``drop_map_res`` left out and, when ``split`` is given,
-    the target's codes only up to that resolution."""
+    the target's codes only up to that resolution (nothing left out: ``model.swap``)."""
     res_noise = {n.index: n.resolution for n in model.generator.noise_layers}
     res_style = {l.index: l.resolution for l in model.generator.style_layers}
     cut = model.coarse_max_res if split is None else split
@@ -63,6 +63,12 @@ def swap_without(model, a, t, drop_map_res=(), split=None):
     codes = {k: model.average_style(k) + (tgt.codes[k] if r <= cut else src.codes[k]) for k, r in res_style.items()}
     maps = {k: m for k, m in tgt.maps.items() if res_noise[k] not in drop_map_res}
     return model.synthesize(codes, maps)
+
+
+def swaps(model, A, T, drop_map_res=(), split=None) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([swap_without(model, A[j : j + BATCH], T[j : j + BATCH], drop_map_res, split)
+                          for j in range(0, len(A), BATCH)])
 
 
 def main() -> None:
@@ -76,18 +82,14 @@ def main() -> None:
     for split in ("train", "eval"):
         A, B, T = people(split, n, res)
         R = torch.cat(batched(model.reconstruct, A))
-        with torch.no_grad():
-            S = torch.cat([model.swap(A[i : i + BATCH], T[i : i + BATCH]) for i in range(0, len(A), BATCH)])
+        S = swaps(model, A, T)
         for name, embed in (("dlib", by_dlib), ("mobilefacenet", by_mfn)):
             a, b, r, s = embed(A), embed(B), embed(R), embed(S)
             print(f"{split:5s} {name:13s} recon L1 {float((R - A).abs().mean()):.3f} | top-1 recon->A {top1(r, a):.3f}"
                   f" recon->B {top1(r, b):.3f} real A->B {top1(a, b):.3f} swap->B {top1(s, b):.3f}", flush=True)
-    A, B, T = people("eval", n, res)
-    b, t = by_dlib(B), by_dlib(T)
+    b, t = by_dlib(B), by_dlib(T)  # the loop's last split: eval
     for drop, split in (((), None), ((16,), None), ((8, 16), None), ((), 4), ((16,), 4)):
-        with torch.no_grad():
-            S = torch.cat([swap_without(model, A[j : j + BATCH], T[j : j + BATCH], drop, split)
-                           for j in range(0, len(A), BATCH)])
+        S = swaps(model, A, T, drop, split)
         s = by_dlib(S)
         print(f"eval swap without maps at {drop or 'none'}, split {split or model.coarse_max_res} px: dlib top-1 "
               f"{top1(s, b):.3f}, L2 to source {mean_l2(s, b):.3f} / target {mean_l2(s, t):.3f}, "
