@@ -11,6 +11,7 @@ its image ``j`` from (seed, 1, i, j), so the result does not depend on worker co
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -66,6 +67,9 @@ class SynthConfig:
     seed: int = 0
     identities_train: int = 160
     identities_eval: int = 40
+    # First eval identity id (None: right after the train ids). Fixing it lets identities_train grow while the eval
+    # people stay the same renders; train ids then skip the eval block.
+    eval_identity_offset: int | None = None
     images_per_identity: int = 8
     canvas: int = 256
     face_size: tuple[float, float] = (0.38, 0.55)
@@ -88,9 +92,14 @@ class SynthConfig:
         return cls(**known)
 
     def identities(self) -> list[tuple[int, str]]:
-        """(identity id, split): train ids first, then eval ids, so the splits never share an identity."""
-        n_train = self.identities_train
-        return [(i, "train") for i in range(n_train)] + [(n_train + i, "eval") for i in range(self.identities_eval)]
+        """(identity id, split): train ids, then eval ids; the splits never share an identity."""
+        n_train, n_eval = self.identities_train, self.identities_eval
+        start = n_train if self.eval_identity_offset is None else int(self.eval_identity_offset)
+        if start < 0:
+            raise ValueError(f"synthesize.eval_identity_offset must be >= 0, got {start}")
+        evals = range(start, start + n_eval)
+        train = list(itertools.islice((i for i in itertools.count() if i not in evals), n_train))
+        return [(i, "train") for i in train] + [(i, "eval") for i in evals]
 
 
 @dataclass
