@@ -30,7 +30,8 @@ for run in runs:
     params = yaml.safe_load((run / "params.yaml").read_text())
     continuations.append({
         "run": run.name,
-        "params": {k: params[k] for k in ("loss", "train", "encoder", "project")},
+        # synthesize: the data set it trained on (a continuation may use more people than the default's).
+        "params": {k: params[k] for k in ("data", "synthesize", "loss", "train", "encoder", "project") if k in params},
         "train": json.loads((run / "train.json").read_text()),
         "train_curve": (run / "plots/train_loss.csv").read_text().splitlines(),
         "wall_clock": json.loads((run / "wall.json").read_text()),
