@@ -74,9 +74,13 @@ class PairItems(ItemSource):
             s = int(rng.integers(n))
             if (ids[s] != ident) if ident >= 0 else (s != t):
                 return s, False
-        known = len(self._members) + int((ids < 0).any())
-        why = (f"the split holds {known} identit{'y' if known == 1 else 'ies'}; a pair of different people needs "
-               "two (or same_identity_fraction 1)" if known < 2 else f"none in {_TRIES} random draws")
+        labelled, unlabelled = len(self._members), int((ids < 0).sum())
+        if labelled + unlabelled < 2 or (labelled == 1 and unlabelled == 0):
+            held = f"{labelled} identit{'y' if labelled == 1 else 'ies'}" + (
+                f" and {unlabelled} image{'' if unlabelled == 1 else 's'} of unknown identity" if unlabelled else "")
+            why = f"the split holds {held}; a pair of different people needs two (or same_identity_fraction 1)"
+        else:
+            why = f"none in {_TRIES} random draws"
         raise CorruptSample(f"no source of another identity than {ident} for {self.index.keys[t]!r}: {why}")
 
     def _labels(self, key: str) -> dict:
