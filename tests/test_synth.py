@@ -88,19 +88,22 @@ def test_identities_spread_and_splits(synth):
     assert len(train) == cfg.identities_train and len(evals) == cfg.identities_eval and not train & evals
 
 
+def _split_ids(cfg: SynthConfig, split: str) -> list[int]:
+    return [i for i, s in cfg.identities() if s == split]
+
 
 def test_eval_identity_offset_keeps_the_eval_people_while_train_grows():
     base = SynthConfig(identities_train=4, identities_eval=3)
     grown = SynthConfig(identities_train=9, identities_eval=3, eval_identity_offset=4)
-    evals = lambda c: [i for i, s in c.identities() if s == "eval"]  # noqa: E731
-    train = lambda c: [i for i, s in c.identities() if s == "train"]  # noqa: E731
-    assert evals(base) == evals(grown) == [4, 5, 6]
-    assert train(grown) == [0, 1, 2, 3, 7, 8, 9, 10, 11]  # the old train people first, then past the eval block
-    assert not set(train(grown)) & set(evals(grown))
+    assert _split_ids(base, "eval") == _split_ids(grown, "eval") == [4, 5, 6]
+    # the old train people first, then past the eval block
+    assert _split_ids(grown, "train") == [0, 1, 2, 3, 7, 8, 9, 10, 11]
+    assert not set(_split_ids(grown, "train")) & set(_split_ids(grown, "eval"))
     assert SynthConfig(identities_train=2, identities_eval=1, eval_identity_offset=7).identities() == [
         (0, "train"), (1, "train"), (7, "eval")]
     with pytest.raises(ValueError, match="eval_identity_offset"):
         SynthConfig(identities_train=2, eval_identity_offset=-1).identities()
+
 
 def test_render_is_deterministic(synth):
     who = synth.identity(3)

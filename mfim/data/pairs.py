@@ -75,7 +75,7 @@ class PairItems(ItemSource):
             if (ids[s] != ident) if ident >= 0 else (s != t):
                 return s, False
         labelled, unlabelled = len(self._members), int((ids < 0).sum())
-        if labelled + unlabelled < 2 or (labelled == 1 and unlabelled == 0):
+        if labelled + unlabelled < 2:  # each unknown-identity image may be another person
             held = f"{labelled} identit{'y' if labelled == 1 else 'ies'}" + (
                 f" and {unlabelled} image{'' if unlabelled == 1 else 's'} of unknown identity" if unlabelled else "")
             why = f"the split holds {held}; a pair of different people needs two (or same_identity_fraction 1)"
