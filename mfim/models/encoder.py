@@ -16,12 +16,19 @@ bilinearly when none matches (only in unusual configurations).
 
 Style codes are predicted as offsets from the generator's average style (its S-space image of w_avg), the S-space
 version of pSp/e4e's "start from latent average": an untrained encoder gives the average face, not noise.
+
+Iterative refinement (not in the paper; ``refine_iterations`` > 0). One feed-forward pass inverts a face only roughly
+on a small compute budget, and the reconstruction loses identity (docs/EXPERIMENTS.md §3, §8-9). ReStyle (Alaluf et
+al., ICCV 2021) refines an encoder's inversion by showing an encoder the input beside its current reconstruction and
+adding what it predicts. Here that second encoder (``refiner``, the same design with a 6-channel input and
+zero-initialised heads, so that it starts as "no correction") adds offsets to every style code and style map; MFIM
+runs it ``refine_iterations`` times on each image it encodes, before the code split of the swap. 0 is the paper.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +64,11 @@ class EncoderConfig:
     # generator's learned noise strength -- ~1e-3 in the shipped 64 px generator, which leaves the maps inert.
     style_map_injection: str = "direct"
     style_map_gain: float = 1.0
+    # ReStyle-style refinement passes after the one-shot encoding (module docstring); 0: the paper's single pass
+    refine_iterations: int = 0
+    # the style-map resolutions whose maps the refiner corrects (None: all of style_map_resolutions). Its 16 px map
+    # corrections carried the target's face shape into the swap at 64 px (docs/EXPERIMENTS.md §12)
+    refine_map_resolutions: tuple[int, ...] | None = None
 
     @staticmethod
     def from_params(params: dict, input_size: int) -> "EncoderConfig":
@@ -64,8 +76,9 @@ class EncoderConfig:
         defaults: these are the paper-scale values, params.yaml states the embedded default's own)."""
         enc = params.get("encoder", {})
         casts = {"width": int, "style_maps": bool, "style_map_channels": int, "style_map_injection": str,
-                 "style_map_gain": float, "backbone": str,
-                 "style_map_resolutions": lambda v: tuple(int(r) for r in v)}
+                 "style_map_gain": float, "backbone": str, "refine_iterations": int,
+                 "style_map_resolutions": lambda v: tuple(int(r) for r in v),
+                 "refine_map_resolutions": lambda v: None if v is None else tuple(int(r) for r in v)}
         kw = {f.name: casts.get(f.name, lambda v: v)(enc[f.name])
               for f in fields(EncoderConfig) if f.name != "input_size" and f.name in enc}
         return EncoderConfig(input_size=input_size, **kw)
@@ -134,9 +147,16 @@ class FacialAttributeEncoder(nn.Module):
     ``.noise_layers``: index, name, resolution, channels, kind), so the encoder adapts to any generator size.
     """
 
-    def __init__(self, cfg: EncoderConfig, style_layers, noise_layers):
+    def __init__(self, cfg: EncoderConfig, style_layers, noise_layers, in_channels: int = 3):
         super().__init__()
         self.cfg = cfg
+        self.in_channels = int(in_channels)
+        if cfg.refine_iterations < 0:
+            raise ValueError(f"encoder.refine_iterations must be >= 0, not {cfg.refine_iterations}")
+        refine_res = cfg.style_map_resolutions if cfg.refine_map_resolutions is None else cfg.refine_map_resolutions
+        if not set(refine_res) <= set(cfg.style_map_resolutions):
+            raise ValueError(f"encoder.refine_map_resolutions {list(refine_res)} must be a subset of "
+                             f"style_map_resolutions {list(cfg.style_map_resolutions)}")
         if cfg.backbone == "ir_se50":
             stages, norm, stem = IR_SE50_STAGES, "batch", 64
             first_stride = 2
@@ -145,7 +165,7 @@ class FacialAttributeEncoder(nn.Module):
             first_stride = 1
         else:
             raise ValueError(f"encoder.backbone must be small or ir_se50, not {cfg.backbone!r}")
-        self.backbone = IRSEBackbone(stages, stem=stem, norm=norm, first_stride=first_stride)
+        self.backbone = IRSEBackbone(stages, stem=stem, norm=norm, first_stride=first_stride, in_channels=in_channels)
         lat = cfg.latent_channels or (512 if cfg.backbone == "ir_se50" else 4 * cfg.width)
         c1, c2, c3 = self.backbone.stage_channels[1:]
         self.top = nn.Conv2d(c3, lat, 1) if c3 != lat else nn.Identity()
@@ -181,6 +201,37 @@ class FacialAttributeEncoder(nn.Module):
                 self.m2m[str(n.index)] = MapToMap(lat, out_ch, n.resolution)
                 if cfg.style_map_injection == "direct":
                     self.map_gain[str(n.index)] = nn.Parameter(torch.tensor(float(cfg.style_map_gain)))
+        self.refiner: FacialAttributeEncoder | None = None
+        if cfg.refine_iterations > 0:
+            # sees [image, current reconstruction]; one set of weights for every iteration, as ReStyle
+            sub = replace(cfg, refine_iterations=0, style_map_resolutions=tuple(refine_res), refine_map_resolutions=None)
+            self.refiner = FacialAttributeEncoder(sub, style_layers, noise_layers, in_channels=2 * self.in_channels)
+            self.init_refiner()
+
+    @torch.no_grad()
+    def init_refiner(self) -> None:
+        """Start the refiner from this encoder's weights: its backbone, FPN and head bodies see faces as this one
+        does (the reconstruction's input channels start at zero), and its output layers start at zero, so that a
+        refinement pass at first changes nothing. Called at construction and again when a trained encoder without a
+        refiner is loaded into one that has it (mfim.training.run.init_encoder)."""
+        if self.refiner is None:
+            return
+        own = self.state_dict()
+        target = self.refiner.state_dict()
+        stem = "backbone.input_layer.0.weight"
+        for k, v in target.items():
+            if k == stem:
+                v.zero_()
+                v[:, : own[k].shape[1]].copy_(own[k])
+            elif k in own and own[k].shape == v.shape:
+                v.copy_(own[k])
+        for head in self.refiner.m2c.values():  # zero outputs: no correction until it learns one
+            head.linear.weight.zero_()
+            head.linear.bias.zero_()
+        for head in self.refiner.m2m.values():
+            head.body[-1].weight.zero_()
+            head.body[-1].bias.zero_()
+        self.refiner.load_state_dict(target)
 
     def latent_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:

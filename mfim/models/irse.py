@@ -79,14 +79,16 @@ class IRSEBackbone(nn.Module):
 
     Each stage's first unit strides by 2 (strides 2, 4, 8, 16 as in IR-SE50), except that ``first_stride=1`` keeps
     the first stage at input resolution (strides 1, 2, 4, 8), used by the small backbone on 64 px faces.
+    ``in_channels`` > 3: the refinement encoder's input (the image beside the current reconstruction).
     """
 
     def __init__(
-        self, stages=IR_SE50_STAGES, stem: int = 64, norm: str = "batch", se: bool = True, first_stride: int = 2
+        self, stages=IR_SE50_STAGES, stem: int = 64, norm: str = "batch", se: bool = True, first_stride: int = 2,
+        in_channels: int = 3,
     ):
         super().__init__()
         self.input_layer = nn.Sequential(
-            nn.Conv2d(3, stem, 3, 1, 1, bias=False), make_norm(norm, stem), nn.PReLU(stem)
+            nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), make_norm(norm, stem), nn.PReLU(stem)
         )
         units, ends, in_ch = [], [], stem
         for spec in stages:

@@ -12,6 +12,7 @@ number of (source, resolutions) assignments.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -66,15 +67,36 @@ class MFIM(nn.Module):
     def average_style(self, index: int) -> torch.Tensor:
         return getattr(self, f"s_avg_{index}")
 
+    def invert(self, x: torch.Tensor, indices: Sequence[int] | None = None, with_maps: bool = True,
+               refine: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Style codes (``indices``, default all) and, if asked, style maps of ``x``: the encoder's pass, then
+        ``encoder.refine_iterations`` refinement passes (mfim.models.encoder). A refinement pass needs the whole
+        current reconstruction, so with a refiner every code and map is computed whatever ``indices`` asks for. As in
+        ReStyle, the reconstruction a pass looks at is a constant (no gradient through it); the corrections add up."""
+        n = self.encoder.cfg.refine_iterations if refine else 0  # refine=False: the one-pass encoder alone
+        out = self.encoder(x, code_indices=None if n else indices, with_maps=with_maps or n > 0)
+        codes = {i: self.average_style(i) + d for i, d in out.codes.items()}
+        maps = out.maps
+        for _ in range(n):
+            with torch.no_grad():
+                y = self.synthesize({i: c.detach() for i, c in codes.items()}, {i: m.detach() for i, m in maps.items()})
+                if y.shape[-2:] != x.shape[-2:]:  # paper scale: 1024 px reconstruction beside the 256 px input
+                    y = torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="area")
+            frozen = not next(self.encoder.refiner.parameters()).requires_grad
+            with torch.no_grad() if frozen else contextlib.nullcontext():  # a frozen refiner needs no graph
+                step = self.encoder.refiner(torch.cat([x, y.to(x.dtype)], dim=1), with_maps=True)
+            codes = {i: c + step.codes[i] for i, c in codes.items()}
+            maps = {i: m + step.maps[i] if i in step.maps else m for i, m in maps.items()}  # refine_map_resolutions
+        if indices is not None:
+            codes = {i: codes[i] for i in indices}
+        return codes, (maps if with_maps else {})
+
     def encode_codes(self, x: torch.Tensor, indices: Sequence[int]) -> dict[int, torch.Tensor]:
-        out = self.encoder(x, code_indices=indices, with_maps=False)
-        return {i: self.average_style(i) + d for i, d in out.codes.items()}
+        return self.invert(x, indices, with_maps=False)[0]
 
     def encode_target(self, x_tgt: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """ID-irrelevant style codes and style maps of the target."""
-        out = self.encoder(x_tgt, code_indices=self.tgt_indices, with_maps=True)
-        codes = {i: self.average_style(i) + d for i, d in out.codes.items()}
-        return codes, out.maps
+        return self.invert(x_tgt, self.tgt_indices, with_maps=True)
 
     def synthesize(self, codes: dict[int, torch.Tensor], maps: dict[int, torch.Tensor]) -> torch.Tensor:
         styles = [codes[l.index] for l in self.generator.style_layers]
@@ -86,15 +108,16 @@ class MFIM(nn.Module):
     # --- operations -------------------------------------------------------------------------------------------
     def swap(self, x_src: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
         """x_swap with the ID of x_src and the ID-irrelevant attributes (pose, expression, details) of x_tgt."""
-        if x_src is x_tgt:  # self-swap: one encoder pass gives both halves of the code split (same values)
-            out = self.encoder(x_tgt, with_maps=True)
-            return self.synthesize({i: self.average_style(i) + d for i, d in out.codes.items()}, out.maps)
+        if x_src is x_tgt:  # self-swap: one inversion gives both halves of the code split (same values)
+            return self.synthesize(*self.invert(x_tgt))
         codes, maps = self.encode_target(x_tgt)
         codes.update(self.encode_codes(x_src, self.src_indices))
         return self.synthesize(codes, maps)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.swap(x, x)
+    def reconstruct(self, x: torch.Tensor, refine: bool = True) -> torch.Tensor:
+        """The self-swap of ``x``; ``refine=False`` leaves out the refinement passes (the warm start trains the
+        one-pass encoder that way before its refiner)."""
+        return self.swap(x, x) if refine else self.synthesize(*self.invert(x, refine=False))
 
     def mix_assignment(self) -> list[list[int]]:
         """Default two-source split: [global-source resolutions, local-source resolutions]."""
@@ -157,6 +180,8 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
 
     cfg = asdict(model.encoder.cfg)
     cfg["style_map_resolutions"] = list(cfg["style_map_resolutions"])
+    if cfg.get("refine_map_resolutions") is not None:
+        cfg["refine_map_resolutions"] = list(cfg["refine_map_resolutions"])
     state = {
         "format": SWAPPER_FORMAT,
         "version": __version__,
@@ -203,6 +228,8 @@ def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
     G.load_state_dict(gen["state_dict"])
     cfg = validate_encoder_config(state["encoder_config"], str(path), G.resolution)
     cfg["style_map_resolutions"] = tuple(cfg["style_map_resolutions"])
+    if cfg.get("refine_map_resolutions") is not None:
+        cfg["refine_map_resolutions"] = tuple(cfg["refine_map_resolutions"])
     cfg.setdefault("style_map_injection", "strength")  # files written before the direct path existed
     model = MFIM(
         G.to(device),

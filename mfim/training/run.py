@@ -65,15 +65,21 @@ def init_encoder(trainer, path: str | Path) -> None:
 
     encoder_state, ema_state, d_state = load_encoder_init(path)
     own = trainer.model.encoder.state_dict()
+    droppable = ("m2m.", "map_gain.", "refiner.")  # configuration A has no maps; refine_iterations 0 no refiner
     for module, state in ((trainer.model.encoder, encoder_state), (trainer.ema.encoder, ema_state)):
         extra = [k for k in state if k not in own]
-        if any(not k.startswith(("m2m.", "map_gain.")) for k in extra):
+        if any(not k.startswith(droppable) for k in extra):
             raise ValueError(f"{path}: encoder keys this configuration does not have, e.g. {extra[0]}")
         missing = [k for k in own if k not in state]
-        if missing:
+        new_refiner = bool(missing) and all(k.startswith("refiner.") for k in missing)
+        if missing and not new_refiner:
             raise ValueError(f"{path}: lacks {len(missing)} encoder tensors this configuration needs, e.g. "
                              f"{missing[0]} (made with other encoder params?)")
-        module.load_state_dict({k: v for k, v in state.items() if k in own})
+        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=not new_refiner)
+        if new_refiner:  # a one-pass encoder continues with refinement: the refiner starts as a copy of it
+            module.init_refiner()
+    if any(k.startswith("refiner.") for k in own) and not any(k.startswith("refiner.") for k in encoder_state):
+        print(f"init: {path} has no refiner; encoder.refine_iterations starts one from its encoder (no correction)")
     if d_state is not None and trainer.D is not None:
         own_d = trainer.D.state_dict()
         if set(d_state) == set(own_d) and all(own_d[k].shape == v.shape for k, v in d_state.items()):

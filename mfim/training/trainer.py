@@ -44,6 +44,9 @@ class TrainConfig:
     sample_every: int = 100
     log_every: int = 10
     bf16: bool = True  # autocast on CUDA only
+    # encoder.refine_iterations > 0: the refiner learns inversion in the warm start's refine phase (a reconstruction
+    # objective, as ReStyle); the swap objective trains the one-pass encoder only unless this is true
+    train_refiner: bool = False
 
     @staticmethod
     def from_params(train: dict) -> "TrainConfig":
@@ -59,6 +62,7 @@ class TrainConfig:
             sample_every=int(train.get("sample_every", 100)),
             log_every=int(train.get("log_every", 10)),
             bf16=bool(train.get("bf16", True)),
+            train_refiner=bool(train.get("train_refiner", False)),
         )
 
 
@@ -101,7 +105,11 @@ class Trainer:
         broadcast_parameters(self.model.encoder, self.dist)
         if self.D is not None:
             broadcast_parameters(self.D, self.dist)
-        self.opt_e = torch.optim.Adam(self.model.encoder.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.frozen_refiner = getattr(self.model.encoder, "refiner", None) is not None and not cfg.train_refiner
+        if self.frozen_refiner:
+            self.model.encoder.refiner.requires_grad_(False)
+        trainable = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        self.opt_e = torch.optim.Adam(trainable, lr=cfg.lr, betas=cfg.betas)
         self.opt_d = None
         if self.D is not None:
             # lazy regularisation: R1 runs every k steps, so lr and betas are rescaled as in StyleGAN2
@@ -121,6 +129,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         self.model.train()
+        if self.frozen_refiner:  # frozen means its batch-norm statistics too
+            self.model.encoder.refiner.eval()
         n = len(micro_batches)
         logs: dict[str, float] = {}
         swaps = []

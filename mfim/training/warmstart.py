@@ -14,7 +14,13 @@ mean something:
 2. **Reconstruction of real training images** (``recon_steps``): self-swap (source = target) with L1 + LPIPS, as
    pSp trains; this adapts the encoder from generator samples to the data and trains the style maps on real detail.
 
-Both phases train all M2C and M2M heads, so source and target codes are meaningful before the swap objective
+3. **Refinement** (``refine_steps``, only when ``encoder.refine_iterations`` > 0; not in the paper). The one-pass
+   encoder is frozen and the ReStyle-style refiner (mfim.models.encoder) starts as a copy of it and learns to
+   correct its inversion: self-reconstruction of real images through the refinement passes, L1 + LPIPS + an ID term
+   (``refine_id``, 1 - cos of the ID network, as pSp's inversion loss). Applied to the shipped swapper it took the
+   self-swap LPIPS on the held-out people from 0.19 to 0.10 in 400 steps (docs/EXPERIMENTS.md §12).
+
+Phases 1-2 train all M2C and M2M heads, so source and target codes are meaningful before the swap objective
 starts. The result is an encoder state dict plus its EMA (``save_warmstart``) that the ``train`` stage starts from.
 """
 
@@ -49,6 +55,9 @@ class WarmStartConfig:
     recon_lpips: float = 0.8
     ema_decay: float = 0.99
     log_every: int = 20
+    refine_steps: int = 0  # phase 3 (encoder.refine_iterations > 0 only)
+    refine_lr: float = 3e-4
+    refine_id: float = 2.0  # ID term of phase 3 (reconstruction L1/LPIPS weights: recon_l1, recon_lpips)
 
     @classmethod
     def from_params(cls, group: dict | None) -> "WarmStartConfig":
@@ -62,7 +71,7 @@ class WarmStartConfig:
 
     @property
     def steps(self) -> int:
-        return self.regression_steps + self.recon_steps
+        return self.regression_steps + self.recon_steps + self.refine_steps
 
 
 @torch.no_grad()
@@ -120,23 +129,37 @@ def regression_loss(model: MFIM, images: torch.Tensor, codes: dict[int, torch.Te
     return total, logs
 
 
-def reconstruction_loss(model: MFIM, x: torch.Tensor, recon, l1_weight: float, lpips_weight: float):
-    """Self-swap of real images: L1 + LPIPS against the input (both halves of the code split see the same x)."""
-    rec = recon(model.reconstruct(x), x)
+def reconstruction_loss(model: MFIM, x: torch.Tensor, recon, l1_weight: float, lpips_weight: float,
+                        refine: bool = False, id_loss=None, id_weight: float = 0.0):
+    """Self-swap of real images: L1 + LPIPS (+ ID) against the input (both halves of the code split see the same
+    x); ``refine``: through the refinement passes."""
+    y = model.reconstruct(x, refine=refine)
+    rec = recon(y, x)
     total = l1_weight * rec["l1"] + (lpips_weight * rec["lpips"] if "lpips" in rec else 0.0)
+    if id_loss is not None and id_weight > 0:
+        rec["id"] = id_loss(y, x)
+        total = total + id_weight * rec["id"]
     return total, {k: float(v.detach()) for k, v in rec.items()}
 
 
 def run_warmstart(model: MFIM, cfg: WarmStartConfig, real_batches=None, recon=None, device="cpu", seed: int = 0,
-                  on_log=None, progress: bool = True) -> tuple[dict, dict, list[dict]]:
-    """Both phases on ``model.encoder`` in place. Returns (encoder state, EMA encoder state, log rows)."""
+                  on_log=None, progress: bool = True, id_loss=None) -> tuple[dict, dict, list[dict]]:
+    """The phases on ``model.encoder`` in place (phase 3 only if it has a refiner; ``id_loss`` is its ID term).
+    Returns (encoder state, EMA encoder state, log rows)."""
     import copy
 
     torch.manual_seed(seed)
-    std = style_statistics(model, seed=seed)
     enc = model.encoder
+    if enc.refiner is None and cfg.refine_steps > 0:
+        print("warmstart: encoder.refine_iterations is 0, so the refine phase has nothing to train; skipped")
+        from dataclasses import replace
+
+        cfg = replace(cfg, refine_steps=0)
+    std = style_statistics(model, seed=seed) if cfg.regression_steps > 0 else None
     ema = copy.deepcopy(enc).eval().requires_grad_(False)
-    opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    base = [p for n, p in enc.named_parameters() if not n.startswith("refiner.")]
+    opt = torch.optim.Adam(base, lr=cfg.lr, betas=(0.9, 0.999))
+    opt_refine = None
     model.train()
     rows: list[dict] = []
     bar = None
@@ -152,17 +175,29 @@ def run_warmstart(model: MFIM, cfg: WarmStartConfig, real_batches=None, recon=No
             images, codes = sample_generator(model, cfg.batch_size, cfg.mixing_prob, cfg.truncation_psi)
             loss, logs = regression_loss(model, images, codes, std, cfg.image_l1, cfg.code_weight)
         else:
-            phase = "recon"
+            phase = "recon" if step < cfg.regression_steps + cfg.recon_steps else "refine"
             if real_batches is None or recon is None:
-                raise ValueError("warmstart.recon_steps > 0 needs real training images and a reconstruction loss")
+                raise ValueError(f"warmstart.{phase}_steps > 0 needs real training images and a reconstruction loss")
+            if phase == "refine" and opt_refine is None:  # phase 3 starts: freeze the one-pass encoder
+                if cfg.regression_steps + cfg.recon_steps > 0:
+                    enc.init_refiner()  # a copy of the encoder phases 1-2 trained, no correction yet
+                    ema.refiner.load_state_dict(enc.refiner.state_dict())
+                enc.requires_grad_(False)
+                enc.refiner.requires_grad_(True)
+                opt_refine = torch.optim.Adam(enc.refiner.parameters(), lr=cfg.refine_lr, betas=(0.9, 0.999))
+                model.eval()  # the frozen encoder's batch-norm statistics stay as they are
+                enc.refiner.train()
             batch = next(real_batches)
             x = torch.cat([batch["src"], batch["tgt"]])[: cfg.batch_size].to(device)
-            loss, logs = reconstruction_loss(model, x, recon, cfg.recon_l1, cfg.recon_lpips)
+            refining = phase == "refine"
+            loss, logs = reconstruction_loss(model, x, recon, cfg.recon_l1, cfg.recon_lpips, refine=refining,
+                                             id_loss=id_loss if refining else None, id_weight=cfg.refine_id)
         if not torch.isfinite(loss):
             raise RuntimeError(f"warmstart: loss became {float(loss)} at step {step} ({phase}); lower warmstart.lr")
-        opt.zero_grad(set_to_none=True)
+        optimizer = opt_refine if phase == "refine" else opt
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), enc.parameters()):
                 p_ema.lerp_(p.detach(), 1.0 - cfg.ema_decay)
@@ -173,7 +208,8 @@ def run_warmstart(model: MFIM, cfg: WarmStartConfig, real_batches=None, recon=No
         count += 1
         if bar is not None:
             bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.regression_steps, cfg.steps):
+        if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.regression_steps, cfg.regression_steps
+                                                           + cfg.recon_steps, cfg.steps):
             row = {"step": step + 1, "seconds": round(time.perf_counter() - t0, 2),
                    **{k: v / count for k, v in window.items()}}
             rows.append(row)
@@ -249,8 +285,13 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
     p = {**params, "encoder": {**params.get("encoder", {}), "style_maps": True}}
     model = build_model(p, G).to(device)
     resolution = int(lookup(params, "data.resolution", G.resolution))
-    real, recon = None, None
-    if cfg.recon_steps > 0:
+    real, recon, id_loss = None, None, None
+    if cfg.refine_steps > 0 and cfg.refine_id > 0 and model.encoder.refiner is not None:
+        from mfim.criteria.id_loss import IDLoss
+        from mfim.training.build import build_identity_embedder
+
+        id_loss = IDLoss(build_identity_embedder(params, device))
+    if cfg.recon_steps > 0 or cfg.refine_steps > 0:
         from mfim.nets.perceptual import load_lpips
 
         lp = None
@@ -266,7 +307,7 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
 
         t0 = time.perf_counter()
         state, ema_state, rows = run_warmstart(
-            model, cfg, real, recon, device=device, seed=seed,
+            model, cfg, real, recon, device=device, seed=seed, id_loss=id_loss,
             on_log=lambda step, row: mlflow.log_metrics(
                 {k: float(v) for k, v in row.items() if k != "step"}, step=step),
         )

@@ -34,6 +34,7 @@ MAX_PARAMETERS = 2**29  # ~2 GiB of float32; FFHQ 1024 config F is ~30 M
 
 ENCODER_MAX_INPUT = 1024
 ENCODER_MAX_WIDTH = 1024
+ENCODER_MAX_REFINE = 16  # encoder.refine_iterations: each is an encoder pass and a generator pass
 
 
 class CheckpointError(ValueError):
@@ -163,10 +164,16 @@ def validate_encoder_config(config: Any, what: str, generator_resolution: int) -
         if c.get(name) is not None:
             _int(c, name, 1, MAX_CHANNELS, what)
     _int(c, "style_map_channels", 0, MAX_CHANNELS, what, 1)
+    _int(c, "refine_iterations", 0, ENCODER_MAX_REFINE, what, 0)
     resolutions = c.get("style_map_resolutions", ())
     if not isinstance(resolutions, (list, tuple)) or len(resolutions) > 16:
         raise CheckpointError(f"{what}: style_map_resolutions is {resolutions!r}")
     for r in resolutions:
         if isinstance(r, bool) or not isinstance(r, int) or not 4 <= r <= generator_resolution:
             raise CheckpointError(f"{what}: style map resolution {r!r} is outside 4..{generator_resolution}")
+    refine_res = c.get("refine_map_resolutions")
+    if refine_res is not None and (not isinstance(refine_res, (list, tuple))
+                                   or not all(r in resolutions for r in refine_res)):
+        raise CheckpointError(f"{what}: refine_map_resolutions {refine_res!r} is not a subset of the style map "
+                              f"resolutions {list(resolutions)}")
     return c
