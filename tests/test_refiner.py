@@ -28,9 +28,11 @@ def test_a_new_refiner_changes_nothing():
     """Zero-initialised correction heads: refinement starts as the identity, whatever the iteration count."""
     one_pass = trained_looking(make(0))
     refined = make(3)
-    missing, unexpected = refined.encoder.load_state_dict(one_pass.encoder.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("refiner.") for k in missing)
-    refined.encoder.init_refiner()
+    # the one-pass state lacks exactly the refiner's tensors: it loads, and the refiner starts from it
+    assert refined.encoder.load_state_starting_refiner(one_pass.encoder.state_dict())
+    assert not make(1).encoder.load_state_starting_refiner(refined.encoder.state_dict())  # a plain strict load
+    with pytest.raises(RuntimeError, match="unexpected"):
+        make(3).encoder.load_state_starting_refiner({**one_pass.encoder.state_dict(), "bogus": torch.zeros(1)})
     src, tgt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(refined.swap(src, tgt), one_pass.swap(src, tgt))
@@ -210,3 +212,18 @@ def test_refine_map_resolutions_limits_which_maps_the_refiner_corrects(tmp_path)
     with pytest.raises(ValueError, match="refine_map_resolutions"):
         MFIM(G, EncoderConfig(input_size=32, width=8, style_map_resolutions=(8,), refine_iterations=1,
                               refine_map_resolutions=(16,)), coarse_max_res=8, mix_global_res=(16,))
+
+
+def test_save_swapper_carries_extra_entries_but_never_over_its_own(tmp_path):
+    from mfim.models.stylegan2 import Generator
+
+    G = Generator(32, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
+    m = MFIM(G, EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16)),
+             coarse_max_res=8, mix_global_res=(16,))
+    d = {"w": torch.arange(3.0)}
+    path = save_swapper(m, tmp_path / "s.pt", extra={"discriminator": d})
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["discriminator"]["w"], d["w"]) and state["format"] == "mfim-swapper"
+    with pytest.raises(ValueError, match="encoder"):
+        save_swapper(m, tmp_path / "t.pt", extra={"encoder": {}})
+    assert not (tmp_path / "t.pt").exists()

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from mfim.runtime import ensure_allocator_env
 
@@ -29,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     ensure_allocator_env()
     from mfim.assets import sha256_file
-    from mfim.config import load_params, lookup
+    from mfim.config import load_params, lookup, override
     from mfim.criteria.id_loss import IDLoss
     from mfim.criteria.recon_loss import ReconLoss
     from mfim.data.pairs import pair_batches
@@ -41,15 +40,7 @@ def main() -> None:
     from mfim.training.build import build_identity_embedder
     from mfim.training.warmstart import WarmStartConfig, run_warmstart
 
-    sys_params = load_params()
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        node = sys_params
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    params = sys_params
+    params = override(load_params(), args.overrides)
     configure_threads(lookup(params, "project.threads", 0))
     seed = int(lookup(params, "project.seed", 0))
     cfg = replace(WarmStartConfig.from_params(params.get("warmstart")), regression_steps=0, recon_steps=0)
@@ -62,9 +53,7 @@ def main() -> None:
         enc = FacialAttributeEncoder(replace(model.encoder.cfg, refine_iterations=iterations,
                                              refine_map_resolutions=None if refine_res is None else tuple(refine_res)),
                                      G.style_layers, G.noise_layers)
-        missing, unexpected = enc.load_state_dict(model.encoder.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("refiner.") for k in missing)
-        enc.init_refiner()
+        assert enc.load_state_starting_refiner(model.encoder.state_dict())
         model.encoder = enc
     lp = load_lpips(lookup(params, "loss.lpips_net", "alex")).eval().requires_grad_(False)
     real = iter(pair_batches(split_pattern("data/shards", "train"), None, (cfg.batch_size + 1) // 2, seed + 7,
@@ -74,12 +63,10 @@ def main() -> None:
     _, ema_state, rows = run_warmstart(model, cfg, real, ReconLoss(lp), seed=seed,
                                        id_loss=IDLoss(build_identity_embedder(params, "cpu")))
     seconds = time.perf_counter() - t0
-    save_swapper(model, args.out, encoder_state=ema_state, meta={"refine_steps": cfg.refine_steps})
-    state = torch.load(args.out, map_location="cpu", weights_only=True)
     source = torch.load(args.inp, map_location="cpu", weights_only=True)
-    if "discriminator" in source:  # the D the swapper was trained against, so `train` can continue from it
-        state["discriminator"] = source["discriminator"]
-    torch.save(state, args.out)
+    # the D the swapper was trained against, so that `train` can continue from it
+    extra = {"discriminator": source["discriminator"]} if "discriminator" in source else None
+    save_swapper(model, args.out, encoder_state=ema_state, meta={"refine_steps": cfg.refine_steps}, extra=extra)
     previous_path = args.inp.with_suffix(".json")
     record = {
         "output": str(args.out),

@@ -20,14 +20,6 @@ import yaml
 from mfim.runtime import ensure_allocator_env
 
 
-def set_dotted(params: dict, key: str, value) -> None:
-    node = params
-    *parents, last = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir", type=Path)
@@ -37,15 +29,12 @@ def main() -> None:
     args = ap.parse_args()
 
     ensure_allocator_env()
-    from mfim.config import load_params
+    from mfim.config import load_params, override
     from mfim.evaluation.evaluate import run_evaluation
     from mfim.training.presets import apply_preset
     from mfim.training.run import run_training
 
-    params = load_params()
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        set_dotted(params, key, yaml.safe_load(value))
+    params = override(load_params(), args.overrides)
     run = args.run_dir
     run.mkdir(parents=True, exist_ok=True)
     (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -233,6 +233,19 @@ class FacialAttributeEncoder(nn.Module):
             head.body[-1].bias.zero_()
         self.refiner.load_state_dict(target)
 
+    def load_state_starting_refiner(self, state: dict) -> bool:
+        """``load_state_dict(state)``, except that the state of an encoder without a refiner (a one-pass encoder's)
+        loaded into one that has it starts the refiner as a copy of it (``init_refiner``). Returns whether it did;
+        any other missing or unexpected key is an error, as in a strict load."""
+        missing = [k for k in self.state_dict() if k not in state]
+        new_refiner = bool(missing) and all(k.startswith("refiner.") for k in missing)
+        result = self.load_state_dict(state, strict=not new_refiner)
+        if new_refiner:
+            if result.unexpected_keys:
+                raise RuntimeError(f"unexpected encoder keys, e.g. {result.unexpected_keys[0]}")
+            self.init_refiner()
+        return new_refiner
+
     def latent_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
             x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)

@@ -168,8 +168,10 @@ class MFIM(nn.Module):
 SWAPPER_FORMAT = "mfim-swapper"
 
 
-def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dict | None = None):
-    """Everything inference needs in one file: generator (config + weights), encoder config + (EMA) weights, split.
+def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dict | None = None,
+                 extra: dict | None = None):
+    """Everything inference needs in one file: generator (config + weights), encoder config + (EMA) weights, split;
+    ``extra``: further top-level entries (e.g. the ``discriminator`` training continues against).
 
     Plain tensors and containers only, so it loads with torch.load(weights_only=True).
     """
@@ -193,7 +195,10 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
         "noise_mode": model.noise_mode,
         "meta": meta or {},
     }
-    return atomic_torch_save(state, path)
+    clash = set(extra or {}) & set(state)
+    if clash:
+        raise ValueError(f"save_swapper: extra entries {sorted(clash)} would replace the swapper's own")
+    return atomic_torch_save({**state, **(extra or {})}, path)
 
 
 def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:

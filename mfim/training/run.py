@@ -71,13 +71,11 @@ def init_encoder(trainer, path: str | Path) -> None:
         if any(not k.startswith(droppable) for k in extra):
             raise ValueError(f"{path}: encoder keys this configuration does not have, e.g. {extra[0]}")
         missing = [k for k in own if k not in state]
-        new_refiner = bool(missing) and all(k.startswith("refiner.") for k in missing)
-        if missing and not new_refiner:
+        if missing and not all(k.startswith("refiner.") for k in missing):
             raise ValueError(f"{path}: lacks {len(missing)} encoder tensors this configuration needs, e.g. "
                              f"{missing[0]} (made with other encoder params?)")
-        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=not new_refiner)
-        if new_refiner:  # a one-pass encoder continues with refinement: the refiner starts as a copy of it
-            module.init_refiner()
+        # a one-pass encoder continues with refinement: the refiner starts as a copy of it
+        module.load_state_starting_refiner({k: v for k, v in state.items() if k in own})
     if any(k.startswith("refiner.") for k in own) and not any(k.startswith("refiner.") for k in encoder_state):
         print(f"init: {path} has no refiner; encoder.refine_iterations starts one from its encoder (no correction)")
     if d_state is not None and trainer.D is not None:

@@ -27,7 +27,7 @@ starts. The result is an encoder state dict plus its EMA (``save_warmstart``) th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -152,8 +152,6 @@ def run_warmstart(model: MFIM, cfg: WarmStartConfig, real_batches=None, recon=No
     enc = model.encoder
     if enc.refiner is None and cfg.refine_steps > 0:
         print("warmstart: encoder.refine_iterations is 0, so the refine phase has nothing to train; skipped")
-        from dataclasses import replace
-
         cfg = replace(cfg, refine_steps=0)
     std = style_statistics(model, seed=seed) if cfg.regression_steps > 0 else None
     ema = copy.deepcopy(enc).eval().requires_grad_(False)
