@@ -335,7 +335,7 @@ def test_train_seed_defaults_to_the_project_seed_and_overrides_it():
     assert params_fingerprint(base) != params_fingerprint({"project": {"seed": 3}, "train": {"seed": 1}})
 
 
-def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_path):
+def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_path, capsys):
     from mfim.training.run import init_encoder
     from mfim.training.warmstart import save_warmstart
 
@@ -351,6 +351,8 @@ def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_pa
     tr_a = Trainer(model_a, MFIMObjective(LossWeights(**{**ONLY, "l1": 1.0}), recon=ReconLoss(None)),
                    TrainConfig(), torch.device("cpu"))
     init_encoder(tr_a, path)
+    said = capsys.readouterr().out  # what is dropped is said, not silent
+    assert "are not loaded" in said and "m2m." in said and "map_gain." in said
     for k, v in tr_a.model.encoder.state_dict().items():
         assert torch.equal(v, state[k]) and torch.equal(tr_a.ema.encoder.state_dict()[k], state[k])
     # a file lacking heads this configuration needs is refused, not half-loaded

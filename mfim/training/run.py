@@ -76,6 +76,9 @@ def init_encoder(trainer, path: str | Path) -> None:
                              f"{missing[0]} (made with other encoder params?)")
         # a one-pass encoder continues with refinement: the refiner starts as a copy of it
         module.load_state_starting_refiner({k: v for k, v in state.items() if k in own})
+    dropped = sorted({".".join(k.split(".")[:2]) for k in encoder_state if k not in own})
+    if dropped:  # e.g. configuration A, or a refiner file whose 16 px map heads refine_map_resolutions leaves out
+        print(f"init: {path}: this configuration has no {', '.join(dropped)}; those {len(dropped)} heads are not loaded")
     if any(k.startswith("refiner.") for k in own) and not any(k.startswith("refiner.") for k in encoder_state):
         print(f"init: {path} has no refiner; encoder.refine_iterations starts one from its encoder (no correction)")
     if d_state is not None and trainer.D is not None:
