@@ -48,19 +48,22 @@ def _render_identity(identity: int, images_per_identity: int, size: int):
     synth = _worker
     who = synth.identity(identity)
     albedo = synth.albedo(who)
-    images, exps, poses = [], [], []
+    images, landmarks, exps, poses = [], [], [], []
     for index in range(images_per_identity):
         out, spec = synth.render(who, index, albedo)
         # transform_size 4x the output: the recipe's own antialiasing, at a fraction of its 1024 px default cost
-        images.append(align_face(out.image, out.landmarks, size, transform_size=4 * size).image)
+        aligned = align_face(out.image, out.landmarks, size, transform_size=4 * size)
+        images.append(aligned.image)
+        landmarks.append(aligned.landmarks)
         exps.append(spec.exp)
         poses.append(spec.pose)
-    return identity, np.stack(images), who.shape, np.stack(exps), np.stack(poses)
+    return identity, np.stack(images), who.shape, np.stack(exps), np.stack(poses), np.stack(landmarks)
 
 
 def render_aligned_set(synth: SynthConfig, cfg: RenderSetConfig, log=print) -> dict[str, np.ndarray]:
-    """{'images': N×s×s×3 uint8, 'shape': N×40, 'exp': N×10, 'pose': N×3 (radians), 'identity': N} in identity
-    order; deterministic from ``synth.seed`` and the identity ids (not from the worker count)."""
+    """{'images': N×s×s×3 uint8, 'shape': N×40, 'exp': N×10, 'pose': N×3 (radians), 'identity': N, 'landmarks':
+    N×68×2 (the true BFM landmark vertices in aligned pixels)} in identity order; deterministic from ``synth.seed``
+    and the identity ids (not from the worker count)."""
     t0 = time.perf_counter()
     synth = replace(synth, images_per_identity=cfg.images_per_identity)
     ids = list(range(cfg.identity_offset, cfg.identity_offset + cfg.identities))
@@ -79,6 +82,7 @@ def render_aligned_set(synth: SynthConfig, cfg: RenderSetConfig, log=print) -> d
         "exp": np.concatenate([r[3] for r in results]).astype(np.float32),
         "pose": np.concatenate([r[4] for r in results]).astype(np.float32),
         "identity": np.concatenate([np.full(n, r[0], np.int64) for r in results]),
+        "landmarks": np.concatenate([r[5] for r in results]).astype(np.float32),
     }
     log(f"render set: {len(out['images'])} aligned {cfg.size} px faces of {cfg.identities} identities "
         f"in {time.perf_counter() - t0:.0f} s")
