@@ -1,6 +1,7 @@
 """L_id (eq. 1) and its optional jittered views: exactly eq. (1) at views 0, a true similarity transform, gradients
 through every view, and a loss that a crop-dependent "identity" cannot satisfy the way a crop-robust one does."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,3 +50,12 @@ def test_jittered_views_get_gradient_and_penalise_crop_specific_identity():
     assert swap.grad is not None and swap.grad.abs().sum() > 0
     smooth = F.avg_pool2d(torch.randn(2, 3, 64, 64), 9, 1, 4)  # a crop-robust identity does
     assert IDLoss(PooledEmbedder(), views=3)(smooth, smooth) < 1e-2
+
+
+def test_jitter_params_override_defaults_and_unknown_keys_are_refused():
+    assert IDLoss(PixelEmbedder(), views=1, jitter={"flip": False}).jitter["flip"] is False
+    assert IDLoss(PixelEmbedder(), views=1).jitter["scale"] == 0.08
+    with pytest.raises(ValueError, match="rotate"):
+        IDLoss(PixelEmbedder(), views=1, jitter={"rotate": 5.0})
+    with pytest.raises(ValueError, match="id_views"):
+        IDLoss(PixelEmbedder(), views=-1)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfim.config import load_params
+from mfim.data.threedmm_table import pearson_per_column as pearson
 from mfim.nets.bfm import load_bfm, tddfa_coefficient_stats
 
 N_LEAD = 10
@@ -94,10 +95,6 @@ def fit_free_camera(model, prior, points: np.ndarray, noise_px: float, init_iter
 
     x0 = np.r_[Rotation.from_matrix(r3).as_rotvec(), np.log(s.mean()), shift, coef]
     return least_squares(residuals, x0, method="lm").x[6:]
-
-
-def pearson(est: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    return np.array([np.corrcoef(est[:, j], truth[:, j])[0, 1] for j in range(est.shape[1])])
 
 
 def report(label: str, coef: np.ndarray, shape: np.ndarray, exp: np.ndarray) -> None:

@@ -32,14 +32,21 @@ def jitter(x: torch.Tensor, scale: float, shift: float, rotate_deg: float, flip:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+JITTER_DEFAULTS = {"scale": 0.08, "shift": 0.04, "rotate_deg": 8.0, "flip": True}
+"""``jitter``'s magnitudes (params.yaml ``loss.id_jitter``), each overridable."""
+
+
 class IDLoss(nn.Module):
-    def __init__(self, embedder: nn.Module, views: int = 0, scale: float = 0.08, shift: float = 0.04,
-                 rotate_deg: float = 8.0, flip: bool = True):
+    def __init__(self, embedder: nn.Module, views: int = 0, jitter: dict | None = None):
         super().__init__()
         if views < 0:
             raise ValueError(f"loss.id_views must be >= 0, got {views}")
+        unknown = sorted(set(jitter or {}) - set(JITTER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"loss.id_jitter: unknown keys {unknown} (known: {sorted(JITTER_DEFAULTS)})")
         self.embedder = embedder  # frozen; takes FFHQ-aligned B×3×H×W in [-1, 1]
-        self.views, self.scale, self.shift, self.rotate_deg, self.flip = int(views), scale, shift, rotate_deg, flip
+        self.views = int(views)
+        self.jitter = {**JITTER_DEFAULTS, **(jitter or {})}
 
     def forward(self, x_swap: torch.Tensor, x_src: torch.Tensor, src_embedding: torch.Tensor | None = None):
         """Mean over the batch (and the clean + ``views`` jittered copies); pass ``src_embedding`` to reuse a
@@ -50,9 +57,7 @@ class IDLoss(nn.Module):
         src_embedding = src_embedding.detach()
         x = x_swap
         if self.views:
-            x = torch.cat([x_swap] + [jitter(x_swap, self.scale, self.shift, self.rotate_deg, self.flip)
-                                      for _ in range(self.views)])
+            x = torch.cat([x_swap] + [jitter(x_swap, **self.jitter) for _ in range(self.views)])
             src_embedding = src_embedding.repeat(self.views + 1, 1)
         e_swap = self.embedder(x)
         return (1.0 - F.cosine_similarity(e_swap, src_embedding, dim=1)).mean()
-

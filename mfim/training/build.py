@@ -135,9 +135,8 @@ def build_objective(params: dict, G, device):
 
     loss = params.get("loss", {})
     w = LossWeights.from_params(loss)
-    jit = loss.get("id_jitter") or {}
     id_loss = IDLoss(build_identity_embedder(params, device), views=int(loss.get("id_views", 0)),
-                     **{k: jit[k] for k in ("scale", "shift", "rotate_deg", "flip") if k in jit}) if w.id > 0 else None
+                     jitter=loss.get("id_jitter")) if w.id > 0 else None
     lp = None
     if w.lpips > 0:
         from mfim.nets.perceptual import load_lpips
