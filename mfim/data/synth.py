@@ -419,9 +419,13 @@ class Synthesizer:
     def albedo(self, who: Identity) -> np.ndarray:
         return self.regions.albedo(who, texture_rng(self.cfg.seed, who.identity))
 
-    def render(self, who: Identity, index: int, albedo: np.ndarray | None = None) -> tuple[FaceRender, ImageSpec]:
+    def render(self, who: Identity, index: int, albedo: np.ndarray | None = None,
+               scene: int | None = None) -> tuple[FaceRender, ImageSpec]:
+        """Image ``index`` of ``who``. ``scene``: another identity id whose image ``index`` lends everything but the
+        person (expression, pose, placement, light, background, grain): ``who`` rendered there is the exact face
+        swap of ``who`` into that image (mfim.data.gt_swaps)."""
         cfg = self.cfg
-        spec, rng = sample_image(cfg, who.identity, index, self.exp_std)
+        spec, rng = sample_image(cfg, who.identity if scene is None else int(scene), index, self.exp_std)
         background = make_background(rng, cfg.canvas)
         center = face_center(self.bfm, spec.pose, spec.face_width, spec.position, cfg.canvas)
         camera = placement(self.bfm, spec.pose, spec.face_width, center, cfg.canvas)
