@@ -138,7 +138,7 @@ def build_objective(params: dict, G, device):
     id_loss = IDLoss(build_identity_embedder(params, device), views=int(loss.get("id_views", 0)),
                      jitter=loss.get("id_jitter")) if w.id > 0 else None
     lp = None
-    if w.lpips > 0:
+    if w.lpips > 0 or w.gt_swap > 0:  # the ground-truth swap term is L1 + LPIPS too
         from mfim.nets.perceptual import load_lpips
 
         lp = load_lpips(loss.get("lpips_net", "alex")).to(device).eval().requires_grad_(False)
@@ -153,4 +153,5 @@ def build_objective(params: dict, G, device):
                              "model no mouth opening as a pose); set loss.jaw_pose: false")
         tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"), jaw_pose=jaw)
     D = build_discriminator(params, G, device) if w.adv > 0 else None  # R1 only regularises an adversarial D
-    return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D)
+    return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D,
+                         gt_swap_region=str(loss.get("gt_swap_region", "image")))

@@ -8,7 +8,8 @@ swaps (resized to the target's size) as fake.
 
 Not in the paper: ``background_l1`` (λ, default 0), an L1 outside the face region on pairs of different people
 (mfim.criteria.recon_loss.BackgroundL1), for when ``recon_cross_identity`` < 1 leaves their hair and background
-unsupervised.
+unsupervised; ``gt_swap`` (λ, default 0), L1 + LPIPS against the exact swap where the batch has one (rendered
+triples of the synthetic protocol, mfim.data.gt_swaps).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class LossWeights:
     # L1 outside the face on pairs of different people: hair and background come from the target whatever the
     # source, so this pixel pull does not fight the ID loss the way full-image L1/LPIPS on a cross pair does.
     background_l1: float = 0.0
+    # L1 + LPIPS against the ground-truth swap on the batch rows that have one (synthetic data: mfim.data.gt_swaps)
+    gt_swap: float = 0.0
 
     @staticmethod
     def from_params(loss: dict) -> "LossWeights":
@@ -53,8 +56,8 @@ class LossWeights:
         return tuple(t for t in ("shape", "pose", "exp") if getattr(self, t) > 0)
 
 
-# eq. (6) terms of the encoder update, plus our optional background L1 on cross pairs
-ENCODER_TERMS = ("id", "l1", "lpips", "background_l1", "adv", "shape", "pose", "exp")
+# eq. (6) terms of the encoder update, plus our optional background L1 on cross pairs and ground-truth swap term
+ENCODER_TERMS = ("id", "l1", "lpips", "background_l1", "gt_swap", "adv", "shape", "pose", "exp")
 
 
 def loss_shares(terms: dict[str, float], weights: LossWeights) -> dict[str, float]:
@@ -78,10 +81,15 @@ class MFIMObjective(nn.Module):
     """Holds the frozen loss networks and the discriminator; computes the generator-side and D-side terms."""
 
     def __init__(self, weights: LossWeights, id_loss=None, recon=None, threedmm=None, discriminator=None,
-                 background=None):
+                 background=None, gt_swap_region: str = "image"):
         super().__init__()
         self.w = weights
         self.background = background if background is not None or weights.background_l1 <= 0 else BackgroundL1()
+        if gt_swap_region not in ("image", "face"):
+            raise ValueError(f"loss.gt_swap_region must be 'image' or 'face', not {gt_swap_region!r}")
+        # face: the swap's pixels outside the (dilated) template face are replaced by the ground truth's before
+        # L1 + LPIPS, so the term asks only for the face, not for the scene the other terms already reconstruct
+        self.gt_face = BackgroundL1() if gt_swap_region == "face" else None
         self.id_loss = id_loss
         self.recon = recon
         self.threedmm = threedmm
@@ -94,9 +102,11 @@ class MFIMObjective(nn.Module):
             raise ValueError("loss.adv > 0 needs a discriminator")
 
     def encoder_terms(self, x_swap: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor,
-                      same_identity: torch.Tensor | None = None):
+                      same_identity: torch.Tensor | None = None, gt: torch.Tensor | None = None,
+                      has_gt: torch.Tensor | None = None):
         """(weighted total, {term: unweighted value}) for the encoder update. ``same_identity`` (B bool) is needed
-        only when ``recon_cross_identity`` != 1."""
+        only when ``recon_cross_identity`` != 1; ``gt`` (B×3×H×W) and ``has_gt`` (B bool: which rows' ``gt`` is
+        real) only for ``gt_swap``, whose term is absent from a batch without such rows."""
         w, terms = self.w, {}
         if w.id > 0:
             with fp32_targets(x_src):
@@ -120,6 +130,14 @@ class MFIMObjective(nn.Module):
             cross = 1.0 - same_identity.to(x_swap.device).float()
             if cross.sum() > 0:
                 terms["background_l1"] = self.background(x_swap, x_tgt, cross)
+        if w.gt_swap > 0 and gt is not None and has_gt is not None and bool(has_gt.any()):
+            gt = gt.to(x_swap.device)
+            x = match_size(x_swap, gt)
+            if self.gt_face is not None:
+                outside = self.gt_face.background(x.shape[-1], x.device, x.dtype)
+                x = x * (1 - outside) + gt * outside
+            rec = self.recon(x, gt, has_gt.to(x_swap.device).float())
+            terms["gt_swap"] = rec["l1"] + rec.get("lpips", 0.0)  # eq. (2)'s form, against the exact swap
         if w.adv > 0:
             terms["adv"] = generator_loss(self.discriminator(match_size(x_swap, x_tgt)))
         wanted = w.threedmm_terms

@@ -87,7 +87,8 @@ def init_encoder(trainer, path: str | Path) -> None:
             trainer.D.load_state_dict(d_state)  # a shipped swapper carries the D it was trained against
 
 
-def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", shards_dir="data/shards") -> dict:
+def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", shards_dir="data/shards",
+                 gt_swaps_path="data/gt_swaps/triples.npz") -> dict:
     from mfim.data.pairs import pair_batches
     from mfim.data.shards import split_pattern
     from mfim.evaluation.grids import save_grid
@@ -128,12 +129,15 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
     init = str(tr.get("init_checkpoint", "") or "")
     init_path = Path(init) if init else None
+    gt_pairs = int(tr.get("gt_swap_pairs", 0) or 0)  # rows of each batch that are ground-truth swap triples
+    gt_set = Path(gt_swaps_path)
     fingerprint = params_fingerprint(
         params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
-        + ([init_path] if init_path else [])
+        + ([init_path] if init_path else []) + ([gt_set] if gt_pairs else [])
     )
 
     position = None
+    gt_drawn = 0
     history: list[dict] = []
     resumed = False
     resumed_run = None  # the MLflow run of the interrupted run this one continues
@@ -151,6 +155,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         else:
             trainer.load_state_dict(state)
             position = data.get("position")
+            gt_drawn = int(data.get("gt_drawn", 0))
             history = list(data.get("history") or [])
             resumed_run = data.get("mlflow_run_id")
             resumed = True
@@ -174,6 +179,13 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         position=position,
         resolution=int(lookup(params, "data.resolution", G.resolution)),
     )
+    if gt_pairs > 0:  # synthetic data: rendered (source, target, exact swap) triples join every batch
+        from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
+
+        if lookup(params, "loss.gt_swap", 0) <= 0:
+            raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 (the term the triples are for)")
+        gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=gt_drawn)
+        batches = BatchesWithGtRows(batches, gt_rows)
     sample = next(
         iter(
             pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)), seed + 99,
@@ -209,6 +221,8 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
     def data_state() -> dict:
         state = {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history}
+        if gt_pairs > 0:
+            state["gt_drawn"] = gt_rows.drawn
         if run_ids:
             state["mlflow_run_id"] = run_ids[0]
         return state
