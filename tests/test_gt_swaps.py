@@ -148,7 +148,30 @@ def test_face_region_asks_for_the_face_alone():
     has = torch.tensor([True, True])
     total, terms = obj.encoder_terms(x, gt, gt, None, gt, has)
     outside = obj.gt_face.background(32, "cpu", torch.float32)
-    assert float(terms["gt_swap"]) == pytest.approx(0.5 * float((1 - outside).mean()), rel=1e-5)
+    assert float(terms["gt_swap"].detach()) == pytest.approx(0.5 * float((1 - outside).mean()), rel=1e-5)
     total.backward()
     assert float(x.grad[:, :, outside[0, 0] == 1].abs().max()) == 0.0  # the scene is not asked for
     assert float(x.grad[:, :, 16, 16].abs().min()) > 0  # the face is
+
+
+def test_gt_swap_id_target_compares_with_the_truth_on_its_rows():
+    import torch.nn.functional as F
+
+    from mfim.criteria.id_loss import IDLoss
+    from mfim.criteria.recon_loss import ReconLoss
+    from mfim.training.objective import MFIMObjective
+    from tests.stubs import StubEmbedder
+
+    w = LossWeights(id=1.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0)
+    g = torch.Generator().manual_seed(0)
+    x_swap, x_src = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    has = torch.tensor([False, True, False, True])
+    obj = MFIMObjective(w, id_loss=IDLoss(StubEmbedder()), recon=ReconLoss(None), gt_swap_id_target=True)
+    _, terms = obj.encoder_terms(x_swap, x_src, x_src, None, x_swap.clone(), has)  # the truth is the swap itself
+    emb = obj.id_loss.embedder
+    per_row = 1 - F.cosine_similarity(emb(x_swap), emb(x_src), dim=1)
+    want = float(per_row[~has].sum() / 4)  # rows with a truth contribute 0: the swap is their target
+    assert float(terms["id"].detach()) == pytest.approx(want, rel=1e-5)
+    plain = MFIMObjective(w, id_loss=IDLoss(StubEmbedder()), recon=ReconLoss(None))  # off: the source, as eq. (1)
+    _, eq1 = plain.encoder_terms(x_swap, x_src, x_src, None, x_swap.clone(), has)
+    assert float(eq1["id"].detach()) == pytest.approx(float(per_row.mean().detach()), rel=1e-5)

@@ -154,4 +154,5 @@ def build_objective(params: dict, G, device):
         tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"), jaw_pose=jaw)
     D = build_discriminator(params, G, device) if w.adv > 0 else None  # R1 only regularises an adversarial D
     return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D,
-                         gt_swap_region=str(loss.get("gt_swap_region", "image")))
+                         gt_swap_region=str(loss.get("gt_swap_region", "image")),
+                         gt_swap_id_target=bool(loss.get("gt_swap_id_target", False)))

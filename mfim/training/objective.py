@@ -81,7 +81,7 @@ class MFIMObjective(nn.Module):
     """Holds the frozen loss networks and the discriminator; computes the generator-side and D-side terms."""
 
     def __init__(self, weights: LossWeights, id_loss=None, recon=None, threedmm=None, discriminator=None,
-                 background=None, gt_swap_region: str = "image"):
+                 background=None, gt_swap_region: str = "image", gt_swap_id_target: bool = False):
         super().__init__()
         self.w = weights
         self.background = background if background is not None or weights.background_l1 <= 0 else BackgroundL1()
@@ -90,6 +90,9 @@ class MFIMObjective(nn.Module):
         # face: the swap's pixels outside the (dilated) template face are replaced by the ground truth's before
         # L1 + LPIPS, so the term asks only for the face, not for the scene the other terms already reconstruct
         self.gt_face = BackgroundL1() if gt_swap_region == "face" else None
+        # rows with a ground-truth swap: L_id compares the swap with R(truth), the source's identity in the target's
+        # pose and light, instead of R(x_src) in the source's own
+        self.gt_swap_id_target = bool(gt_swap_id_target)
         self.id_loss = id_loss
         self.recon = recon
         self.threedmm = threedmm
@@ -111,6 +114,9 @@ class MFIMObjective(nn.Module):
         if w.id > 0:
             with fp32_targets(x_src):
                 src_embedding = self.id_loss.embedder(x_src.float())
+                if self.gt_swap_id_target and gt is not None and has_gt is not None and bool(has_gt.any()):
+                    rows = has_gt.to(x_src.device)
+                    src_embedding[rows] = self.id_loss.embedder(gt.to(x_src.device)[rows].float())
             terms["id"] = self.id_loss(x_swap, x_src, src_embedding=src_embedding)
         if w.l1 > 0 or w.lpips > 0:
             pair_weight = None

@@ -182,8 +182,9 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     if gt_pairs > 0:  # synthetic data: rendered (source, target, exact swap) triples join every batch
         from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
 
-        if lookup(params, "loss.gt_swap", 0) <= 0:
-            raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 (the term the triples are for)")
+        if lookup(params, "loss.gt_swap", 0) <= 0 and not lookup(params, "loss.gt_swap_id_target", False):
+            raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 or loss.gt_swap_id_target: true (what "
+                             "the triples are for)")
         gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=gt_drawn)
         batches = BatchesWithGtRows(batches, gt_rows)
     sample = next(
