@@ -18,12 +18,11 @@ from mfim.runtime import ensure_allocator_env
 
 def main(argv: list[str] | None = None) -> None:
     import numpy as np
-    import torch
 
     from mfim.config import load_params, lookup
-    from mfim.data.gt_swaps import GtSwapConfig, render_gt_swap_set, save_gt_swap_set
+    from mfim.data.gt_swaps import GtSwapConfig, empty_gt_swap_set, render_gt_swap_set, save_gt_swap_set
     from mfim.data.synth import SynthConfig
-    from mfim.evaluation.grids import save_grid
+    from mfim.evaluation.grids import from_uint8, save_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -39,9 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     if synthetic and cfg.pairs > 0:
         data = render_gt_swap_set(SynthConfig.from_params(lookup(params, "synthesize")), cfg)
     else:  # keep the stage's output so the DAG stays whole; train refuses gt_swap_pairs > 0 on an empty set
-        empty = np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
-        data = {"src": empty, "tgt": empty, "gt": empty, "source_identity": np.zeros(0, np.int64),
-                "target_identity": np.zeros(0, np.int64)}
+        data = empty_gt_swap_set(cfg.size)
         print("gt_swaps: nothing rendered (" + ("gt_swaps.pairs is 0" if synthetic else
                                                  "data.source is not 'synthetic': real photos have no ground truth")
               + ")")
@@ -50,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     # source | target | ground-truth swap; an empty set leaves one grey row (the output must exist for DVC)
     rows = slice(0, min(8, n)) if n else slice(0, 1)
     images = data if n else {k: np.full((1, cfg.size, cfg.size, 3), 128, np.uint8) for k in ("src", "tgt", "gt")}
-    save_grid(args.grid, [torch.from_numpy(images[k][rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                          for k in ("src", "tgt", "gt")])
+    save_grid(args.grid, [from_uint8(images[k][rows]) for k in ("src", "tgt", "gt")])
     report = {"triples": n, "people": int(len(set(data["source_identity"]) | set(data["target_identity"]))),
               "size": cfg.size, "seconds": round(time.perf_counter() - t0, 1),
               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfim.data import synth as synth_module
 from mfim.data.synth import SynthConfig, Synthesizer
+from mfim.data.threedmm_table import images_to_tensor
 
 ARRAYS = ("src", "tgt", "gt", "source_identity", "target_identity")
-_worker: Synthesizer | None = None
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,6 @@ def draw_triples(train_ids: list[int], cfg: GtSwapConfig) -> np.ndarray:
     return np.stack([ids[tgt], ids[src], cfg.first_index + 2 * k, cfg.first_index + 2 * k + 1], 1)
 
 
-def _init(cfg: SynthConfig) -> None:
-    global _worker
-    torch.set_num_threads(1)
-    _worker = Synthesizer(cfg)
-
-
 def render_triple(synth: Synthesizer, row, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(source, target, ground-truth swap), each size×size×3 uint8, FFHQ-aligned (the swap in the target's crop)."""
     from mfim.nets.align import align_face
@@ -83,7 +78,8 @@ def render_triple(synth: Synthesizer, row, size: int) -> tuple[np.ndarray, np.nd
 
 
 def _render_rows(rows: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    return [render_triple(_worker, row, size) for row in rows]
+    # the process's Synthesizer, made by synthesize's own worker initialiser
+    return [render_triple(synth_module._worker, row, size) for row in rows]
 
 
 def render_gt_swap_set(synth: SynthConfig, cfg: GtSwapConfig, log=print) -> dict[str, np.ndarray]:
@@ -95,16 +91,24 @@ def render_gt_swap_set(synth: SynthConfig, cfg: GtSwapConfig, log=print) -> dict
     chunks = np.array_split(table, max(1, len(table) // 32))
     if cfg.workers > 1:
         ctx = get_context("spawn")  # not fork: a forked torch thread pool can deadlock
-        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init, initargs=(synth,)) as pool:
+        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=synth_module._init_worker,
+                                 initargs=(synth,)) as pool:
             results = [t for part in pool.map(_render_rows, chunks, [cfg.size] * len(chunks)) for t in part]
     else:
-        _init(synth)
+        synth_module._init_worker(synth)
         results = [t for part in chunks for t in _render_rows(part, cfg.size)]
     out = {name: np.stack([r[i] for r in results]) for i, name in enumerate(("src", "tgt", "gt"))}
     out["target_identity"], out["source_identity"] = table[:, 0].copy(), table[:, 1].copy()
     log(f"gt_swaps: {len(table)} (source, target, swap) triples of {len(set(table[:, :2].ravel()))} training "
         f"people at {cfg.size} px in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def empty_gt_swap_set(size: int) -> dict[str, np.ndarray]:
+    """The set with no triples (real photos, or gt_swaps.pairs 0): the stage's output still exists."""
+    images = np.zeros((0, size, size, 3), np.uint8)
+    return {"src": images, "tgt": images, "gt": images, "source_identity": np.zeros(0, np.int64),
+            "target_identity": np.zeros(0, np.int64)}
 
 
 def save_gt_swap_set(data: dict[str, np.ndarray], path: str | Path) -> Path:
@@ -142,10 +146,6 @@ class GtSwapRows:
                              "takes (train.gt_swap_pairs): raise gt_swaps.pairs")
         self.data, self.k, self.seed, self.flip, self.drawn = data, int(k), int(seed), bool(flip), int(drawn)
 
-    @staticmethod
-    def _tensor(images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
     def next(self) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 11, self.drawn])
         self.drawn += 1
@@ -156,7 +156,7 @@ class GtSwapRows:
             tgt = np.where(f_pair[:, None, None, None], tgt[:, :, ::-1], tgt)
             gt = np.where(f_pair[:, None, None, None], gt[:, :, ::-1], gt)
             src = np.where(f_src[:, None, None, None], src[:, :, ::-1], src)
-        return {"src": self._tensor(src), "tgt": self._tensor(tgt), "gt": self._tensor(gt)}
+        return {"src": images_to_tensor(src), "tgt": images_to_tensor(tgt), "gt": images_to_tensor(gt)}
 
 
 def with_gt_rows(batch: dict, rows: dict[str, torch.Tensor]) -> dict:

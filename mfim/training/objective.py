@@ -111,12 +111,14 @@ class MFIMObjective(nn.Module):
         only when ``recon_cross_identity`` != 1; ``gt`` (B×3×H×W) and ``has_gt`` (B bool: which rows' ``gt`` is
         real) only for ``gt_swap``, whose term is absent from a batch without such rows."""
         w, terms = self.w, {}
+        with_truth = gt is not None and has_gt is not None and bool(has_gt.any())
+        if with_truth:
+            gt, has_gt = gt.to(x_swap.device), has_gt.to(x_swap.device)
         if w.id > 0:
             with fp32_targets(x_src):
                 src_embedding = self.id_loss.embedder(x_src.float())
-                if self.gt_swap_id_target and gt is not None and has_gt is not None and bool(has_gt.any()):
-                    rows = has_gt.to(x_src.device)
-                    src_embedding[rows] = self.id_loss.embedder(gt.to(x_src.device)[rows].float())
+                if self.gt_swap_id_target and with_truth:
+                    src_embedding[has_gt] = self.id_loss.embedder(gt[has_gt].float())
             terms["id"] = self.id_loss(x_swap, x_src, src_embedding=src_embedding)
         if w.l1 > 0 or w.lpips > 0:
             pair_weight = None
@@ -136,13 +138,12 @@ class MFIMObjective(nn.Module):
             cross = 1.0 - same_identity.to(x_swap.device).float()
             if cross.sum() > 0:
                 terms["background_l1"] = self.background(x_swap, x_tgt, cross)
-        if w.gt_swap > 0 and gt is not None and has_gt is not None and bool(has_gt.any()):
-            gt = gt.to(x_swap.device)
+        if w.gt_swap > 0 and with_truth:
             x = match_size(x_swap, gt)
             if self.gt_face is not None:
                 outside = self.gt_face.background(x.shape[-1], x.device, x.dtype)
                 x = x * (1 - outside) + gt * outside
-            rec = self.recon(x, gt, has_gt.to(x_swap.device).float())
+            rec = self.recon(x, gt, has_gt.float())
             terms["gt_swap"] = rec["l1"] + rec.get("lpips", 0.0)  # eq. (2)'s form, against the exact swap
         if w.adv > 0:
             terms["adv"] = generator_loss(self.discriminator(match_size(x_swap, x_tgt)))
