@@ -26,11 +26,13 @@ def _fit(group: dict, params: dict, out: str, train_pattern: str, eval_pattern, 
     from mfim.data.synth import SynthConfig
     from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_render_set, fit_from_table
 
-    model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]))
+    model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),
+                                backbone=str(group.get("backbone", "small")))
     fit = FitConfig(epochs=int(group["epochs"]), batch_size=int(group["batch_size"]), lr=float(group["lr"]),
                     val_fraction=float(group["val_fraction"]),
                     seed=int(group.get("seed", lookup(params, "project.seed", 0))),
-                    augment=bool(group.get("augment", True)))
+                    augment=bool(group.get("augment", True)),
+                    shape_tail_weight=float(group.get("shape_tail_weight", 1.0)))
     n_render = int(group.get("render_identities", 0) or 0)
     if n_render > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
         render = render_aligned_set(

@@ -106,3 +106,68 @@ def test_split_by_group_keeps_identities_whole():
     unknown = np.full(50, -1)
     train, val = split_by_group(unknown, 0.1, 0)
     assert len(val) == 5 and len(train) == 45
+
+
+# --- the mobilenet_v1 backbone: 3DDFA_V2's network as plain torch layers, started from its weights ---------------
+
+
+def test_mobilenet_v1_with_tddfa_weights_matches_the_onnx_file():
+    import onnxruntime
+
+    from mfim.assets import resolve
+    from mfim.nets.mobilenet_v1 import MobileNetV1, tddfa_state
+
+    net = MobileNetV1()
+    net.load_state_dict(tddfa_state())
+    x = torch.randn(2, 3, 120, 120, generator=torch.Generator().manual_seed(1)).clamp(-2, 2)
+    session = onnxruntime.InferenceSession(str(resolve("tddfa_mb1_onnx")), providers=["CPUExecutionProvider"])
+    reference = np.concatenate([session.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(2)])
+    with torch.no_grad():
+        assert np.abs(net(x).numpy() - reference).max() <= 1e-4
+
+
+def test_a_regressor_started_from_tddfa_predicts_what_tddfa_predicts(tmp_path):
+    """Before any fitting, the mobilenet_v1 regressor is 3DDFA_V2: same roi, same input scaling, and a head that
+    re-expresses 3DDFA_V2's shape and expression in the regressor's own normalisation (a wrong row, scale or crop
+    shows here). Its pose rows start at the training mean. Then it round-trips through a checkpoint bit-exactly."""
+    from mfim.nets.threedmm import TDDFAEncoder
+    from mfim.nets.threedmm_regressor import init_from_tddfa
+
+    g = torch.Generator().manual_seed(0)
+    # statistics at BFM's scales: shape coefficients ~1e5, expression ~1, pose angles ~0.3
+    scale = torch.cat([torch.full((40,), 1e5), torch.ones(10), torch.full((3,), 0.3)])
+    mean = torch.randn(53, generator=g) * 0.1 * scale
+    std = (torch.rand(53, generator=g) + 0.5) * scale
+    model = init_from_tddfa(ThreeDMMRegressor(RegressorConfig(input_size=64, backbone="mobilenet_v1"), mean, std))
+    model.freeze()
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        ours, theirs = model(x), TDDFAEncoder()(x)
+    scale = theirs.shape.abs().max()
+    assert (ours.shape - theirs.shape).abs().max() <= 1e-4 * scale
+    assert (ours.exp - theirs.exp).abs().max() <= 1e-4 * theirs.exp.abs().max()
+    assert torch.allclose(ours.pose, mean[50:].expand(3, 3))
+    path = save_regressor(model, tmp_path / "r.pt", "ground_truth", {})
+    loaded = load_fitted_regressor(path)
+    assert loaded.config.backbone == "mobilenet_v1"
+    with torch.no_grad():
+        again = loaded(x)
+    assert torch.equal(again.shape, ours.shape) and torch.equal(again.exp, ours.exp)
+
+
+def test_shape_tail_weight_leaves_the_leading_coefficients_to_the_loss():
+    """With the tail at weight 0, targets that differ only in the shape coefficients after the leading ten give the
+    same fit (the loss does not see them)."""
+    images, targets, groups = known_function_data(n=64)
+    noisy = dict(targets, shape=targets["shape"].copy())
+    noisy["shape"][:, 10:] = np.random.default_rng(5).normal(size=noisy["shape"][:, 10:].shape)
+    fit = FitConfig(epochs=2, batch_size=16, augment=False, shape_tail_weight=0.0)
+    cfg = RegressorConfig(input_size=16, width=4)
+    torch.manual_seed(0)
+    a, ra = fit_regressor(images, targets, groups, cfg, fit, log=lambda *_: None)
+    torch.manual_seed(0)
+    b, rb = fit_regressor(images, noisy, groups, cfg, fit, log=lambda *_: None)
+    assert ra["train_loss"] == rb["train_loss"]
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(a.forward_normalized(x)[:, :10], b.forward_normalized(x)[:, :10], atol=1e-6)

@@ -36,6 +36,11 @@ def test_each_stage_lists_the_weights_it_reads():
     # the embedded default: nothing by path, the registry assets instead
     assets, official = stage_weights("train", {"loss": {"threedmm_encoder": "fitted"}})
     assert official == {} and {"mobilefacenet_onnx", "lpips_alex"} <= set(assets)
+    # a regressor started from 3DDFA_V2's weights reads them; the small one does not
+    assert "tddfa_mb1_onnx" not in stage_weights("fit_regressor", {})[0]
+    for group in ("regressor", "evaluator"):
+        assets, _ = stage_weights("fit_regressor", {"threedmm": {group: {"backbone": "mobilenet_v1"}}})
+        assert {"tddfa_mb1_onnx", "tddfa_param_stats", "bfm_noneck"} <= set(assets) and len(assets) == len(set(assets))
 
 
 def test_manifest_records_bytes_and_missing_files(tmp_path, monkeypatch):

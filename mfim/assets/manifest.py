@@ -67,6 +67,9 @@ def stage_weights(stage: str, params: dict) -> tuple[list[str], dict[str, str]]:
 
     if stage in ("synthesize", "fit_regressor"):  # BFM renders
         assets += _BFM
+        if stage == "fit_regressor" and any(lookup(params, f"threedmm.{g}.backbone", "small") == "mobilenet_v1"
+                                            for g in ("regressor", "evaluator")):
+            assets += [a for a in _TDDFA if a not in assets]  # started from 3DDFA_V2's weights
     elif stage == "align":
         assets += _landmarks(params)
     elif stage == "evalsets":

@@ -1,4 +1,8 @@
-"""The fitted 3DMM regressor: a small differentiable CNN from an FFHQ-aligned face to BFM shape/exp and pose.
+"""The fitted 3DMM regressor: a differentiable CNN from an FFHQ-aligned face to BFM shape/exp and pose.
+
+Two backbones (``RegressorConfig.backbone``): ``small``, a few strided convolutions fitted from scratch, and
+``mobilenet_v1``, 3DDFA_V2's own network started from its weights and fitted further (on the renders it sees BFM
+shape and expression better at the same data: docs/EXPERIMENTS.md §15).
 
 It is the third 3DMM option beside 3DDFA_V2 and DECA, and what L_shape uses on the embedded default: 3DDFA_V2 cannot
 see BFM shape on these renders, while a network fitted to the renders' ground truth can. On real data it is fitted
@@ -9,7 +13,7 @@ The network predicts std-normalised parameters (each coefficient minus the train
 ``forward_normalized`` gives the normalised vector directly (``[shape | exp | pose]``), the scale the 3DMM losses use.
 
 Checkpoint (``data/threedmm/regressor.pt``, loads with ``torch.load(weights_only=True)``): a dict with ``format``,
-``version``, ``config`` (input_size, width, n_shape, n_exp), ``state_dict``, ``mean``/``std`` (normalisation
+``version``, ``config`` (input_size, width, n_shape, n_exp, backbone), ``state_dict``, ``mean``/``std`` (normalisation
 stats, also buffers of the module), ``target`` (ground_truth | estimate) and ``val_error`` (per parameter group).
 """
 
@@ -31,12 +35,18 @@ FORMAT = "mfim-threedmm-regressor"
 VERSION = 1
 
 
+BACKBONES = ("small", "mobilenet_v1")
+
+
 @dataclass
 class RegressorConfig:
-    input_size: int = 64
-    width: int = 32
+    input_size: int = 64  # side of the aligned face the network is fitted on (inputs are resized to it first)
+    width: int = 32  # base channels of the small backbone
     n_shape: int = N_SHAPE
     n_exp: int = N_EXP
+    # small: the CNN below, from scratch. mobilenet_v1: 3DDFA_V2's network (mfim.nets.mobilenet_v1) on its own
+    # 120 px roi of the aligned face, started from 3DDFA_V2's weights when fitted (init_from_tddfa)
+    backbone: str = "small"
 
     @property
     def n_out(self) -> int:
@@ -47,6 +57,11 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(inplace=True))
 
 
+class _GlobalMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class ThreeDMMRegressor(nn.Module):
     """aligned B×3×H×W in [-1, 1] (any H=W) -> ThreeDMMParams. Differentiable w.r.t. the input."""
 
@@ -54,6 +69,18 @@ class ThreeDMMRegressor(nn.Module):
                  std: torch.Tensor | None = None):
         super().__init__()
         self.config = c = config or RegressorConfig()
+        if c.backbone not in BACKBONES:
+            raise ValueError(f"3DMM regressor backbone must be one of {BACKBONES}, got {c.backbone!r}")
+        self.register_buffer("mean", torch.zeros(c.n_out) if mean is None else mean.float().clone())
+        self.register_buffer("std", torch.ones(c.n_out) if std is None else std.float().clone())
+        self.frozen = False
+        if c.backbone == "mobilenet_v1":
+            from mfim.nets.mobilenet_v1 import MobileNetV1
+
+            net = MobileNetV1(c.n_out)
+            self.features = nn.Sequential(net.body, _GlobalMean())
+            self.head = net.fc
+            return
         w = c.width
         layers, cin, size = [], 3, c.input_size
         # Stride-2 stages down to 4×4, then a flatten: geometry (where the jaw and eyes are) is what is regressed,
@@ -71,9 +98,6 @@ class ThreeDMMRegressor(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 8 * w), nn.SiLU(inplace=True),
                                   nn.Linear(8 * w, c.n_out))
-        self.register_buffer("mean", torch.zeros(c.n_out) if mean is None else mean.float().clone())
-        self.register_buffer("std", torch.ones(c.n_out) if std is None else std.float().clone())
-        self.frozen = False
 
     def train(self, mode: bool = True) -> "ThreeDMMRegressor":
         # Once fitted it is a loss network: a trainer calling .train() on its parent must not switch BatchNorm to
@@ -89,6 +113,8 @@ class ThreeDMMRegressor(nn.Module):
         if x.shape[-1] != s or x.shape[-2] != s:
             # antialiased bilinear: downscaling a 256/1024 crop without aliasing, and it has a backward pass
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=x.shape[-1] > s)
+        if self.config.backbone == "mobilenet_v1":
+            x = _tddfa_input(x)
         return x
 
     def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +135,45 @@ class ThreeDMMRegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ThreeDMMParams:
         return self.denormalize(self.forward_normalized(x))
+
+
+def _tddfa_input(aligned: torch.Tensor) -> torch.Tensor:
+    """Aligned RGB in [-1, 1] -> what 3DDFA_V2's network reads: its 120 px roi (the canonical landmarks' box grown to
+    its diagonal; black outside the image), BGR, (pixel - 127.5) / 128."""
+    from mfim.nets.face_crops import box_transform, canonical_landmark_box, warp
+    from mfim.nets.threedmm import TDDFA_INPUT_SIZE, roi_box_from_landmark_box
+
+    roi = roi_box_from_landmark_box(canonical_landmark_box(aligned.shape[-1]))
+    crop = warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
+    return crop.flip(1) * (127.5 / 128.0)
+
+
+def init_from_tddfa(model: ThreeDMMRegressor, onnx_path=None, stats_path=None) -> ThreeDMMRegressor:
+    """Start a ``mobilenet_v1`` regressor from 3DDFA_V2: its convolutions, and a head that predicts what 3DDFA_V2
+    predicts for BFM shape and expression in this model's normalisation (3DDFA_V2's output is de-normalised with its
+    own statistics, then normalised with the model's ``mean``/``std``). The pose rows start at zero (the training
+    mean): 3DDFA_V2 gives a 3x4 camera matrix, not the three angles regressed here. With another 3DMM width (DECA's
+    FLAME) only the convolutions are taken."""
+    from mfim.nets.mobilenet_v1 import tddfa_state
+    from mfim.nets.threedmm import TDDFA_EXP, TDDFA_SHAPE, load_tddfa_stats
+
+    if model.config.backbone != "mobilenet_v1":
+        raise ValueError("init_from_tddfa needs backbone mobilenet_v1")
+    state = tddfa_state(onnx_path)
+    body = {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
+    model.features[0].load_state_dict(body)
+    c = model.config
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        if (c.n_shape, c.n_exp) == (N_SHAPE, N_EXP):
+            p_mean, p_std = (torch.from_numpy(a) for a in load_tddfa_stats(stats_path))
+            rows = torch.cat([torch.arange(62)[TDDFA_SHAPE], torch.arange(62)[TDDFA_EXP]])
+            mine = slice(0, c.n_shape + c.n_exp)
+            std, mean = model.std[mine], model.mean[mine]
+            model.head.weight[mine] = state["fc.weight"][rows] * (p_std[rows] / std)[:, None]
+            model.head.bias[mine] = (state["fc.bias"][rows] * p_std[rows] + p_mean[rows] - mean) / std
+    return model
 
 
 def save_regressor(model: ThreeDMMRegressor, path: str | Path, target: str, val_error: dict, extra=None) -> Path:
@@ -161,6 +226,11 @@ class FitConfig:
     val_fraction: float = 0.1
     seed: int = 0
     augment: bool = True
+    # weight of the shape coefficients after the first ``shape_lead`` in the loss (1: every coefficient alike). The
+    # later BFM coefficients change a 64 px face by a pixel or less and L_shape reads only the leading ones
+    # (loss.shape_coefficients), so fitting them at full weight spends the network on noise
+    shape_tail_weight: float = 1.0
+    shape_lead: int = 10
 
 
 def split_by_group(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +266,8 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
     """Fit on N×H×W×3 uint8 ``images`` (already at ``input_size``) and ``targets`` {'shape','exp','pose'} (N×D).
 
     Loss: mean over the three groups of the MSE of std-normalised parameters, so 3 pose angles weigh as much as 40
-    shape coefficients. Returns the model (eval mode) and a report with the validation error per group, the error of
+    shape coefficients (within the shape group, coefficients after ``fit.shape_lead`` weigh ``shape_tail_weight``).
+    A ``mobilenet_v1`` backbone starts from 3DDFA_V2's weights (:func:`init_from_tddfa`). Returns the model (eval mode) and a report with the validation error per group, the error of
     predicting the training mean (the baseline to beat) and the loss curve.
     """
     from mfim.data.augment import FaceAugment
@@ -209,8 +280,12 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
     y_train = torch.from_numpy(y_all[train_idx])
     mean, std = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
     model = ThreeDMMRegressor(model_config, mean, std)
+    if model_config.backbone == "mobilenet_v1":
+        init_from_tddfa(model)
     c = model_config
     bounds = [(0, c.n_shape), (c.n_shape, c.n_shape + c.n_exp), (c.n_shape + c.n_exp, c.n_out)]
+    weight = torch.ones(c.n_out)
+    weight[min(fit.shape_lead, c.n_shape) : c.n_shape] = fit.shape_tail_weight
     opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=1e-4)
     steps = fit.epochs * math.ceil(len(train_idx) / fit.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=max(steps, 1), pct_start=0.15)
@@ -232,7 +307,11 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
             if len(sel) < 2:  # BatchNorm needs two samples
                 continue
             pred = model.forward_normalized(x_epoch[sel])
-            loss = sum(F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds) / 3
+            if fit.shape_tail_weight == 1.0:
+                loss = sum(F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds) / 3
+            else:  # the same, each group a weighted mean
+                err = (pred - y_norm[sel]).pow(2) * weight
+                loss = sum(err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds) / 3
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
