@@ -58,6 +58,19 @@ def roi_box_from_face_box(box) -> np.ndarray:
     return square_box(((x0 + x1) / 2, (y0 + y1) / 2 + 0.14 * size), int(size * 1.58))
 
 
+def tddfa_crop(aligned: torch.Tensor) -> torch.Tensor:
+    """FFHQ-aligned B×3×H×W in [-1, 1] -> B×3×120×120 RGB 3DDFA_V2 roi in [-1, 1] (black outside the image): the
+    canonical 68-landmark box grown to its diagonal."""
+    roi = roi_box_from_landmark_box(canonical_landmark_box(aligned.shape[-1]))
+    return warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
+
+
+def tddfa_network_input(crops: torch.Tensor) -> torch.Tensor:
+    """RGB [-1, 1] crops -> what 3DDFA_V2's network was trained on: BGR, (x - 127.5) / 128."""
+    pixels = (crops.flip(1) + 1.0) * 127.5
+    return (pixels - 127.5) / 128.0
+
+
 def load_tddfa_stats(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std), each (62,) float32, of 3DDFA_V2's normalised regressor output."""
     stats = load_numpy_pickle(resolve("tddfa_param_stats", path))
@@ -130,10 +143,7 @@ class TDDFAEncoder(FrozenModule):
         """The 3DDFA_V2 roi of an FFHQ-aligned face of side ``size`` (from the canonical 68-landmark box)."""
         return roi_box_from_landmark_box(canonical_landmark_box(size))
 
-    def crop(self, aligned: torch.Tensor) -> torch.Tensor:
-        """FFHQ-aligned B×3×H×W in [-1, 1] -> B×3×120×120 RGB roi in [-1, 1] (zero = black outside the image)."""
-        m = box_transform(self.aligned_roi_box(aligned.shape[-1]), self.input_size)
-        return warp(aligned, m, self.input_size, fill=-1.0)
+    crop = staticmethod(tddfa_crop)
 
     def crop_photo(self, image: np.ndarray, landmarks68: np.ndarray | None = None, box=None) -> torch.Tensor:
         """Roi of a face in an unaligned photo, from its dlib 68 landmarks (preferred) or a detector box."""
@@ -147,10 +157,7 @@ class TDDFAEncoder(FrozenModule):
         return warp(image_to_tensor(image, device), box_transform(roi, self.input_size), self.input_size, fill=-1.0)
 
     # --- network ---
-    def network_input(self, crops: torch.Tensor) -> torch.Tensor:
-        """RGB [-1, 1] crops -> what the network was trained on: BGR, (x - 127.5) / 128."""
-        pixels = (crops.flip(1) + 1.0) * 127.5
-        return (pixels - 127.5) / 128.0
+    network_input = staticmethod(tddfa_network_input)
 
     def params62(self, crops: torch.Tensor) -> torch.Tensor:
         """B×62 de-normalised 3DDFA_V2 parameters of 120x120 RGB crops in [-1, 1]."""

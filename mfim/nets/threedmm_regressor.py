@@ -138,14 +138,10 @@ class ThreeDMMRegressor(nn.Module):
 
 
 def _tddfa_input(aligned: torch.Tensor) -> torch.Tensor:
-    """Aligned RGB in [-1, 1] -> what 3DDFA_V2's network reads: its 120 px roi (the canonical landmarks' box grown to
-    its diagonal; black outside the image), BGR, (pixel - 127.5) / 128."""
-    from mfim.nets.face_crops import box_transform, canonical_landmark_box, warp
-    from mfim.nets.threedmm import TDDFA_INPUT_SIZE, roi_box_from_landmark_box
+    """Aligned RGB in [-1, 1] -> what 3DDFA_V2's network reads (its 120 px roi, BGR, scaled), as TDDFAEncoder."""
+    from mfim.nets.threedmm import tddfa_crop, tddfa_network_input
 
-    roi = roi_box_from_landmark_box(canonical_landmark_box(aligned.shape[-1]))
-    crop = warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
-    return crop.flip(1) * (127.5 / 128.0)
+    return tddfa_network_input(tddfa_crop(aligned))
 
 
 def init_from_tddfa(model: ThreeDMMRegressor, onnx_path=None, stats_path=None) -> ThreeDMMRegressor:
