@@ -25,6 +25,13 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> nn.
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups), nn.ReLU(inplace=True))
 
 
+class GlobalMean(nn.Module):
+    """B×C×H×W -> B×C: the global average pooling before the linear layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class MobileNetV1(nn.Module):
     """B×3×H×W -> B×n_out; ``features`` gives the B×1024 pooled vector before the linear layer."""
 
@@ -35,10 +42,11 @@ class MobileNetV1(nn.Module):
             layers += [_conv(cin, cin, 3, stride, groups=cin), _conv(cin, cout, 1, 1)]
             cin = cout
         self.body = nn.Sequential(*layers)
+        self.pool = GlobalMean()
         self.fc = nn.Linear(FEATURES, n_out)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
+        return self.pool(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -57,11 +65,11 @@ def tddfa_state(onnx_path: str | os.PathLike | None = None) -> dict[str, torch.T
     graph = onnx_to_torch(path)
     convs = [m for m in graph.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in graph.modules() if isinstance(m, nn.Linear)]
-    model = MobileNetV1(n_out=linears[-1].out_features if linears else 62)
+    model = MobileNetV1(n_out=linears[0].out_features if len(linears) == 1 else 62)
     mine = model.convolutions()
     if len(convs) != len(mine) or len(linears) != 1 or any(
             a.weight.shape != b.weight.shape or a.stride != b.stride or a.groups != b.groups for a, b in zip(convs, mine)):
-        raise ValueError(f"{path}: not 3DDFA_V2's MobileNetV1 (mb1_120x120): its convolutions do not match")
+        raise ValueError(f"{path}: not 3DDFA_V2's MobileNetV1 (mb1_120x120): its layers do not match")
     with torch.no_grad():
         for src, dst in zip(convs, mine):
             dst.weight.copy_(src.weight)

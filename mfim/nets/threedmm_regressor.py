@@ -57,11 +57,6 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(inplace=True))
 
 
-class _GlobalMean(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
-
-
 class ThreeDMMRegressor(nn.Module):
     """aligned B×3×H×W in [-1, 1] (any H=W) -> ThreeDMMParams. Differentiable w.r.t. the input."""
 
@@ -78,7 +73,7 @@ class ThreeDMMRegressor(nn.Module):
             from mfim.nets.mobilenet_v1 import MobileNetV1
 
             net = MobileNetV1(c.n_out)
-            self.features = nn.Sequential(net.body, _GlobalMean())
+            self.features = nn.Sequential(net.body, net.pool)
             self.head = net.fc
             return
         w = c.width
@@ -305,7 +300,7 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
             pred = model.forward_normalized(x_epoch[sel])
             if fit.shape_tail_weight == 1.0:
                 loss = sum(F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds) / 3
-            else:  # the same, each group a weighted mean
+            else:  # the same, each group a weighted mean (kept apart so the default's fit stays bit-identical)
                 err = (pred - y_norm[sel]).pow(2) * weight
                 loss = sum(err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds) / 3
             opt.zero_grad(set_to_none=True)
