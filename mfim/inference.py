@@ -41,7 +41,10 @@ class FaceSwapper:
         self.landmarker = DlibFaceLandmarker(detector=detector)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | None = None, device="cpu", detector: str = "hog") -> "FaceSwapper":
+    def from_checkpoint(cls, path: str | Path | None = None, device="cpu", detector: str = "hog",
+                        fit_steps: int = 0) -> "FaceSwapper":
+        """``fit_steps`` > 0: fit each source's ID codes at test time (mfim.models.source_fit, params.yaml's
+        ``source_fit`` weights; the embedded default's reports use 50)."""
         from mfim.assets import MissingAssetError, sha256_file
         from mfim.models.mfim import load_swapper
 
@@ -54,6 +57,10 @@ class FaceSwapper:
             )
             raise MissingAssetError(f"MFIM checkpoint {str(p)!r} not found; {hint}")
         model, meta = load_swapper(p, device=device)
+        if fit_steps:
+            from mfim.training.build import build_source_fitter
+
+            model.source_fitter = build_source_fitter({"source_fit": {"steps": int(fit_steps)}}, device)
         return cls(model, meta, sha256_file(p), device=device, detector=detector)
 
     # --- preprocessing ----------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class FakeSwapper:
 @pytest.fixture
 def fake(monkeypatch):
     swapper = FakeSwapper()
-    monkeypatch.setattr(swap_cmd, "load_swapper", lambda checkpoint, device: swapper)
+    monkeypatch.setattr(swap_cmd, "load_swapper", lambda checkpoint, device, fit_steps=0: swapper)
     return swapper
 
 

@@ -65,6 +65,17 @@ def test_ablation_rows_give_seed_means_spreads_and_which_steps_exceed_seed_noise
     assert len(steps) == 3  # E has one seed: no verdict for D -> E
 
 
+def test_a_run_with_the_test_time_source_fit_does_not_stand_in_for_its_configuration(monkeypatch):
+    """The ablation compares training configurations through the feed-forward swap: reports/metrics.json made with
+    source_fit.steps > 0 is not put in the table as configuration E (its retrieval would look like E's)."""
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: {})
+    monkeypatch.setattr(report, "load_ablation_runs", lambda params, path=None: {})
+    fitted = _tables(report.ablation_table({"source_fit": {"steps": 50}}, "E", _metrics()))[1]
+    assert any(line.startswith("| **E.") and "not run yet" in line for line in fitted)
+    plain = _tables(report.ablation_table({"source_fit": {"steps": 0}}, "E", _metrics()))[1]
+    assert any(line.startswith("| **E.") and "| 0.100 |" in line for line in plain)
+
+
 def test_exported_ablation_rows_travel_and_the_stores_own_runs_replace_theirs(tmp_path, monkeypatch):
     exported = _runs({"A": [1.0, 1.2], "B": [0.5, 0.7]})
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: exported)

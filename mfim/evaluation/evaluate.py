@@ -48,6 +48,7 @@ def run_evaluation(
     from mfim.nets.fid import FrechetDistance
     from mfim.nets.perceptual import load_lpips
     from mfim.runtime import configure_threads, pick_device
+    from mfim.training.build import build_source_fitter
 
     t0 = time.perf_counter()
     device = pick_device(lookup(params, "project.device", "auto"))
@@ -59,6 +60,7 @@ def run_evaluation(
     (reports_dir / "grids").mkdir(parents=True, exist_ok=True)
 
     model, meta = load_swapper(model_path, device=device)
+    model.source_fitter = build_source_fitter(params, device)  # None: the paper's feed-forward swap
     res = int(meta.get("data_resolution", model.encoder.cfg.input_size))
     pairs = pd.read_parquet(Path(evalsets_dir) / "pairs.parquet")
     triplets = pd.read_parquet(Path(evalsets_dir) / "triplets.parquet")
@@ -114,6 +116,8 @@ def run_evaluation(
         "evaluators_on_real_images": T.summarize(evaluator_error, n_boot, seed),
         "fd": fd_report,
         "evaluators": evaluators.describe(),
+        # how the swaps were made: source_fit.steps 0 = the paper's feed-forward encoder (mfim.models.source_fit)
+        "source_fit": vars(model.source_fitter.cfg) if model.source_fitter is not None else {"steps": 0},
         "protocol": protocol,
         "model": {"path": str(model_path), **{k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
         "grids": [str(g) for g in grids],
@@ -134,12 +138,14 @@ def log_to_mlflow(params: dict, out: dict, grids: list[Path], reports_dir: Path)
     from mfim.training.run import train_seed
     from mfim.tracking import start_run
 
-    with start_run("evaluate", params, groups=["evaluate", "evalsets", "train", "loss", "encoder"]):
+    with start_run("evaluate", params, groups=["evaluate", "source_fit", "evalsets", "train", "loss", "encoder"]):
         import mlflow
 
         mlflow.set_tags({"train.config": str(lookup(params, "train.config", "E")),
                          "train.steps": str(lookup(params, "train.steps", "")),
-                         "train.seed": str(train_seed(params))})
+                         "train.seed": str(train_seed(params)),
+                         # how the swaps were made: the ablation table keeps to feed-forward (0) runs
+                         "source_fit.steps": str(lookup(params, "source_fit.steps", 0))})
         flat = {k: float(v) for k, v in flatten({k: out[k] for k in ("swap", "reconstruction", "id_mixing",
                                                                        "evaluators_on_real_images")}).items()}
         flat[f"fd.{out['fd']['name']}"] = out["fd"]["value"]

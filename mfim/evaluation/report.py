@@ -95,6 +95,11 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         f"weights were given), over the pairs' targets (real) and swaps. {fd.get('resolution_note', '')}".rstrip(),
         "- Means over pairs with bootstrap 95% intervals in reports/metrics_detail.json.",
     ]
+    fit = detail.get("source_fit", {})
+    if int(fit.get("steps", 0) or 0):  # not the paper's feed-forward swap: say so beside the numbers
+        lines.append(f"- Swaps: each source's ID style codes fitted at test time, **{fit['steps']} steps** "
+                     f"(`source_fit`, not in the paper: L1 {fit.get('l1')} + LPIPS {fit.get('lpips')} + ID "
+                     f"{fit.get('id')} against the source image); `source_fit.steps: 0` is the feed-forward swap.")
     if metrics.get("protocol") == "synthetic":
         lines.append(
             "- **Not comparable to the paper's numbers**: different data (synthetic 3DMM renders at 64 px), "
@@ -159,7 +164,9 @@ LOWER_IS_BETTER = {c: True for c in SWAP_COLS} | {"id_retrieval": False, "self_s
 def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
     """Per train.config, the latest `evaluate` run of each train seed in the MLflow store (A-E runs from `dvc exp
     run`), among runs trained for the current train.steps (so a short smoke run does not stand in for a
-    configuration). Runs from before the train.seed tag are left out."""
+    configuration). Runs from before the train.seed tag are left out, and so are runs whose swaps were made with a
+    test-time source fit (tag ``source_fit.steps`` > 0): the ablation compares training configurations through the
+    paper's feed-forward swap, as its Table 4 does (``-S source_fit.steps=0``; runs before the tag were feed-forward)."""
     try:
         import mlflow
 
@@ -178,6 +185,9 @@ def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
     for _, r in runs.iterrows():
         cfg = r.get("tags.train.config")
         seed = r.get("tags.train.seed")
+        fit_steps = r.get("tags.source_fit.steps")
+        if isinstance(fit_steps, str) and fit_steps != "0":
+            continue
         # runs from before the seed tag (an older model, as a rule) cannot be placed in a seed column: left out
         if not isinstance(cfg, str) or not isinstance(seed, str) or (cfg, seed) in seen:
             continue
@@ -272,7 +282,8 @@ def beyond_seed_noise(rows: dict[str, list[dict]]) -> list[str]:
 
 def ablation_table(params: dict, current: str, metrics: dict) -> str:
     rows = merged_ablation_rows(params)
-    if current not in rows:
+    feed_forward = int(params.get("source_fit", {}).get("steps", 0) or 0) == 0
+    if current not in rows and feed_forward:  # the current run stands in only when it is a feed-forward one
         cur = {c: metrics["swap"].get(c) for c in SWAP_COLS + ["id_retrieval"]}
         cur["self_swap_lpips"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
         rows[current] = [cur]
@@ -293,11 +304,13 @@ def ablation_table(params: dict, current: str, metrics: dict) -> str:
     if steps:
         out += ["", "Differences between neighbouring configurations (change of the seed mean; beyond seed noise when "
                 "the two seed ranges do not overlap):", ""] + steps
-    out += ["", "Our rows: the latest `evaluate` run of each configuration and seed with the current train.steps, from "
+    out += ["", "Our rows: the latest `evaluate` run of each configuration and seed with the current train.steps and "
+            "the feed-forward swap (source_fit.steps 0, as the paper's table; reports/metrics.json may use the test-time "
+            "source fit), from "
             f"the MLflow store and from {ABLATION_RUNS} (the runs behind the committed table; the store's own runs "
             "replace those of the same configuration and seed). To fill them:", "",
             "```", "for c in A B C D E; do for s in 0 1; do",
-            "  dvc exp run --queue -S train.config=$c -S train.seed=$s; done; done",
+            "  dvc exp run --queue -S train.config=$c -S train.seed=$s -S source_fit.steps=0; done; done",
             "dvc exp run --run-all",
             "dvc exp show --only-changed", "python pipelines/report.py   # rebuilds this file",
             "python pipelines/report.py --export-ablation   # keeps the rows in " + str(ABLATION_RUNS), "```"]

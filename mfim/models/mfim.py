@@ -44,6 +44,9 @@ class MFIM(nn.Module):
         self.coarse_max_res = int(coarse_max_res)
         self.mix_global_res = tuple(int(r) for r in mix_global_res)
         self.noise_mode = noise_mode
+        # Optional test-time fitting of the source's ID codes (mfim.models.source_fit); None = the paper's
+        # feed-forward encoder. Not part of the weights: evaluation and the CLI attach it from params.
+        self.source_fitter = None
         layers = generator.style_layers
         self.tgt_indices = [l.index for l in layers if l.resolution <= self.coarse_max_res]
         self.src_indices = [l.index for l in layers if l.resolution > self.coarse_max_res]
@@ -92,6 +95,9 @@ class MFIM(nn.Module):
         return codes, (maps if with_maps else {})
 
     def encode_codes(self, x: torch.Tensor, indices: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Style codes ``indices`` of x: the encoder's (and refiner's), fitted further when a source fitter is set."""
+        if self.source_fitter is not None:
+            return self.source_fitter(self, x, indices)
         return self.invert(x, indices, with_maps=False)[0]
 
     def encode_target(self, x_tgt: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -108,7 +114,7 @@ class MFIM(nn.Module):
     # --- operations -------------------------------------------------------------------------------------------
     def swap(self, x_src: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
         """x_swap with the ID of x_src and the ID-irrelevant attributes (pose, expression, details) of x_tgt."""
-        if x_src is x_tgt:  # self-swap: one inversion gives both halves of the code split (same values)
+        if x_src is x_tgt and self.source_fitter is None:  # self-swap: one inversion gives both halves of the split
             return self.synthesize(*self.invert(x_tgt))
         codes, maps = self.encode_target(x_tgt)
         codes.update(self.encode_codes(x_src, self.src_indices))

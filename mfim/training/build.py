@@ -103,6 +103,19 @@ def build_identity_embedder(params: dict, device):
     return identity.MobileFaceNetEmbedder(device=device)
 
 
+def build_source_fitter(params: dict, device):
+    """The ``source_fit`` group's test-time fitter of source ID codes (mfim.models.source_fit), None when steps is 0.
+    It reads the training ID network (``nets.identity``) and LPIPS-alex, the reconstruction loss's."""
+    from mfim.models.source_fit import SourceCodeFitter, SourceFitConfig
+    from mfim.nets.perceptual import load_lpips
+
+    cfg = SourceFitConfig.from_params(params.get("source_fit"))
+    if cfg.steps == 0:
+        return None
+    lpips = load_lpips("alex").to(device).eval() if cfg.lpips > 0 else None
+    return SourceCodeFitter(cfg, build_identity_embedder(params, device) if cfg.id > 0 else None, lpips)
+
+
 def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REGRESSOR, params: dict | None = None):
     from mfim.nets.threedmm import build_threedmm_encoder as build
 

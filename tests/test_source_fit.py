@@ -1,0 +1,102 @@
+"""Test-time fitting of the source's ID codes (mfim.models.source_fit) on a stub generator."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mfim.models.source_fit import SourceCodeFitter, SourceFitConfig
+from tests.test_mfim_model import make_model
+
+
+class PoolEmbedder(nn.Module):
+    """A fixed random 'ID network': 4x4 average pool -> linear, differentiable."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc = nn.Linear(3 * 16, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(F.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+def fit_loss(model, fitter, codes, maps, x):
+    """The fitter's objective for given codes (L1 + id; lpips weight 0 in these tests)."""
+    with torch.no_grad():
+        y = model.synthesize(codes, maps)
+        cos = F.cosine_similarity(fitter.embedder(y), fitter.embedder(x))
+        return float(fitter.cfg.l1 * (y - x).abs().mean() + fitter.cfg.id * (1 - cos).mean())
+
+
+def make(steps=20, **kw):
+    model = make_model()
+    cfg = SourceFitConfig(steps=steps, lr=0.05, l1=1.0, lpips=0.0, id=1.0, **kw)
+    return model, SourceCodeFitter(cfg, PoolEmbedder(), None)
+
+
+def test_fit_lowers_its_loss_and_moves_only_the_id_codes():
+    model, fitter = make()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes, maps = model.invert(x)
+    fitted = fitter.fit(model, x)
+    assert fit_loss(model, fitter, fitted, maps, x) < fit_loss(model, fitter, codes, maps, x) - 1e-3
+    for i in model.tgt_indices:  # the target's half of the split is never touched
+        assert torch.equal(fitted[i], codes[i])
+    assert any(not torch.equal(fitted[i], codes[i]) for i in model.src_indices)
+
+
+def test_zero_steps_is_the_feed_forward_encoder_bit_for_bit():
+    model, fitter = make(steps=0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        plain = model.encode_codes(x, model.src_indices)
+        model.source_fitter = fitter
+        fitted = model.encode_codes(x, model.src_indices)
+    for i in model.src_indices:
+        assert torch.equal(plain[i], fitted[i])
+
+
+def test_each_image_is_fitted_once_and_rows_do_not_depend_on_the_batch():
+    model, fitter = make(steps=5)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1
+    first = fitter(model, torch.stack([a, b]), model.src_indices)
+    calls = fitter.embedder.calls
+    again = fitter(model, torch.stack([b, a, a]), model.src_indices)  # all cached: no new fitting
+    assert fitter.embedder.calls == calls
+    for i in model.src_indices:
+        assert torch.equal(again[i][0], first[i][1]) and torch.equal(again[i][1], first[i][0])
+        assert torch.equal(again[i][2], first[i][0])
+
+
+def test_swap_with_a_fitter_keeps_the_code_split():
+    """Perturbing the source changes the swap only through the ID codes: the target's codes and maps are the same."""
+    model, fitter = make(steps=3)
+    model.source_fitter = fitter
+    x_src, x_tgt = torch.rand(2, 1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes_tgt, maps_tgt = model.encode_target(x_tgt)
+        y1 = model.swap(x_src, x_tgt)
+        y2 = model.swap(x_src + 0.1 * torch.randn_like(x_src), x_tgt)
+        codes_tgt2, maps_tgt2 = model.encode_target(x_tgt)
+    assert not torch.equal(y1, y2)
+    for i in codes_tgt:
+        assert torch.equal(codes_tgt[i], codes_tgt2[i])
+    for i in maps_tgt:
+        assert torch.equal(maps_tgt[i], maps_tgt2[i])
+    with torch.no_grad():  # a self-swap goes through the fitter too: the same image as source and target
+        assert torch.equal(model.swap(x_tgt, x_tgt), model.swap(x_tgt, x_tgt.clone()))
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    assert SourceFitConfig.from_params({"steps": "50"}).steps == 50
+    assert SourceFitConfig.from_params(None).steps == 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        SourceFitConfig.from_params({"step": 5})
+    with pytest.raises(ValueError, match="steps must be"):
+        SourceFitConfig.from_params({"steps": -1})
+    with pytest.raises(ValueError, match="LPIPS"):
+        SourceCodeFitter(SourceFitConfig(steps=1, lpips=1.0), PoolEmbedder(), None)
