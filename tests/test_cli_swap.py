@@ -239,6 +239,15 @@ def test_usage_errors(fake, inputs, tmp_path, argv_tail, capsys):
     assert "--output" in capsys.readouterr().err
 
 
+def test_negative_fit_steps_is_a_usage_error_and_writes_nothing(fake, inputs, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    argv = ["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(out), "--fit-steps", "-1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["mfim swap: --fit-steps must be >= 0, got -1"]
+    assert not out.exists() and fake.calls.get("swap", 0) == 0
+
+
 def test_folder_source_needs_folder_target(fake, inputs, tmp_path, capsys):
     folder = str(inputs["obama"].parent)
     rc = cli.main(["swap", "-s", folder, "-t", str(inputs["biden"]), "-o", str(tmp_path / "x.png")])

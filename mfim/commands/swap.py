@@ -219,8 +219,6 @@ def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0):
         if e.name != "mfim.inference":
             raise
         raise UsageError("this build has no mfim.inference (the trained model's inference code)") from None
-    if fit_steps < 0:
-        raise UsageError(f"--fit-steps must be >= 0, got {fit_steps}")
     return FaceSwapper.from_checkpoint(checkpoint, device=device, fit_steps=fit_steps)
 
 
@@ -445,9 +443,12 @@ def execute(operation: str, target, sources: dict, args) -> int:
 
     overwrite = getattr(args, "overwrite", False)
     try:
+        fit_steps = getattr(args, "fit_steps", 0)
+        if fit_steps < 0:
+            raise UsageError(f"--fit-steps must be >= 0, got {fit_steps}")
         the_plan = plan(target, sources, args.output)
         check_outputs(the_plan, target, sources, overwrite)
-        swapper = load_swapper(args.checkpoint, args.device, getattr(args, "fit_steps", 0))
+        swapper = load_swapper(args.checkpoint, args.device, fit_steps)
         runner = Runner(
             swapper,
             operation,

@@ -96,7 +96,7 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         "- Means over pairs with bootstrap 95% intervals in reports/metrics_detail.json.",
     ]
     fit = detail.get("source_fit", {})
-    if int(fit.get("steps", 0) or 0):  # not the paper's feed-forward swap: say so beside the numbers
+    if fit.get("steps", 0):  # not the paper's feed-forward swap: say so beside the numbers
         lines.append(f"- Swaps: each source's ID style codes fitted at test time, **{fit['steps']} steps** "
                      f"(`source_fit`, not in the paper: L1 {fit.get('l1')} + LPIPS {fit.get('lpips')} + ID "
                      f"{fit.get('id')} against the source image); `source_fit.steps: 0` is the feed-forward swap.")
