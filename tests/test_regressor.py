@@ -171,3 +171,34 @@ def test_shape_tail_weight_leaves_the_leading_coefficients_to_the_loss():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(a.forward_normalized(x)[:, :10], b.forward_normalized(x)[:, :10], atol=1e-6)
+
+
+def test_augmenting_in_worker_processes_gives_the_same_fit():
+    # each image's augmentation is seeded by (seed, epoch, row): worker processes change where it runs, not what
+    images, targets, groups = known_function_data(n=48)
+    cfg = RegressorConfig(input_size=16, width=8)
+    fits = [fit_regressor(images, targets, groups, cfg, FitConfig(epochs=2, batch_size=16, augment=True, workers=w),
+                          log=lambda *_: None) for w in (0, 2)]
+    (a, ra), (b, rb) = fits
+    assert ra["train_loss"] == rb["train_loss"]
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    # and the augmentation is on: without it the same seed fits another model
+    c, _ = fit_regressor(images, targets, groups, cfg, FitConfig(epochs=2, batch_size=16, augment=False),
+                         log=lambda *_: None)
+    assert not torch.equal(a.head[1].weight, c.head[1].weight)
+
+
+def test_a_separate_validation_set_is_used_and_every_row_trains():
+    images, targets, groups = known_function_data(n=96)
+    val = {"images": images[:32], **{k: v[:32] for k, v in targets.items()}}
+    model, report = fit_regressor(images[32:], {k: v[32:] for k, v in targets.items()}, groups[32:],
+                                  RegressorConfig(input_size=16, width=8), FitConfig(epochs=1, batch_size=16,
+                                                                                     augment=False),
+                                  log=lambda *_: None, val=val)
+    assert report["n_train"] == 64 and report["n_val"] == 32
+    assert report["val_split"] == "a render set of other identities"
+    pred = predict(model, images[:32])
+    from mfim.data.threedmm_table import group_errors
+
+    assert report["val_error"] == group_errors(pred, val)

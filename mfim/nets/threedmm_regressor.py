@@ -222,6 +222,11 @@ class FitConfig:
     # (loss.shape_coefficients), so fitting them at full weight spends the network on noise
     shape_tail_weight: float = 1.0
     shape_lead: int = 10
+    # processes that augment the next batches while the network fits (torch DataLoader workers; 0: in-process).
+    # Worth it on an accelerator, where albumentations on one core is the bottleneck; the batches are the same
+    # for any number (each image's augmentation is seeded by (seed, epoch, row)).
+    workers: int = 0
+    device: str = "cpu"  # where the network fits ("cuda" on a GPU machine); the saved checkpoint is CPU tensors
 
 
 def split_by_group(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,89 +245,132 @@ def split_by_group(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+def _to_input(images, device: str | torch.device = "cpu") -> torch.Tensor:
+    """N×H×W×3 uint8 (numpy or tensor) -> N×3×H×W float in [-1, 1] on ``device`` (converted there: 4× less to move)."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+class _AugmentedRows(torch.utils.data.Dataset):
+    """Row ``(epoch, i)`` of ``images``, photometrically augmented with a generator seeded by (seed, epoch, i): the
+    same pixels whichever worker process, batch or order asks for it."""
+
+    def __init__(self, images: np.ndarray, augment, seed: int):
+        self.images, self.augment, self.seed = images, augment, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        epoch, i = key
+        image = self.images[i]
+        if self.augment is not None:
+            image = self.augment(image, np.random.default_rng((self.seed, epoch, i))).image
+        return torch.from_numpy(np.ascontiguousarray(image))
+
+
+def _epoch_batches(rows: _AugmentedRows, order: np.ndarray, epoch: int, batch_size: int, workers: int):
+    """uint8 B×H×W×3 batches of ``rows`` in ``order``; ``workers`` > 0 augments them in forked worker processes
+    (fork: the image array is shared, not pickled to each worker)."""
+    import multiprocessing
+
+    keys = [(epoch, int(i)) for i in order]
+    batches = [keys[b : b + batch_size] for b in range(0, len(keys), batch_size)]
+    extra = {}
+    if workers > 0:
+        extra = {"num_workers": workers, "multiprocessing_context": multiprocessing.get_context("fork")}
+    return torch.utils.data.DataLoader(rows, batch_sampler=batches, pin_memory=False, **extra)
 
 
 @torch.no_grad()
-def predict(model: ThreeDMMRegressor, images: np.ndarray, batch_size: int = 256) -> dict:
-    """N×H×W×3 uint8 -> {'shape', 'exp', 'pose'} numpy arrays in BFM units."""
+def predict(model: ThreeDMMRegressor, images: np.ndarray, batch_size: int = 256,
+            device: str | torch.device | None = None) -> dict:
+    """N×H×W×3 uint8 -> {'shape', 'exp', 'pose'} numpy arrays in BFM units (on the model's device by default)."""
     model.eval()
-    outs = [model(_to_input(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return {name: torch.cat([getattr(o, name) for o in outs]).numpy() for name in ("shape", "exp", "pose")}
+    device = device or next(model.parameters()).device
+    outs = [model(_to_input(images[i : i + batch_size], device)) for i in range(0, len(images), batch_size)]
+    return {name: torch.cat([getattr(o, name) for o in outs]).cpu().numpy() for name in ("shape", "exp", "pose")}
 
 
 def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_config: RegressorConfig,
-                  fit: FitConfig, log=print) -> tuple[ThreeDMMRegressor, dict]:
+                  fit: FitConfig, log=print, val: dict | None = None) -> tuple[ThreeDMMRegressor, dict]:
     """Fit on N×H×W×3 uint8 ``images`` (already at ``input_size``) and ``targets`` {'shape','exp','pose'} (N×D).
 
     Loss: mean over the three groups of the MSE of std-normalised parameters, so 3 pose angles weigh as much as 40
     shape coefficients (within the shape group, coefficients after ``fit.shape_lead`` weigh ``shape_tail_weight``).
-    A ``mobilenet_v1`` backbone starts from 3DDFA_V2's weights (:func:`init_from_tddfa`). Returns the model (eval mode) and a report with the validation error per group, the error of
-    predicting the training mean (the baseline to beat) and the loss curve.
+    A ``mobilenet_v1`` backbone starts from 3DDFA_V2's weights (:func:`init_from_tddfa`). Validation: held-out
+    identities of ``groups`` (``fit.val_fraction``), or, when ``val`` is given ({'images', 'shape', 'exp', 'pose'}:
+    a set of other people), that set, and every row trains. Returns the model (eval mode, on the CPU) and a report
+    with the validation error per group, the error of predicting the training mean (the baseline to beat) and the
+    loss curve.
     """
     from mfim.data.augment import FaceAugment
     from mfim.data.threedmm_table import group_errors
 
     t0 = time.time()
+    device = torch.device(fit.device)
     torch.manual_seed(fit.seed)
     y_all = np.concatenate([targets["shape"], targets["exp"], targets["pose"]], axis=1).astype(np.float32)
-    train_idx, val_idx = split_by_group(groups, fit.val_fraction, fit.seed)
+    if val is None:
+        train_idx, val_idx = split_by_group(groups, fit.val_fraction, fit.seed)
+        val_images = images[val_idx]
+        gt_val = {k: np.asarray(targets[k])[val_idx] for k in ("shape", "exp", "pose")}
+    else:
+        train_idx = np.arange(len(images))
+        val_images = val["images"]
+        gt_val = {k: np.asarray(val[k]) for k in ("shape", "exp", "pose")}
     y_train = torch.from_numpy(y_all[train_idx])
     mean, std = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
     model = ThreeDMMRegressor(model_config, mean, std)
     if model_config.backbone == "mobilenet_v1":
         init_from_tddfa(model)
+    model.to(device)
     c = model_config
     bounds = [(0, c.n_shape), (c.n_shape, c.n_shape + c.n_exp), (c.n_shape + c.n_exp, c.n_out)]
-    weight = torch.ones(c.n_out)
+    weight = torch.ones(c.n_out, device=device)
     weight[min(fit.shape_lead, c.n_shape) : c.n_shape] = fit.shape_tail_weight
     opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=1e-4)
     steps = fit.epochs * math.ceil(len(train_idx) / fit.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=max(steps, 1), pct_start=0.15)
-    augment = FaceAugment() if fit.augment else None
+    rows = _AugmentedRows(images, FaceAugment() if fit.augment else None, fit.seed)  # photometric: labels stay true
     rng = np.random.default_rng(fit.seed)
-    x_cache = _to_input(images[train_idx]) if augment is None else None
-    y_norm = (y_train - mean) / std
+    y_norm = ((torch.from_numpy(y_all) - mean) / std).to(device)
     curve = []
     for epoch in range(fit.epochs):
         model.train()
-        if augment is not None:  # photometric only: the labels stay true
-            x_epoch = _to_input(np.stack([augment(images[i], rng).image for i in train_idx]))
-        else:
-            x_epoch = x_cache
-        order = torch.from_numpy(rng.permutation(len(train_idx)))
-        total = 0.0
-        for b in range(0, len(order), fit.batch_size):
-            sel = order[b : b + fit.batch_size]
+        order = train_idx[rng.permutation(len(train_idx))]
+        total = torch.zeros((), device=device)
+        for batch, start in zip(_epoch_batches(rows, order, epoch, fit.batch_size, fit.workers),
+                                range(0, len(order), fit.batch_size)):
+            sel = torch.from_numpy(order[start : start + fit.batch_size]).to(device)
             if len(sel) < 2:  # BatchNorm needs two samples
                 continue
-            pred = model.forward_normalized(x_epoch[sel])
+            pred = model.forward_normalized(_to_input(batch, device))
             if fit.shape_tail_weight == 1.0:
                 loss = sum(F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds) / 3
-            else:  # the same, each group a weighted mean (kept apart so the default's fit stays bit-identical)
+            else:  # the same, each group a weighted mean
                 err = (pred - y_norm[sel]).pow(2) * weight
                 loss = sum(err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds) / 3
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(sel)
-        curve.append(total / len(train_idx))
-        log(f"regressor epoch {epoch + 1}/{fit.epochs}: train loss {curve[-1]:.4f}")
+            total += loss.detach() * len(sel)
+        curve.append(float(total) / len(train_idx))
+        log(f"regressor epoch {epoch + 1}/{fit.epochs}: train loss {curve[-1]:.4f} ({time.time() - t0:.0f} s)")
     model.freeze()
-    gt_val = {k: np.asarray(targets[k])[val_idx] for k in ("shape", "exp", "pose")}
     report = {
         "n_train": int(len(train_idx)),
-        "n_val": int(len(val_idx)),
-        "val_split": "held-out identities" if (np.asarray(groups) >= 0).any() else "held-out images",
-        "val_error": group_errors(predict(model, images[val_idx]), gt_val),
+        "n_val": int(len(val_images)),
+        "val_split": ("a render set of other identities" if val is not None else
+                      "held-out identities" if (np.asarray(groups) >= 0).any() else "held-out images"),
+        "val_error": group_errors(predict(model, val_images), gt_val),
         "val_error_predict_mean": group_errors(
             {k: np.broadcast_to(np.asarray(targets[k])[train_idx].mean(0), gt_val[k].shape) for k in gt_val}, gt_val),
         "train_loss": [round(v, 5) for v in curve],
         "seconds": round(time.time() - t0, 1),
     }
-    return model, report
+    return model.cpu(), report
 
 
 def load_training_data(pattern: str, table_path: str | Path, target: str, input_size: int):

@@ -1,0 +1,221 @@
+"""The loss network's regressor fitted at scale on a GPU machine, with the curve of r against people (§17).
+
+    python docs/experiments/regressor_scale.py OUT_DIR [--seconds 480] [--device cuda] [--workers 15]
+
+Renders, with ``workers`` processes, (1) a validation set of 500 people x 2 renders from identity 190,000 (never in
+any other set: the loss network's people start at 100,000, the shape evaluator's at 200,000), (2) the `fit_regressor`
+stage's render set (threedmm.regressor: 600 people x 4 renders from 100,000) and (3) as many more people as the time
+allows at one render each (identities 100,600 on; people, not renders per person, are what the shape needs). Then
+fits `mobilenet_v1` regressors with the §15 recipe (3DDFA_V2 start, batch 64, lr 1e-3, shape_tail_weight 0.1,
+photometric augmentation, 8 epochs) on the first N people for N = all, 600, 2,400, 6,600, 12,000, 24,000 (all
+first: it is the one kept), each validated on (1), while the time lasts.
+
+Writes OUT_DIR/curve.json (one row per fit) and OUT_DIR/regressor_scale.pt (the fit on all people, the
+`fit_regressor` checkpoint format). The render is deterministic from params.yaml and the identity ids, whatever the
+number of workers. On a machine without onnx2torch, set MFIM_TDDFA_STATE to a .pt of
+``mfim.nets.mobilenet_v1.tddfa_state()`` made elsewhere.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS = 190_000, 500, 2
+CHUNK = 40  # people per task: small, so stopping at the deadline waits little
+SIZES = (600, 2400, 6600, 12000, 24000)
+
+
+def _render_chunk(ids, renders, size):
+    from mfim.data import regressor_set
+
+    return [regressor_set._render_identity(i, renders, size) for i in ids]
+
+
+def _init_worker(cfg):
+    import cv2
+
+    from mfim.data import regressor_set
+
+    cv2.setNumThreads(1)
+    regressor_set._init(cfg)
+
+
+def _stack(results, renders):
+    return {
+        "images": np.concatenate([r[1] for r in results]),
+        "shape": np.concatenate([np.repeat(r[2][None], renders, 0) for r in results]).astype(np.float32),
+        "exp": np.concatenate([r[3] for r in results]).astype(np.float32),
+        "pose": np.concatenate([r[4] for r in results]).astype(np.float32),
+        "identity": np.concatenate([np.full(renders, r[0], np.int64) for r in results]),
+    }
+
+
+def render_sets(synth, val_people, base_people, base_renders, base_offset, workers, render_deadline, log):
+    """(val, base, extra results list in identity order); extra stops at ``render_deadline`` (time.time())."""
+    jobs = [("val", list(range(VAL_OFFSET + i, min(VAL_OFFSET + val_people, VAL_OFFSET + i + CHUNK))), VAL_RENDERS)
+            for i in range(0, val_people, CHUNK)]
+    jobs += [("base", list(range(base_offset + i, min(base_offset + base_people, base_offset + i + CHUNK))),
+              base_renders) for i in range(0, base_people, CHUNK)]
+    first_extra = base_offset + base_people
+    jobs += [("extra", list(range(first_extra + i, first_extra + i + CHUNK)), 1)
+             for i in range(0, VAL_OFFSET - first_extra - CHUNK, CHUNK)]
+    got = {"val": [], "base": [], "extra": []}
+    t0 = time.time()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(synth,)) as pool:
+        pending, queue = {}, iter(jobs)
+        for _ in range(2 * workers):
+            kind, ids, n = next(queue)
+            pending[pool.submit(_render_chunk, ids, n, 64)] = kind
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                got[pending.pop(f)].extend(f.result())
+            needed = len(got["val"]) < val_people or len(got["base"]) < base_people
+            if needed or time.time() < render_deadline:
+                for _ in range(len(done)):
+                    job = next(queue, None)
+                    if job is not None:
+                        pending[pool.submit(_render_chunk, job[1], job[2], 64)] = job[0]
+            n_extra = len(got["extra"])
+            if n_extra and n_extra % (25 * CHUNK) == 0:
+                log(f"rendered {n_extra} extra people ({time.time() - t0:.0f} s)")
+    for k in got:
+        got[k].sort(key=lambda r: r[0])
+    # keep the extra people a contiguous run of identities (a fit on "the first N" is then well defined)
+    extra, expect = [], first_extra
+    for r in got["extra"]:
+        if r[0] != expect:
+            break
+        extra.append(r)
+        expect += 1
+    log(f"render: val {len(got['val'])} people, base {len(got['base'])}, extra {len(extra)} in "
+        f"{time.time() - t0:.0f} s")
+    return _stack(got["val"], VAL_RENDERS), _stack(got["base"], base_renders), extra
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--seconds", type=float, default=480, help="the whole run's time budget")
+    ap.add_argument("--render-share", type=float, default=0.55, help="part of the budget spent rendering")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--max-extra", type=int, default=None, help="cap on the extra people (for a quick check)")
+    ap.add_argument("--quick", action="store_true", help="40 validation and 40 base people (a check of the script)")
+    args = ap.parse_args()
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.txt", "a")
+
+    def log(msg):
+        line = f"[{time.time() - t_start:6.1f} s] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    state = os.environ.get("MFIM_TDDFA_STATE")
+    if state:
+        import mfim.nets.mobilenet_v1 as mb
+
+        mb.tddfa_state = lambda onnx_path=None: torch.load(state, map_location="cpu", weights_only=True)
+    from mfim.config import load_params
+    from mfim.data.synth import SynthConfig
+    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, save_regressor
+    from mfim.nets.threedmm_regressor import fit_regressor as library_fit
+
+    import cv2
+
+    cv2.setNumThreads(1)  # inherited by the forked augmentation workers: one thread each
+    torch.backends.cudnn.benchmark = True
+    params = load_params()
+    r = params["threedmm"]["regressor"]
+    synth = replace(SynthConfig.from_params(params["synthesize"]))
+    base_people, base_renders, base_offset = (int(r["render_identities"]), int(r["render_images_per_identity"]),
+                                              int(r["identity_offset"]))
+    log(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
+        f"{args.workers} workers, budget {args.seconds:.0f} s")
+    val_people = VAL_PEOPLE
+    if args.quick:
+        val_people, base_people = 40, 40
+    val, base, extra = render_sets(synth, val_people, base_people, base_renders, base_offset, args.workers,
+                                   t_start + args.render_share * args.seconds, log)
+    if args.max_extra is not None:
+        extra = extra[: args.max_extra]
+    cfg = RegressorConfig(64, int(r["width"]), backbone="mobilenet_v1")
+
+    def recipe_fit(epochs):
+        return FitConfig(epochs=epochs, batch_size=64, lr=1e-3, shape_tail_weight=0.1, workers=args.workers,
+                         device=args.device)
+
+    def fit_regressor(*a, **kw):  # worker processes need shared memory; without enough, augment in-process
+        try:
+            return library_fit(*a, **kw)
+        except RuntimeError as e:
+            if args.workers == 0 or "DataLoader worker" not in str(e):
+                raise
+            log(f"augmentation workers failed ({e}); again with none")
+            args.workers = 0
+            return library_fit(*a[:4], replace(a[4], workers=0), *a[5:], **kw)
+
+    # two epochs on the base set time an epoch (the second one's: setup and validation apart), so the fit on every
+    # person cannot run past the budget: it gets at most 60 % of what is left, extra people dropped if need be
+    ends = []
+    fit_regressor(base["images"], base, base["identity"], cfg, recipe_fit(2),
+                  log=lambda m: (ends.append(time.time()), log(m)), val=val)
+    seconds_per_image = (ends[-1] - ends[-2]) / len(base["images"])
+    left = t_start + args.seconds - time.time()
+    fits_images = int(0.6 * left / (seconds_per_image * args.epochs))
+    log(f"calibration: {seconds_per_image * 1e3:.3f} ms an image; {left:.0f} s left: at most {fits_images} images")
+    extra = extra[: max(0, fits_images - len(base["images"]))]
+    all_people = base_people + len(extra)
+    sizes = [all_people] + [s for s in (SIZES if not args.quick else (40, 60)) if s < all_people]
+    rows = []
+    for people in sizes:
+        n_extra = people - base_people
+        steps_images = (len(base["images"]) + n_extra) * args.epochs
+        left = t_start + args.seconds - time.time()
+        if people != all_people and steps_images * seconds_per_image * 1.2 + 10 > left:
+            log(f"skip {people} people: ~{steps_images * seconds_per_image:.0f} s needed, {left:.0f} s left")
+            continue
+        train = base if n_extra == 0 else {k: np.concatenate([base[k], _stack(extra[:n_extra], 1)[k]])
+                                           for k in base}
+        fit = recipe_fit(args.epochs)
+        t0 = time.time()
+        model, rep = fit_regressor(train["images"], train, train["identity"], cfg, fit, log=log, val=val)
+        took = time.time() - t0
+        seconds_per_image = took / steps_images
+        v = rep["val_error"]
+        row = {"people": people, "images": int(len(train["images"])), "epochs": args.epochs, "seconds": round(took, 1),
+               "val_shape_r_first10": v["shape"]["pearson_r_first10"], "val_shape_r": v["shape"]["pearson_r"],
+               "val_exp_r": v["exp"]["pearson_r"], "val_pose_mae_deg": v["pose"]["mae_deg"]}
+        rows.append(row)
+        log(json.dumps(row))
+        (out / "curve.json").write_text(json.dumps({"val": {"people": val_people, "renders": VAL_RENDERS,
+                                                            "identity_offset": VAL_OFFSET},
+                                                    "device": args.device, "rows": rows}, indent=1))
+        if people == all_people:
+            recipe = {"render": {"base": [base_people, base_renders, base_offset],
+                                 "extra": [len(extra), 1, base_offset + base_people]},
+                      "fit": asdict(fit), "val": {"people": val_people, "renders": VAL_RENDERS,
+                                                  "identity_offset": VAL_OFFSET},
+                      "train_loss": rep["train_loss"], "seconds": rep["seconds"], "device": args.device}
+            save_regressor(model, out / "regressor_scale.pt", "ground_truth", rep["val_error"],
+                           extra={"recipe": json.dumps(recipe)})
+            log(f"saved the {people}-people fit")
+    log("done")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
