@@ -8,12 +8,12 @@ from mfim.models.mfim import MFIM
 from tests.stubs import StubGenerator
 
 
-def make_model(style_maps=True, res=32, maps=(8, 16), map_channels=1):
+def make_model(style_maps=True, res=32, maps=(8, 16), map_channels=1, source_torgb_max_res=0):
     torch.manual_seed(0)
     g = StubGenerator(resolution=res)
     cfg = EncoderConfig(input_size=res, width=8, style_maps=style_maps, style_map_resolutions=maps,
                         style_map_channels=map_channels)
-    m = MFIM(g, cfg, coarse_max_res=8, mix_global_res=(16,))
+    m = MFIM(g, cfg, coarse_max_res=8, mix_global_res=(16,), source_torgb_max_res=source_torgb_max_res)
     # give the zero-initialised heads some weight so outputs depend on the inputs
     with torch.no_grad():
         for p in m.encoder.parameters():
@@ -69,8 +69,9 @@ def test_untrained_encoder_starts_at_average_style():
         torch.testing.assert_close(codes[l.index], s_avg[l.index].expand(2, -1), rtol=0, atol=0)
 
 
-def test_coarse_codes_depend_only_on_target_fine_only_on_source(monkeypatch):
-    m = make_model()
+@pytest.mark.parametrize("source_torgb_max_res", [0, 8])
+def test_coarse_codes_depend_only_on_target_fine_only_on_source(monkeypatch, source_torgb_max_res):
+    m = make_model(source_torgb_max_res=source_torgb_max_res)
     src, tgt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     captured = []
     orig = m.synthesize
@@ -216,3 +217,52 @@ def test_one_source_of_encoder_and_split_defaults():
     paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())["encoder"]
     assert tuple(paper["style_map_resolutions"]) == EncoderConfig.style_map_resolutions
     assert paper["coarse_max_res"] == COARSE_MAX_RES and tuple(paper["mix_global_res"]) == MIX_GLOBAL_RES
+
+
+def test_source_torgb_moves_only_coarse_torgb_layers_to_the_source():
+    layers = {l.index: l for l in make_model().generator.style_layers}
+    paper, tone = make_model(), make_model(source_torgb_max_res=8)
+    moved = set(tone.src_indices) - set(paper.src_indices)
+    assert {(layers[i].kind, layers[i].resolution) for i in moved} == {("torgb", 4), ("torgb", 8)}
+    assert set(tone.tgt_indices) == set(paper.tgt_indices) - moved
+    assert sorted(tone.src_indices + tone.tgt_indices) == sorted(layers)
+
+
+def test_torgb_codes_change_colour_but_no_feature_map():
+    """Why the source may own coarse toRGB codes: they feed nothing above them, so every conv activation (where
+    pose and expression live) is bit-identical whichever image they come from, while the image changes."""
+    from mfim.models.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    G = Generator(32, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16).eval()
+    ws = G.mapping(torch.randn(1, 32)).unsqueeze(1).expand(1, G.num_ws, -1)
+    styles = G.styles_from_ws(ws)
+    other = [s.clone() for s in styles]
+    for l in G.style_layers:
+        if l.kind == "torgb" and l.resolution <= 8:
+            other[l.index] = other[l.index] + torch.randn_like(other[l.index])
+    acts = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: acts.append(o.detach().clone()))
+             for m in G.synthesis.convs]
+    with torch.no_grad():
+        a = G.synthesize(styles)
+        n = len(acts)
+        b = G.synthesize(other)
+    for h in hooks:
+        h.remove()
+    assert n > 0 and len(acts) == 2 * n
+    assert all(torch.equal(x, y) for x, y in zip(acts[:n], acts[n:]))
+    assert (a - b).abs().mean() > 1e-3
+
+
+def test_swapper_file_keeps_the_source_torgb_split(tmp_path):
+    from mfim.models.mfim import load_swapper, save_swapper
+    from mfim.models.stylegan2 import Generator
+
+    G = Generator(32, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
+    m = MFIM(G, EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16)),
+             coarse_max_res=8, source_torgb_max_res=8)
+    save_swapper(m, tmp_path / "s.pt")
+    loaded, _ = load_swapper(tmp_path / "s.pt")
+    assert loaded.source_torgb_max_res == 8
+    assert loaded.src_indices == m.src_indices and loaded.tgt_indices == m.tgt_indices

@@ -143,3 +143,23 @@ def test_report_says_at_which_resolution_the_fd_compares():
                                                            "from 1024 px) before the feature network's own resize."}}
     assert "Compared at 256 px (generated images area-downsampled from 1024 px)" in report.protocol_note(_metrics(),
                                                                                                          detail)
+
+
+def test_the_ablation_says_when_its_rows_were_trained_under_another_code_split(monkeypatch):
+    """Rows without a split record predate encoder.source_torgb_max_res (the paper's split, 0): with another value in
+    the params the table says so instead of passing them off as the current default's."""
+    monkeypatch.setattr(report, "load_ablation_runs", lambda params, path=None: {})
+    rows = _runs({"A": [1.0, 1.2]})
+    monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: rows)
+    assert "source_torgb_max_res" not in report.ablation_table({}, "E", _metrics())
+    text = report.ablation_table({"encoder": {"source_torgb_max_res": 8}}, "E", _metrics())
+    assert "rows trained with encoder.source_torgb_max_res 0" in text and "current params say 8" in text
+    rows["A"][0]["source_torgb_max_res"] = rows["A"][1]["source_torgb_max_res"] = "8"
+    assert "Note: rows trained" not in report.ablation_table({"encoder": {"source_torgb_max_res": 8}}, "E", _metrics())
+
+
+def test_the_protocol_note_names_a_split_that_is_not_the_papers():
+    m = _metrics()
+    assert "Code split" not in report.protocol_note(m, {})
+    assert "Code split" not in report.protocol_note(m, {"split": {"source_torgb_max_res": 0}})
+    assert "toRGB codes up to **4 px**" in report.protocol_note(m, {"split": {"source_torgb_max_res": 4}})

@@ -31,8 +31,8 @@ def fit_loss(model, fitter, codes, maps, x):
         return float(fitter.cfg.l1 * (y - x).abs().mean() + fitter.cfg.id * (1 - cos).mean())
 
 
-def make(steps=20, **kw):
-    model = make_model()
+def make(steps=20, source_torgb_max_res=0, **kw):
+    model = make_model(source_torgb_max_res=source_torgb_max_res)
     cfg = SourceFitConfig(steps=steps, lr=0.05, l1=1.0, lpips=0.0, id=1.0, **kw)
     return model, SourceCodeFitter(cfg, PoolEmbedder(), None)
 
@@ -47,6 +47,20 @@ def test_fit_lowers_its_loss_and_moves_only_the_id_codes():
     for i in model.tgt_indices:  # the target's half of the split is never touched
         assert torch.equal(fitted[i], codes[i])
     assert any(not torch.equal(fitted[i], codes[i]) for i in model.src_indices)
+
+
+def test_coarse_torgb_codes_from_the_source_are_the_encoders_not_fitted():
+    """With encoder.source_torgb_max_res the swap takes coarse toRGB codes from the source; the fit leaves them as
+    the encoder made them (fitted, they copy the source's mouth and eye colour: its expression) and fits the rest."""
+    model, fitter = make(source_torgb_max_res=8)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes, _ = model.invert(x)
+    fitted = fitter.fit(model, x)
+    res = {l.index: l.resolution for l in model.generator.style_layers}
+    coarse_src = [i for i in model.src_indices if res[i] <= model.coarse_max_res]
+    assert coarse_src and all(torch.equal(fitted[i], codes[i]) for i in coarse_src)
+    assert all(not torch.equal(fitted[i], codes[i]) for i in model.src_indices if res[i] > model.coarse_max_res)
 
 
 def test_zero_steps_is_the_feed_forward_encoder_bit_for_bit():

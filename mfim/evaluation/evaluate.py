@@ -118,6 +118,9 @@ def run_evaluation(
         "evaluators": evaluators.describe(),
         # how the swaps were made: source_fit.steps 0 = the paper's feed-forward encoder (mfim.models.source_fit)
         "source_fit": vars(model.source_fitter.cfg) if model.source_fitter is not None else {"steps": 0},
+        # the code split the swapper was trained with: coarse layers from the target, toRGB up to
+        # source_torgb_max_res from the source (0: the paper's split)
+        "split": {"coarse_max_res": model.coarse_max_res, "source_torgb_max_res": model.source_torgb_max_res},
         "protocol": protocol,
         "model": {"path": str(model_path), **{k: v for k, v in meta.items() if isinstance(v, (str, int, float))}},
         "grids": [str(g) for g in grids],
@@ -145,7 +148,9 @@ def log_to_mlflow(params: dict, out: dict, grids: list[Path], reports_dir: Path)
                          "train.steps": str(lookup(params, "train.steps", "")),
                          "train.seed": str(train_seed(params)),
                          # how the swaps were made: the ablation table keeps to feed-forward (0) runs
-                         "source_fit.steps": str(lookup(params, "source_fit.steps", 0))})
+                         "source_fit.steps": str(lookup(params, "source_fit.steps", 0)),
+                         # the split the ablation rows were trained with (runs before the tag: 0)
+                         "encoder.source_torgb_max_res": str(lookup(params, "encoder.source_torgb_max_res", 0) or 0)})
         flat = {k: float(v) for k, v in flatten({k: out[k] for k in ("swap", "reconstruction", "id_mixing",
                                                                        "evaluators_on_real_images")}).items()}
         flat[f"fd.{out['fd']['name']}"] = out["fd"]["value"]

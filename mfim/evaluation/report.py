@@ -100,6 +100,10 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         lines.append(f"- Swaps: each source's ID style codes fitted at test time, **{fit['steps']} steps** "
                      f"(`source_fit`, not in the paper: L1 {fit.get('l1')} + LPIPS {fit.get('lpips')} + ID "
                      f"{fit.get('id')} against the source image); `source_fit.steps: 0` is the feed-forward swap.")
+    torgb = int(detail.get("split", {}).get("source_torgb_max_res", 0) or 0)
+    if torgb:  # not the paper's split either
+        lines.append(f"- Code split: coarse layers from the target except the toRGB codes up to **{torgb} px**, from "
+                     "the source (`encoder.source_torgb_max_res`, not in the paper: skin tone); 0 is the paper's split.")
     if metrics.get("protocol") == "synthetic":
         lines.append(
             "- **Not comparable to the paper's numbers**: different data (synthetic 3DMM renders at 64 px), "
@@ -194,7 +198,9 @@ def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
         seen.add((cfg, seed))
         row = {c: r.get(f"metrics.swap.{c}") for c in SWAP_COLS + ["id_retrieval"]}
         row["self_swap_lpips"] = r.get("metrics.reconstruction.self_swap_lpips")
-        row.update(run_id=r.get("run_id"), experiment=r.get("tags.dvc.experiment") or "", seed=seed)
+        split = r.get("tags.encoder.source_torgb_max_res")
+        row.update(run_id=r.get("run_id"), experiment=r.get("tags.dvc.experiment") or "", seed=seed,
+                   source_torgb_max_res=split if isinstance(split, str) else "0")
         rows.setdefault(cfg, []).append(row)
     return rows
 
@@ -286,6 +292,7 @@ def ablation_table(params: dict, current: str, metrics: dict) -> str:
     if current not in rows and feed_forward:  # the current run stands in only when it is a feed-forward one
         cur = {c: metrics["swap"].get(c) for c in SWAP_COLS + ["id_retrieval"]}
         cur["self_swap_lpips"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
+        cur["source_torgb_max_res"] = str(params.get("encoder", {}).get("source_torgb_max_res", 0) or 0)
         rows[current] = [cur]
     out = ["# Ablation (paper Table 4 layout)", "", HEADER.replace("| |", "| Configuration |"), "|---|---|---|---|---|---|"]
     for cfg, vals in PAPER_TABLE4.items():
@@ -300,6 +307,13 @@ def ablation_table(params: dict, current: str, metrics: dict) -> str:
         seeds = ", ".join(sorted(str(r.get("seed", "?")) for r in runs))
         out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | "
                    + " | ".join(_fmt_spread(_spread(runs, c), len(runs)) for c in ABLATION_COLS) + f" | {seeds} |")
+    split = str(params.get("encoder", {}).get("source_torgb_max_res", 0) or 0)
+    other = sorted({str(r.get("source_torgb_max_res", "0")) for runs in rows.values() for r in runs} - {split})
+    if other:
+        out += ["", f"Note: rows trained with encoder.source_torgb_max_res {', '.join(other)} (rows without the "
+                f"record predate the option: 0, the paper's split), while the current params say {split}: each "
+                "configuration is compared under the split it was trained with; the commands below re-run them "
+                "under the current one."]
     steps = beyond_seed_noise(rows)
     if steps:
         out += ["", "Differences between neighbouring configurations (change of the seed mean; beyond seed noise when "

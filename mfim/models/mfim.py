@@ -37,19 +37,27 @@ class MFIM(nn.Module):
         coarse_max_res: int = COARSE_MAX_RES,
         mix_global_res: Sequence[int] = MIX_GLOBAL_RES,
         noise_mode: str = "const",
+        source_torgb_max_res: int = 0,
     ):
         super().__init__()
         self.generator = generator.eval().requires_grad_(False)
         self.encoder = FacialAttributeEncoder(encoder_cfg, generator.style_layers, generator.noise_layers)
         self.coarse_max_res = int(coarse_max_res)
+        # Not in the paper: toRGB layers up to this resolution take the *source's* codes although they are coarse.
+        # A toRGB layer only maps features to colour and feeds nothing above it, so it cannot move pose or
+        # expression, but through the skip sum its coarse levels set the image's overall colour: skin tone.
+        # 0: every coarse layer is the target's (the paper's split).
+        self.source_torgb_max_res = int(source_torgb_max_res)
         self.mix_global_res = tuple(int(r) for r in mix_global_res)
         self.noise_mode = noise_mode
         # Optional test-time fitting of the source's ID codes (mfim.models.source_fit); None = the paper's
         # feed-forward encoder. Not part of the weights: evaluation and the CLI attach it from params.
         self.source_fitter = None
         layers = generator.style_layers
-        self.tgt_indices = [l.index for l in layers if l.resolution <= self.coarse_max_res]
-        self.src_indices = [l.index for l in layers if l.resolution > self.coarse_max_res]
+        from_source = [l.resolution > self.coarse_max_res
+                       or (l.kind == "torgb" and l.resolution <= self.source_torgb_max_res) for l in layers]
+        self.tgt_indices = [l.index for l, src in zip(layers, from_source) if not src]
+        self.src_indices = [l.index for l, src in zip(layers, from_source) if src]
         if not self.tgt_indices or not self.src_indices:
             raise ValueError(f"coarse_max_res={coarse_max_res} leaves no target or no source layers")
         with torch.no_grad():
@@ -199,6 +207,7 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
         "coarse_max_res": model.coarse_max_res,
         "mix_global_res": list(model.mix_global_res),
         "noise_mode": model.noise_mode,
+        "source_torgb_max_res": model.source_torgb_max_res,
         "meta": meta or {},
     }
     clash = set(extra or {}) & set(state)
@@ -248,6 +257,7 @@ def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
         coarse_max_res=state["coarse_max_res"],
         mix_global_res=tuple(state["mix_global_res"]),
         noise_mode=state["noise_mode"],
+        source_torgb_max_res=int(state.get("source_torgb_max_res", 0)),  # 0: files from before the option
     )
     model.encoder.load_state_dict(state["encoder"])
     return model.to(device).eval(), state.get("meta", {})

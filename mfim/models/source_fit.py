@@ -31,8 +31,8 @@ class SourceFitConfig:
     steps: int = 0  # optimiser steps per source image; 0 = the paper's feed-forward swap
     lr: float = 0.05  # Adam on additive offsets to the S-space codes
     # Small pixel weights: the pixel terms also copy the source's expression into the ID codes (EXPERIMENTS §16)
-    l1: float = 0.15
-    lpips: float = 0.15
+    l1: float = 0.1
+    lpips: float = 0.1
     id: float = 1.0  # weight of 1 - cos(R(fit), R(source)), R the training ID network
     cache_size: int = 4096  # images whose fitted codes are kept (a few KB each at 64 px)
 
@@ -81,7 +81,12 @@ class SourceCodeFitter:
         with torch.no_grad():
             codes, maps = model.invert(x)
             target_id = F.normalize(self.embedder(x).float(), dim=1) if cfg.id > 0 else None
-        offsets = {i: torch.zeros_like(codes[i], requires_grad=True) for i in model.src_indices}
+        # the ID codes: the layers above coarse_max_res. The coarse toRGB codes a swap may also take from the source
+        # (model.source_torgb_max_res) stay the encoder's: fitted to the source image they also copy the colour of
+        # its mouth and eyes, which reads as the source's expression on the target's face
+        res = {l.index: l.resolution for l in model.generator.style_layers}
+        offsets = {i: torch.zeros_like(codes[i], requires_grad=True)
+                   for i in model.src_indices if res[i] > model.coarse_max_res}
         opt = torch.optim.Adam(offsets.values(), lr=cfg.lr)
         with torch.enable_grad():
             for _ in range(cfg.steps):

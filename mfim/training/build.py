@@ -84,6 +84,7 @@ def build_model(params: dict, G) -> MFIM:
         coarse_max_res=int(enc.get("coarse_max_res", COARSE_MAX_RES)),
         mix_global_res=tuple(enc.get("mix_global_res", MIX_GLOBAL_RES)),
         noise_mode=str(lookup(params, "generator.noise_mode", "const")),
+        source_torgb_max_res=int(enc.get("source_torgb_max_res", 0) or 0),
     )
     if cfg.backbone == "ir_se50" and enc.get("backbone_checkpoint"):
         from mfim.models.encoder import load_ir_se50
