@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfim.data.regressor_set import stack_renders
+
 VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS = 190_000, 500, 2
 CHUNK = 40  # people per task: small, so stopping at the deadline waits little
 SIZES = (600, 2400, 6600, 12000, 24000)
@@ -47,16 +49,6 @@ def _init_worker(cfg):
 
     cv2.setNumThreads(1)
     regressor_set._init(cfg)
-
-
-def _stack(results, renders):
-    return {
-        "images": np.concatenate([r[1] for r in results]),
-        "shape": np.concatenate([np.repeat(r[2][None], renders, 0) for r in results]).astype(np.float32),
-        "exp": np.concatenate([r[3] for r in results]).astype(np.float32),
-        "pose": np.concatenate([r[4] for r in results]).astype(np.float32),
-        "identity": np.concatenate([np.full(renders, r[0], np.int64) for r in results]),
-    }
 
 
 def render_sets(synth, val_people, base_people, base_renders, base_offset, workers, render_deadline, log):
@@ -100,7 +92,7 @@ def render_sets(synth, val_people, base_people, base_renders, base_offset, worke
         expect += 1
     log(f"render: val {len(got['val'])} people, base {len(got['base'])}, extra {len(extra)} in "
         f"{time.time() - t0:.0f} s")
-    return _stack(got["val"], VAL_RENDERS), _stack(got["base"], base_renders), extra
+    return stack_renders(got["val"], VAL_RENDERS), stack_renders(got["base"], base_renders), extra
 
 
 def main() -> None:
@@ -141,7 +133,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     params = load_params()
     r = params["threedmm"]["regressor"]
-    synth = replace(SynthConfig.from_params(params["synthesize"]))
+    synth = SynthConfig.from_params(params["synthesize"])
     base_people, base_renders, base_offset = (int(r["render_identities"]), int(r["render_images_per_identity"]),
                                               int(r["identity_offset"]))
     log(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
@@ -189,7 +181,7 @@ def main() -> None:
         if people != all_people and steps_images * seconds_per_image * 1.2 + 10 > left:
             log(f"skip {people} people: ~{steps_images * seconds_per_image:.0f} s needed, {left:.0f} s left")
             continue
-        train = base if n_extra == 0 else {k: np.concatenate([base[k], _stack(extra[:n_extra], 1)[k]])
+        train = base if n_extra == 0 else {k: np.concatenate([base[k], stack_renders(extra[:n_extra], 1)[k]])
                                            for k in base}
         fit = recipe_fit(args.epochs)
         t0 = time.time()

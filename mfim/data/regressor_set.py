@@ -60,6 +60,19 @@ def _render_identity(identity: int, images_per_identity: int, size: int):
     return identity, np.stack(images), who.shape, np.stack(exps), np.stack(poses), np.stack(landmarks)
 
 
+def stack_renders(results: list, images_per_identity: int) -> dict[str, np.ndarray]:
+    """Per-identity results of ``_render_identity`` (in the order given) -> the render-set arrays."""
+    n = images_per_identity
+    return {
+        "images": np.concatenate([r[1] for r in results]),
+        "shape": np.concatenate([np.repeat(r[2][None], n, 0) for r in results]).astype(np.float32),
+        "exp": np.concatenate([r[3] for r in results]).astype(np.float32),
+        "pose": np.concatenate([r[4] for r in results]).astype(np.float32),
+        "identity": np.concatenate([np.full(n, r[0], np.int64) for r in results]),
+        "landmarks": np.concatenate([r[5] for r in results]).astype(np.float32),
+    }
+
+
 def render_aligned_set(synth: SynthConfig, cfg: RenderSetConfig, log=print) -> dict[str, np.ndarray]:
     """{'images': N×s×s×3 uint8, 'shape': N×40, 'exp': N×10, 'pose': N×3 (radians), 'identity': N, 'landmarks':
     N×68×2 (the true BFM landmark vertices in aligned pixels)} in identity order; deterministic from ``synth.seed``
@@ -75,15 +88,7 @@ def render_aligned_set(synth: SynthConfig, cfg: RenderSetConfig, log=print) -> d
     else:
         _init(synth)
         results = [_render_identity(i, cfg.images_per_identity, cfg.size) for i in ids]
-    n = cfg.images_per_identity
-    out = {
-        "images": np.concatenate([r[1] for r in results]),
-        "shape": np.concatenate([np.repeat(r[2][None], n, 0) for r in results]).astype(np.float32),
-        "exp": np.concatenate([r[3] for r in results]).astype(np.float32),
-        "pose": np.concatenate([r[4] for r in results]).astype(np.float32),
-        "identity": np.concatenate([np.full(n, r[0], np.int64) for r in results]),
-        "landmarks": np.concatenate([r[5] for r in results]).astype(np.float32),
-    }
+    out = stack_renders(results, cfg.images_per_identity)
     log(f"render set: {len(out['images'])} aligned {cfg.size} px faces of {cfg.identities} identities "
         f"in {time.perf_counter() - t0:.0f} s")
     return out

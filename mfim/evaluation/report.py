@@ -289,10 +289,11 @@ def beyond_seed_noise(rows: dict[str, list[dict]]) -> list[str]:
 def ablation_table(params: dict, current: str, metrics: dict) -> str:
     rows = merged_ablation_rows(params)
     feed_forward = int(params.get("source_fit", {}).get("steps", 0) or 0) == 0
+    split = str(params.get("encoder", {}).get("source_torgb_max_res", 0) or 0)
     if current not in rows and feed_forward:  # the current run stands in only when it is a feed-forward one
         cur = {c: metrics["swap"].get(c) for c in SWAP_COLS + ["id_retrieval"]}
         cur["self_swap_lpips"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
-        cur["source_torgb_max_res"] = str(params.get("encoder", {}).get("source_torgb_max_res", 0) or 0)
+        cur["source_torgb_max_res"] = split
         rows[current] = [cur]
     out = ["# Ablation (paper Table 4 layout)", "", HEADER.replace("| |", "| Configuration |"), "|---|---|---|---|---|---|"]
     for cfg, vals in PAPER_TABLE4.items():
@@ -307,7 +308,6 @@ def ablation_table(params: dict, current: str, metrics: dict) -> str:
         seeds = ", ".join(sorted(str(r.get("seed", "?")) for r in runs))
         out.append(f"| **{CONFIG_NAMES[cfg]} (ours)** | "
                    + " | ".join(_fmt_spread(_spread(runs, c), len(runs)) for c in ABLATION_COLS) + f" | {seeds} |")
-    split = str(params.get("encoder", {}).get("source_torgb_max_res", 0) or 0)
     other = sorted({str(r.get("source_torgb_max_res", "0")) for runs in rows.values() for r in runs} - {split})
     if other:
         out += ["", f"Note: rows trained with encoder.source_torgb_max_res {', '.join(other)} (rows without the "

@@ -54,10 +54,13 @@ class MFIM(nn.Module):
         # feed-forward encoder. Not part of the weights: evaluation and the CLI attach it from params.
         self.source_fitter = None
         layers = generator.style_layers
-        from_source = [l.resolution > self.coarse_max_res
-                       or (l.kind == "torgb" and l.resolution <= self.source_torgb_max_res) for l in layers]
-        self.tgt_indices = [l.index for l, src in zip(layers, from_source) if not src]
-        self.src_indices = [l.index for l, src in zip(layers, from_source) if src]
+        # ID codes: the layers above coarse_max_res. The source gives those and the coarse toRGB codes up to
+        # source_torgb_max_res; the target everything else.
+        self.id_indices = [l.index for l in layers if l.resolution > self.coarse_max_res]
+        tone = [l.index for l in layers if l.kind == "torgb" and l.resolution <= min(self.source_torgb_max_res,
+                                                                                      self.coarse_max_res)]
+        self.src_indices = sorted(self.id_indices + tone)
+        self.tgt_indices = [l.index for l in layers if l.index not in self.src_indices]
         if not self.tgt_indices or not self.src_indices:
             raise ValueError(f"coarse_max_res={coarse_max_res} leaves no target or no source layers")
         with torch.no_grad():

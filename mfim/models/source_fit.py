@@ -81,12 +81,10 @@ class SourceCodeFitter:
         with torch.no_grad():
             codes, maps = model.invert(x)
             target_id = F.normalize(self.embedder(x).float(), dim=1) if cfg.id > 0 else None
-        # the ID codes: the layers above coarse_max_res. The coarse toRGB codes a swap may also take from the source
-        # (model.source_torgb_max_res) stay the encoder's: fitted to the source image they also copy the colour of
-        # its mouth and eyes, which reads as the source's expression on the target's face
-        res = {l.index: l.resolution for l in model.generator.style_layers}
-        offsets = {i: torch.zeros_like(codes[i], requires_grad=True)
-                   for i in model.src_indices if res[i] > model.coarse_max_res}
+        # only the ID codes: the coarse toRGB codes a swap may also take from the source (model.source_torgb_max_res)
+        # stay the encoder's: fitted to the source image they also copy the colour of its mouth and eyes, which
+        # reads as the source's expression on the target's face
+        offsets = {i: torch.zeros_like(codes[i], requires_grad=True) for i in model.id_indices}
         opt = torch.optim.Adam(offsets.values(), lr=cfg.lr)
         with torch.enable_grad():
             for _ in range(cfg.steps):
