@@ -24,7 +24,8 @@ def _fit(group: dict, params: dict, out: str, train_pattern: str, eval_pattern, 
     from mfim.config import lookup
     from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
     from mfim.data.synth import SynthConfig
-    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_render_set, fit_from_table
+    from mfim.nets.threedmm_regressor import (FitConfig, RegressorConfig, fit_from_render_set, fit_from_table,
+                                              use_shipped_regressor)
 
     model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),
                                 backbone=str(group.get("backbone", "small")))
@@ -33,8 +34,11 @@ def _fit(group: dict, params: dict, out: str, train_pattern: str, eval_pattern, 
                     seed=int(group.get("seed", lookup(params, "project.seed", 0))),
                     augment=bool(group.get("augment", True)),
                     shape_tail_weight=float(group.get("shape_tail_weight", 1.0)))
+    synthetic = lookup(params, "data.source", "synthetic") == "synthetic"
+    if group.get("shipped_checkpoint") and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't
+        return use_shipped_regressor(group["shipped_checkpoint"], out, model_cfg, eval_pattern, TABLE, log=log)
     n_render = int(group.get("render_identities", 0) or 0)
-    if n_render > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
+    if n_render > 0 and synthetic:
         render = render_aligned_set(
             SynthConfig.from_params(lookup(params, "synthesize")),
             RenderSetConfig(identities=n_render, images_per_identity=int(group.get("render_images_per_identity", 5)),

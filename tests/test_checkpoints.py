@@ -7,6 +7,7 @@ import io
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,3 +427,10 @@ def test_generate_command_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 3 and err.startswith("mfim generate:") and "Traceback" not in err
     assert main(["generate", "--checkpoint", str(bad), "--seeds", "x-y", "--outdir", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("name", ["generator_synth64", "mfim_synth64", "regressor_synth64"])
+def test_shipped_checkpoints_are_the_files_their_records_describe(name):
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    record = json.loads((root / f"{name}.json").read_text())
+    assert sha256_file(root / f"{name}.pt") == record["output_sha256"]

@@ -15,6 +15,7 @@ from mfim.nets.threedmm_regressor import (
     predict,
     save_regressor,
     split_by_group,
+    use_shipped_regressor,
 )
 from mfim.nets.types import ThreeDMMParams
 
@@ -88,6 +89,29 @@ def test_other_files_are_refused(tmp_path):
         load_fitted_regressor(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="fit_regressor"):
         load_fitted_regressor(tmp_path / "absent.pt")
+
+
+def test_a_shipped_fit_is_used_as_is_and_checked(tmp_path):
+    import hashlib
+    import json
+
+    images, targets, groups = known_function_data(n=64, size=32)
+    model, report = fit_regressor(images, targets, groups, RegressorConfig(input_size=32, width=8),
+                                  FitConfig(epochs=1, batch_size=16, augment=False), log=lambda *_: None)
+    shipped = save_regressor(model, tmp_path / "shipped.pt", "ground_truth", report["val_error"],
+                             extra={"recipe": json.dumps({"train_loss": [0.9, 0.5], "seconds": 40.5})})
+    out = tmp_path / "data" / "regressor.pt"
+    rep = use_shipped_regressor(shipped, out, RegressorConfig(input_size=32), log=lambda *_: None)
+    assert rep["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert rep["val_error"] == report["val_error"] and rep["train_loss"] == [0.9, 0.5] and rep["seconds"] == 40.5
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    a, b = model(x), load_fitted_regressor(out)(x)
+    assert torch.equal(a.shape, b.shape) and torch.equal(a.exp, b.exp) and torch.equal(a.pose, b.pose)
+    assert torch.load(out, weights_only=True)["shipped_sha256"] == rep["sha256"]
+    with pytest.raises(ValueError, match="input_size 32.*asks for 64"):
+        use_shipped_regressor(shipped, out, RegressorConfig(input_size=64), log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="shipped_checkpoint.*not found"):
+        use_shipped_regressor(tmp_path / "absent.pt", out, RegressorConfig(input_size=32), log=lambda *_: None)
 
 
 def test_differentiable_with_respect_to_the_input_at_any_resolution():

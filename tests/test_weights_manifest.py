@@ -41,6 +41,10 @@ def test_each_stage_lists_the_weights_it_reads():
     for group in ("regressor", "evaluator"):
         assets, _ = stage_weights("fit_regressor", {"threedmm": {group: {"backbone": "mobilenet_v1"}}})
         assert {"tddfa_mb1_onnx", "tddfa_param_stats", "bfm_noneck"} <= set(assets) and len(assets) == len(set(assets))
+    # a loss network fitted elsewhere (checkpoints/) is a weight file of the stage: replacing it refits nothing
+    # silently
+    _, official = stage_weights("fit_regressor", {"threedmm": {"regressor": {"shipped_checkpoint": "c/r.pt"}}})
+    assert official == {"threedmm.regressor.shipped_checkpoint": "c/r.pt"}
 
 
 def test_manifest_records_bytes_and_missing_files(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The loss network's regressor fitted at scale on a GPU machine, with the curve of r against people (§17).
+"""The loss network's regressor fitted at scale on a GPU machine, with the curve of r against people (§17, §18).
 
     python docs/experiments/regressor_scale.py OUT_DIR [--seconds 480] [--device cuda] [--workers 15]
 
@@ -12,7 +12,11 @@ first: it is the one kept), each validated on (1), while the time lasts.
 
 Writes OUT_DIR/curve.json (one row per fit) and OUT_DIR/regressor_scale.pt (the fit on all people, the
 `fit_regressor` checkpoint format). The render is deterministic from params.yaml and the identity ids, whatever the
-number of workers. On a machine without onnx2torch, set MFIM_TDDFA_STATE to a .pt of
+number of workers. `--group evaluator` does the same from the shape evaluator's set (threedmm.evaluator: people from
+200,000 on, its seed): an evaluator independent of the loss network's people. `--epochs`, `--sizes` and
+`--ms-per-image` (skip the two-epoch timing, which overstates an epoch about twice) trade the curve for a longer fit.
+The shipped checkpoints/regressor_synth64.pt is `--seconds 520 --render-share 0.5 --workers 15` (§18). On a machine
+without onnx2torch, set MFIM_TDDFA_STATE to a .pt of
 ``mfim.nets.mobilenet_v1.tddfa_state()`` made elsewhere.
 """
 
@@ -58,8 +62,9 @@ def render_sets(synth, val_people, base_people, base_renders, base_offset, worke
     jobs += [("base", list(range(base_offset + i, min(base_offset + base_people, base_offset + i + CHUNK))),
               base_renders) for i in range(0, base_people, CHUNK)]
     first_extra = base_offset + base_people
+    last = VAL_OFFSET if first_extra < VAL_OFFSET else first_extra + 100_000  # never into another set's people
     jobs += [("extra", list(range(first_extra + i, first_extra + i + CHUNK)), 1)
-             for i in range(0, VAL_OFFSET - first_extra - CHUNK, CHUNK)]
+             for i in range(0, last - first_extra - CHUNK, CHUNK)]
     got = {"val": [], "base": [], "extra": []}
     t0 = time.time()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
@@ -104,6 +109,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--max-extra", type=int, default=None, help="cap on the extra people (for a quick check)")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                    help="people in the curve's smaller fits (comma-separated; empty: only the fit on all)")
+    ap.add_argument("--ms-per-image", type=float, default=None,
+                    help="the fit's time an image, instead of timing two epochs of the base set (which overstates it ~2x)")
+    ap.add_argument("--group", default="regressor", choices=("regressor", "evaluator"),
+                    help="threedmm.<group>: whose render set is the base (evaluator: people from 200,000, so a fit "
+                         "independent of the loss network's people)")
     ap.add_argument("--quick", action="store_true", help="40 validation and 40 base people (a check of the script)")
     args = ap.parse_args()
     t_start = time.time()
@@ -132,7 +144,7 @@ def main() -> None:
     cv2.setNumThreads(1)  # inherited by the forked augmentation workers: one thread each
     torch.backends.cudnn.benchmark = True
     params = load_params()
-    r = params["threedmm"]["regressor"]
+    r = params["threedmm"][args.group]
     synth = SynthConfig.from_params(params["synthesize"])
     base_people, base_renders, base_offset = (int(r["render_identities"]), int(r["render_images_per_identity"]),
                                               int(r["identity_offset"]))
@@ -145,11 +157,11 @@ def main() -> None:
                                    t_start + args.render_share * args.seconds, log)
     if args.max_extra is not None:
         extra = extra[: args.max_extra]
-    cfg = RegressorConfig(64, int(r["width"]), backbone="mobilenet_v1")
+    cfg = RegressorConfig(64, int(r["width"]), backbone="mobilenet_v1")  # width: unused by mobilenet_v1
 
     def recipe_fit(epochs):
         return FitConfig(epochs=epochs, batch_size=64, lr=1e-3, shape_tail_weight=0.1, workers=args.workers,
-                         device=args.device)
+                         device=args.device, seed=int(r.get("seed", 0)))
 
     def fit_regressor(*a, **kw):  # worker processes need shared memory; without enough, augment in-process
         try:
@@ -163,16 +175,20 @@ def main() -> None:
 
     # two epochs on the base set time an epoch (the second one's: setup and validation apart), so the fit on every
     # person cannot run past the budget: it gets at most 60 % of what is left, extra people dropped if need be
-    ends = []
-    fit_regressor(base["images"], base, base["identity"], cfg, recipe_fit(2),
-                  log=lambda m: (ends.append(time.time()), log(m)), val=val)
-    seconds_per_image = (ends[-1] - ends[-2]) / len(base["images"])
+    if args.ms_per_image is None:
+        ends = []
+        fit_regressor(base["images"], base, base["identity"], cfg, recipe_fit(2),
+                      log=lambda m: (ends.append(time.time()), log(m)), val=val)
+        seconds_per_image = (ends[-1] - ends[-2]) / len(base["images"])
+    else:
+        seconds_per_image = args.ms_per_image / 1e3
     left = t_start + args.seconds - time.time()
     fits_images = int(0.6 * left / (seconds_per_image * args.epochs))
     log(f"calibration: {seconds_per_image * 1e3:.3f} ms an image; {left:.0f} s left: at most {fits_images} images")
     extra = extra[: max(0, fits_images - len(base["images"]))]
     all_people = base_people + len(extra)
-    sizes = [all_people] + [s for s in (SIZES if not args.quick else (40, 60)) if s < all_people]
+    curve = [int(n) for n in args.sizes.split(",") if n] if not args.quick else [40, 60]
+    sizes = [all_people] + [s for s in curve if s < all_people]
     rows = []
     for people in sizes:
         n_extra = people - base_people

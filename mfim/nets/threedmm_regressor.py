@@ -435,3 +435,39 @@ def fit_from_render_set(render: dict, out_path: str | Path, model_config: Regres
                    extra={"eval_split_error": report.get("eval_split_error")})
     return report
 
+
+
+def use_shipped_regressor(shipped: str | Path, out_path: str | Path, model_config: RegressorConfig,
+                          eval_pattern: str | None = None, table_path: str | Path | None = None, log=print) -> dict:
+    """A regressor fitted elsewhere (checkpoints/ ships one fitted on a GPU machine on ~22,000 render-set people,
+    docs/EXPERIMENTS.md §18) used as is: checked (format, and the input size the stage asks for), measured on the
+    eval shards like a fit made here, written to ``out_path`` with that error. Its recipe and the validation error it
+    was fitted with travel in the file; the report carries them, with the file's sha256."""
+    import json
+
+    from mfim.assets.store import sha256_file
+    from mfim.data.threedmm_table import group_errors
+
+    shipped = Path(shipped)
+    if not shipped.is_file():
+        raise FileNotFoundError(f"threedmm.regressor.shipped_checkpoint: {shipped} not found (the repository ships "
+                                "it under checkpoints/; set the key to \"\" to fit the regressor here instead)")
+    model = load_fitted_regressor(shipped)
+    if model.config.input_size != model_config.input_size:
+        raise ValueError(f"{shipped}: fitted at input_size {model.config.input_size}, the stage asks for "
+                         f"{model_config.input_size} (threedmm.regressor.input_size)")
+    ckpt = torch.load(shipped, map_location="cpu", weights_only=True)
+    recipe = json.loads(ckpt.get("recipe", "{}"))
+    report = {"val_error": ckpt["val_error"], "train_loss": recipe.get("train_loss", []),
+              "seconds": recipe.get("seconds", 0.0), "shipped_checkpoint": str(shipped),
+              "sha256": sha256_file(shipped), "recipe": recipe, "target": ckpt["target"],
+              "training_set": "render set (shipped fit)", "config": asdict(model.config)}
+    if eval_pattern is not None and table_path is not None:
+        ev_images, ev_targets, _, _ = load_training_data(eval_pattern, table_path, "ground_truth",
+                                                         model.config.input_size)
+        report["eval_split_error"] = group_errors(predict(model, ev_images), ev_targets)
+    log(f"regressor: shipped fit {shipped} (sha256 {report['sha256'][:12]}...)")
+    save_regressor(model, out_path, ckpt["target"], ckpt["val_error"],
+                   extra={"eval_split_error": report.get("eval_split_error"), "recipe": ckpt.get("recipe", "{}"),
+                          "shipped_sha256": report["sha256"]})
+    return report
