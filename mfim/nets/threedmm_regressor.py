@@ -188,10 +188,8 @@ def save_no_regressor(path: str | Path, why: str) -> Path:
     return path
 
 
-def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") -> ThreeDMMRegressor:
-    """The fitted regressor, frozen: eval mode for good (``.train()`` is ignored), no parameter gradients; gradients
-    still flow to the input."""
-    path = Path(path)
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint dict of a fitted regressor, its format and version checked."""
     if not path.is_file():
         raise FileNotFoundError(f"fitted 3DMM regressor not found at {path} (made by `dvc repro fit_regressor`)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -201,9 +199,19 @@ def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") 
         raise ValueError(f"{path} is not an MFIM 3DMM regressor checkpoint")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} (this code reads {VERSION})")
+    return ckpt
+
+
+def _frozen_model(ckpt: dict) -> ThreeDMMRegressor:
     model = ThreeDMMRegressor(RegressorConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
-    return model.freeze().to(device)
+    return model.freeze()
+
+
+def load_fitted_regressor(path: str | Path, device: str | torch.device = "cpu") -> ThreeDMMRegressor:
+    """The fitted regressor, frozen: eval mode for good (``.train()`` is ignored), no parameter gradients; gradients
+    still flow to the input."""
+    return _frozen_model(_read_checkpoint(Path(path))).to(device)
 
 
 # ------------------------------------------------------------------------------------------------------- fitting
@@ -397,20 +405,25 @@ def load_training_data(pattern: str, table_path: str | Path, target: str, input_
     return np.stack(images), targets, rows["identity"].to_numpy(np.int64), keys
 
 
+def eval_split_error(model: ThreeDMMRegressor, eval_pattern: str, table_path: str | Path, target: str) -> dict:
+    """The model's error per parameter group on the eval shards (the swapper's evaluation identities)."""
+    from mfim.data.threedmm_table import group_errors
+
+    images, targets, _, _ = load_training_data(eval_pattern, table_path, target, model.config.input_size)
+    return group_errors(predict(model, images), targets)
+
+
 def fit_from_table(train_pattern: str, table_path: str | Path, out_path: str | Path, target: str,
                    model_config: RegressorConfig, fit: FitConfig, eval_pattern: str | None = None, log=print) -> dict:
     """Fit on the train split, report validation error (held-out train identities) and, when given, the error on
     the eval split (identities never used for fitting), save the checkpoint; returns the report."""
-    from mfim.data.threedmm_table import group_errors
-
     images, targets, identities, _ = load_training_data(train_pattern, table_path, target, model_config.input_size)
     # the head is as wide as the table's 3DMM (distilling DECA: FLAME's 100 / 50; BFM: 40 / 10)
     model_config = replace(model_config, n_shape=int(targets["shape"].shape[1]), n_exp=int(targets["exp"].shape[1]))
     log(f"regressor: {len(images)} images, target {target}, {len(np.unique(identities[identities >= 0]))} identities")
     model, report = fit_regressor(images, targets, identities, model_config, fit, log)
     if eval_pattern is not None:
-        ev_images, ev_targets, _, _ = load_training_data(eval_pattern, table_path, target, model_config.input_size)
-        report["eval_split_error"] = group_errors(predict(model, ev_images), ev_targets)
+        report["eval_split_error"] = eval_split_error(model, eval_pattern, table_path, target)
     report.update(target=target, config=asdict(model_config), fit=asdict(fit))
     save_regressor(model, out_path, target, report["val_error"],
                    extra={"eval_split_error": report.get("eval_split_error")})
@@ -421,20 +434,15 @@ def fit_from_render_set(render: dict, out_path: str | Path, model_config: Regres
                         eval_pattern: str | None = None, table_path: str | Path | None = None, log=print) -> dict:
     """Fit on an aligned render set (mfim.data.regressor_set: exact ground truth, disjoint identities), validate on
     held-out identities of the set and, when given, on the eval shards (the swapper's evaluation identities)."""
-    from mfim.data.threedmm_table import group_errors
-
     targets = {k: render[k] for k in ("shape", "exp", "pose")}
     log(f"regressor: {len(render['images'])} rendered images, {len(np.unique(render['identity']))} identities")
     model, report = fit_regressor(render["images"], targets, render["identity"], model_config, fit, log)
     if eval_pattern is not None and table_path is not None:
-        ev_images, ev_targets, _, _ = load_training_data(eval_pattern, table_path, "ground_truth",
-                                                         model_config.input_size)
-        report["eval_split_error"] = group_errors(predict(model, ev_images), ev_targets)
+        report["eval_split_error"] = eval_split_error(model, eval_pattern, table_path, "ground_truth")
     report.update(target="ground_truth", training_set="render set", config=asdict(model_config), fit=asdict(fit))
     save_regressor(model, out_path, "ground_truth", report["val_error"],
                    extra={"eval_split_error": report.get("eval_split_error")})
     return report
-
 
 
 def use_shipped_regressor(shipped: str | Path, out_path: str | Path, model_config: RegressorConfig,
@@ -446,26 +454,23 @@ def use_shipped_regressor(shipped: str | Path, out_path: str | Path, model_confi
     import json
 
     from mfim.assets.store import sha256_file
-    from mfim.data.threedmm_table import group_errors
 
     shipped = Path(shipped)
     if not shipped.is_file():
         raise FileNotFoundError(f"threedmm.regressor.shipped_checkpoint: {shipped} not found (the repository ships "
                                 "it under checkpoints/; set the key to \"\" to fit the regressor here instead)")
-    model = load_fitted_regressor(shipped)
+    ckpt = _read_checkpoint(shipped)
+    model = _frozen_model(ckpt)
     if model.config.input_size != model_config.input_size:
         raise ValueError(f"{shipped}: fitted at input_size {model.config.input_size}, the stage asks for "
                          f"{model_config.input_size} (threedmm.regressor.input_size)")
-    ckpt = torch.load(shipped, map_location="cpu", weights_only=True)
     recipe = json.loads(ckpt.get("recipe", "{}"))
     report = {"val_error": ckpt["val_error"], "train_loss": recipe.get("train_loss", []),
               "seconds": recipe.get("seconds", 0.0), "shipped_checkpoint": str(shipped),
               "sha256": sha256_file(shipped), "recipe": recipe, "target": ckpt["target"],
               "training_set": "render set (shipped fit)", "config": asdict(model.config)}
     if eval_pattern is not None and table_path is not None:
-        ev_images, ev_targets, _, _ = load_training_data(eval_pattern, table_path, "ground_truth",
-                                                         model.config.input_size)
-        report["eval_split_error"] = group_errors(predict(model, ev_images), ev_targets)
+        report["eval_split_error"] = eval_split_error(model, eval_pattern, table_path, "ground_truth")
     log(f"regressor: shipped fit {shipped} (sha256 {report['sha256'][:12]}...)")
     save_regressor(model, out_path, ckpt["target"], ckpt["val_error"],
                    extra={"eval_split_error": report.get("eval_split_error"), "recipe": ckpt.get("recipe", "{}"),
