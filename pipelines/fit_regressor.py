@@ -3,9 +3,10 @@
 * `data/threedmm/regressor.pt`, the network inside L_shape / L_pose / L_exp on the embedded default. Synthetic data:
   fitted on its own aligned render set (`threedmm.regressor.render_identities` people never in the swapper's data;
   exact ground truth); real photos: on the train shards against the 3DMM table (`target: estimate`, distillation).
-* `data/threedmm/evaluator.pt` (synthetic data, `threedmm.evaluator.render_identities` > 0): an independent shape
-  evaluator -- another width and seed, fitted on a render set of *other* people than the loss network saw -- which
-  the evaluate stage uses for Shape and R-Shape, where 3DDFA_V2 cannot see BFM shape.
+* `data/threedmm/evaluator.pt` (synthetic data, `threedmm.evaluator.render_identities` > 0): an independent shape and
+  expression evaluator -- another network and seed, fitted on a render set of *other* people than the loss network
+  saw (the shipped one at scale, `threedmm.evaluator.shipped_checkpoint`) -- which the evaluate stage uses for Shape,
+  R-Shape and Expression, where 3DDFA_V2 cannot see BFM shape and reads expression at r ~0.24.
 
 reports/regressor.json: per network, the validation error on held-out identities, the predict-the-mean baseline and
 the error on the eval split (the swapper's evaluation identities, never used for fitting).
@@ -20,13 +21,14 @@ EVALUATOR_OUT = "data/threedmm/evaluator.pt"
 REPORT = "reports/regressor.json"
 
 
-def _fit(group: dict, params: dict, out: str, train_pattern: str, eval_pattern, log) -> dict:
+def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, log) -> dict:
     from mfim.config import lookup
     from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
     from mfim.data.synth import SynthConfig
     from mfim.nets.threedmm_regressor import (FitConfig, RegressorConfig, fit_from_render_set, fit_from_table,
                                               use_shipped_regressor)
 
+    group = lookup(params, f"threedmm.{name}")
     model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),
                                 backbone=str(group.get("backbone", "small")))
     fit = FitConfig(epochs=int(group["epochs"]), batch_size=int(group["batch_size"]), lr=float(group["lr"]),
@@ -36,7 +38,8 @@ def _fit(group: dict, params: dict, out: str, train_pattern: str, eval_pattern, 
                     shape_tail_weight=float(group.get("shape_tail_weight", 1.0)))
     synthetic = lookup(params, "data.source", "synthetic") == "synthetic"
     if group.get("shipped_checkpoint") and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't
-        return use_shipped_regressor(group["shipped_checkpoint"], out, model_cfg, eval_pattern, TABLE, log=log)
+        return use_shipped_regressor(group["shipped_checkpoint"], out, model_cfg, eval_pattern, TABLE, log=log,
+                                     group=name)
     n_render = int(group.get("render_identities", 0) or 0)
     if n_render > 0 and synthetic:
         render = render_aligned_set(
@@ -73,12 +76,12 @@ def main(params_path: str = "params.yaml") -> dict:
     has_eval = any(Path(SHARDS_DIR).glob("eval-*.tar"))
     eval_pattern = split_pattern(SHARDS_DIR, "eval") if has_eval else None
     train_pattern = split_pattern(SHARDS_DIR, "train")
-    report = _fit(lookup(params, "threedmm.regressor"), params, OUT, train_pattern, eval_pattern, print)
+    report = _fit("regressor", params, OUT, train_pattern, eval_pattern, print)
     print(_summary("fit_regressor (loss network)", report))
     evaluator = lookup(params, "threedmm.evaluator", {}) or {}
     if int(evaluator.get("render_identities", 0) or 0) > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
-        report["evaluator"] = _fit(evaluator, params, EVALUATOR_OUT, train_pattern, eval_pattern, print)
-        print(_summary("fit_regressor (shape evaluator)", report["evaluator"]))
+        report["evaluator"] = _fit("evaluator", params, EVALUATOR_OUT, train_pattern, eval_pattern, print)
+        print(_summary("fit_regressor (shape / expression evaluator)", report["evaluator"]))
     else:  # DVC declares the output: a marker that says why there is no evaluator (real photos have no renders)
         from mfim.nets.threedmm_regressor import save_no_regressor
 

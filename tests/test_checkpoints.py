@@ -429,7 +429,7 @@ def test_generate_command_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys)
     assert main(["generate", "--checkpoint", str(bad), "--seeds", "x-y", "--outdir", str(tmp_path / "o")]) == 2
 
 
-@pytest.mark.parametrize("name", ["generator_synth64", "mfim_synth64", "regressor_synth64"])
+@pytest.mark.parametrize("name", ["generator_synth64", "mfim_synth64", "regressor_synth64", "evaluator_synth64"])
 def test_shipped_checkpoints_are_the_files_their_records_describe(name):
     root = Path(__file__).resolve().parents[1] / "checkpoints"
     record = json.loads((root / f"{name}.json").read_text())

@@ -49,3 +49,41 @@ def test_pose_vector_takes_the_jaw_only_when_asked_and_only_from_flame():
     assert torch.equal(pose_vector(flame, jaw=True), torch.cat([pose, jaw], 1))
     with pytest.raises(ValueError, match="no jaw"):
         pose_vector(ThreeDMMParams(torch.zeros(2, 40), torch.zeros(2, 10), pose), jaw=True)
+
+
+def _features(n: int, shape: np.ndarray, exp: np.ndarray):
+    from mfim.evaluation.evaluators import Features
+
+    z = np.zeros((n, 3))
+    return Features(identity=z, shape=shape, exp=exp, pose=z, pose_hn=z, id_train=z)
+
+
+def test_ground_truth_errors_measure_each_evaluator_on_the_unswapped_targets_once():
+    from mfim.evaluation.tables import ground_truth_errors
+
+    rng = np.random.default_rng(0)
+    keys = ["t0", "t1", "t2", "t3", "t0"]  # t0 twice: its row must count once
+    gt = {k: {"yaw": 0.0, "pitch": 0.0, "roll": 0.0, "shape": rng.normal(size=40).tolist(),
+              "exp": rng.normal(size=10).tolist()} for k in dict.fromkeys(keys)}
+    pairs = pd.DataFrame({"target_key": keys})
+    exact_exp = np.array([gt[k]["exp"] for k in keys])
+    negated_shape = -np.array([gt[k]["shape"][:10] for k in keys])
+    tgt = _features(len(keys), negated_shape, 2.0 * exact_exp + 1.0)  # r is scale- and offset-free
+    _, ev = ground_truth_errors(pairs, tgt, tgt, gt)
+    np.testing.assert_allclose(ev["exp_pearson_r_on_real"], np.ones(10))
+    np.testing.assert_allclose(ev["shape_pearson_r_on_real"], -np.ones(10))
+    # a 3DMM whose expression has other coefficients (FLAME's 50) is not compared with BFM's 10
+    _, ev = ground_truth_errors(pairs, _features(len(keys), negated_shape, np.zeros((len(keys), 50))), tgt, gt)
+    assert "exp_pearson_r_on_real" not in ev and "shape_pearson_r_on_real" in ev
+
+
+def test_evaluator_choice_is_the_regressor_or_the_3dmm_encoder():
+    from types import SimpleNamespace
+
+    from mfim.evaluation.evaluators import Evaluators
+
+    me = SimpleNamespace(threedmm_name="tddfa")
+    pick = lambda v: Evaluators._regressor_or_3dmm(me, {"evaluate": {"expression_encoder": v}}, "expression_encoder")  # noqa: E731
+    assert pick("evaluator") == "evaluator" and pick("") == "tddfa" and pick("tddfa") == "tddfa"
+    with pytest.raises(ValueError, match="evaluate.expression_encoder must be 'evaluator' or empty"):
+        pick("deca")

@@ -110,8 +110,13 @@ def test_a_shipped_fit_is_used_as_is_and_checked(tmp_path):
     assert torch.load(out, weights_only=True)["shipped_sha256"] == rep["sha256"]
     with pytest.raises(ValueError, match="input_size 32.*asks for 64"):
         use_shipped_regressor(shipped, out, RegressorConfig(input_size=64), log=lambda *_: None)
-    with pytest.raises(FileNotFoundError, match="shipped_checkpoint.*not found"):
-        use_shipped_regressor(tmp_path / "absent.pt", out, RegressorConfig(input_size=32), log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="threedmm.evaluator.shipped_checkpoint.*not found"):
+        use_shipped_regressor(tmp_path / "absent.pt", out, RegressorConfig(input_size=32), log=lambda *_: None,
+                              group="evaluator")
+    for recipe in ("{not json", "[1, 2]"):  # our own file, damaged: one clear line, not a JSON traceback
+        bad = save_regressor(model, tmp_path / "bad.pt", "ground_truth", report["val_error"], extra={"recipe": recipe})
+        with pytest.raises(ValueError, match="bad.pt: its 'recipe' entry is not the JSON object"):
+            use_shipped_regressor(bad, out, RegressorConfig(input_size=32), log=lambda *_: None)
 
 
 def test_differentiable_with_respect_to_the_input_at_any_resolution():

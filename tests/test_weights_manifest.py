@@ -45,6 +45,10 @@ def test_each_stage_lists_the_weights_it_reads():
     # silently
     _, official = stage_weights("fit_regressor", {"threedmm": {"regressor": {"shipped_checkpoint": "c/r.pt"}}})
     assert official == {"threedmm.regressor.shipped_checkpoint": "c/r.pt"}
+    _, official = stage_weights("fit_regressor", {"threedmm": {"regressor": {"shipped_checkpoint": "c/r.pt"},
+                                                               "evaluator": {"shipped_checkpoint": "c/e.pt"}}})
+    assert official == {"threedmm.regressor.shipped_checkpoint": "c/r.pt",
+                        "threedmm.evaluator.shipped_checkpoint": "c/e.pt"}
 
 
 def test_manifest_records_bytes_and_missing_files(tmp_path, monkeypatch):
@@ -118,3 +122,4 @@ def test_replaced_weight_file_reruns_only_the_stages_that_read_it(tmp_path):
     _dvc(project, "repro", "-q")
     made_from = json.loads((project / "train.out").read_text())
     assert made_from["official"]["nets.threedmm.deca_checkpoint"]["bytes"] == len(b"other DECA weights, same path")
+

@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam's step (the stage's small CNN from scratch: 2e-3)")
     ap.add_argument("--max-extra", type=int, default=None, help="cap on the extra people (for a quick check)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
                     help="people in the curve's smaller fits (comma-separated; empty: only the fit on all)")
@@ -116,6 +117,10 @@ def main() -> None:
     ap.add_argument("--group", default="regressor", choices=("regressor", "evaluator"),
                     help="threedmm.<group>: whose render set is the base (evaluator: people from 200,000, so a fit "
                          "independent of the loss network's people)")
+    ap.add_argument("--backbone", default="mobilenet_v1", choices=("mobilenet_v1", "small"),
+                    help="small: the stage's CNN from scratch, threedmm.<group>.width wide (a differently built network)")
+    ap.add_argument("--render-cache", default=None,
+                    help="an .npz of the rendered sets: written after rendering, read instead of rendering if present")
     ap.add_argument("--quick", action="store_true", help="40 validation and 40 base people (a check of the script)")
     args = ap.parse_args()
     t_start = time.time()
@@ -153,14 +158,26 @@ def main() -> None:
     val_people = VAL_PEOPLE
     if args.quick:
         val_people, base_people = 40, 40
-    val, base, extra = render_sets(synth, val_people, base_people, base_renders, base_offset, args.workers,
-                                   t_start + args.render_share * args.seconds, log)
+    cache = Path(args.render_cache) if args.render_cache else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            val, base, extra = ({k[len(p) + 1:]: z[k] for k in z.files if k.startswith(p + "/")}
+                                for p in ("val", "base", "extra"))
+        log(f"render sets read from {cache}: val {len(val['images'])}, base {len(base['images'])}, "
+            f"extra {len(extra['images'])} images")
+    else:
+        val, base, extra = render_sets(synth, val_people, base_people, base_renders, base_offset, args.workers,
+                                       t_start + args.render_share * args.seconds, log)
+        extra = stack_renders(extra, 1) if extra else {k: v[:0] for k, v in base.items()}
+        if cache is not None:
+            np.savez(cache, **{f"{p}/{k}": v for p, d in (("val", val), ("base", base), ("extra", extra))
+                               for k, v in d.items()})
     if args.max_extra is not None:
-        extra = extra[: args.max_extra]
-    cfg = RegressorConfig(64, int(r["width"]), backbone="mobilenet_v1")  # width: unused by mobilenet_v1
+        extra = {k: v[: args.max_extra] for k, v in extra.items()}
+    cfg = RegressorConfig(64, int(r["width"]), backbone=args.backbone)  # width: unused by mobilenet_v1
 
     def recipe_fit(epochs):
-        return FitConfig(epochs=epochs, batch_size=64, lr=1e-3, shape_tail_weight=0.1, workers=args.workers,
+        return FitConfig(epochs=epochs, batch_size=64, lr=args.lr, shape_tail_weight=0.1, workers=args.workers,
                          device=args.device, seed=int(r.get("seed", 0)))
 
     def fit_regressor(*a, **kw):  # worker processes need shared memory; without enough, augment in-process
@@ -185,8 +202,8 @@ def main() -> None:
     left = t_start + args.seconds - time.time()
     fits_images = int(0.6 * left / (seconds_per_image * args.epochs))
     log(f"calibration: {seconds_per_image * 1e3:.3f} ms an image; {left:.0f} s left: at most {fits_images} images")
-    extra = extra[: max(0, fits_images - len(base["images"]))]
-    all_people = base_people + len(extra)
+    extra = {k: v[: max(0, fits_images - len(base["images"]))] for k, v in extra.items()}
+    all_people = base_people + len(extra["images"])
     curve = [int(n) for n in args.sizes.split(",") if n] if not args.quick else [40, 60]
     sizes = [all_people] + [s for s in curve if s < all_people]
     rows = []
@@ -197,8 +214,7 @@ def main() -> None:
         if people != all_people and steps_images * seconds_per_image * 1.2 + 10 > left:
             log(f"skip {people} people: ~{steps_images * seconds_per_image:.0f} s needed, {left:.0f} s left")
             continue
-        train = base if n_extra == 0 else {k: np.concatenate([base[k], stack_renders(extra[:n_extra], 1)[k]])
-                                           for k in base}
+        train = base if n_extra == 0 else {k: np.concatenate([base[k], extra[k][:n_extra]]) for k in base}
         fit = recipe_fit(args.epochs)
         t0 = time.time()
         model, rep = fit_regressor(train["images"], train, train["identity"], cfg, fit, log=log, val=val)
@@ -215,7 +231,8 @@ def main() -> None:
                                                     "device": args.device, "rows": rows}, indent=1))
         if people == all_people:
             recipe = {"render": {"base": [base_people, base_renders, base_offset],
-                                 "extra": [len(extra), 1, base_offset + base_people]},
+                                 "extra": [len(extra["images"]), 1, base_offset + base_people]},
+                      "backbone": args.backbone,
                       "fit": asdict(fit), "val": {"people": val_people, "renders": VAL_RENDERS,
                                                   "identity_offset": VAL_OFFSET},
                       "train_loss": rep["train_loss"], "seconds": rep["seconds"], "device": args.device}

@@ -70,8 +70,9 @@ def stage_weights(stage: str, params: dict) -> tuple[list[str], dict[str, str]]:
         if stage == "fit_regressor" and any(lookup(params, f"threedmm.{g}.backbone", "small") == "mobilenet_v1"
                                             for g in ("regressor", "evaluator")):
             assets += [a for a in _TDDFA if a not in assets]  # started from 3DDFA_V2's weights
-        if stage == "fit_regressor":  # a loss network fitted elsewhere, used as is (checkpoints/)
-            official.update(_official(params, "threedmm.regressor.shipped_checkpoint"))
+        if stage == "fit_regressor":  # a loss network / evaluator fitted elsewhere, used as is (checkpoints/)
+            for group in ("regressor", "evaluator"):
+                official.update(_official(params, f"threedmm.{group}.shipped_checkpoint"))
     elif stage == "align":
         assets += _landmarks(params)
     elif stage == "evalsets":

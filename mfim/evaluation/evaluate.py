@@ -107,6 +107,8 @@ def run_evaluation(
             "pose_closer_to_target_than_source": bool(
                 swap_summary["pose"]["mean"] < swap_summary["pose_to_source"]["mean"]
             ),
+            "shape_closer_to_source_than_target": bool(swap_summary["shape_margin"]["mean"] > 0),
+            "expression_closer_to_target_than_source": bool(swap_summary["expression_margin"]["mean"] > 0),
         },
     }
     detail = {

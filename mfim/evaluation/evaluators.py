@@ -3,7 +3,8 @@
 identity: dlib ResNet (default; independent of the MobileFaceNet the ID loss trains against) or mobilefacenet.
 3DMM (``evaluate.threedmm_encoder``): 3DDFA_V2 (default; the training loss uses the fitted regressor on the
 embedded default, DECA at paper scale) or deca / fitted; the report warns when it is the loss's network;
-shape (``evaluate.shape_encoder: evaluator``): an independent fitted regressor (data/threedmm/evaluator.pt).
+shape and expression (``evaluate.shape_encoder`` / ``expression_encoder: evaluator``): an independent fitted regressor
+(data/threedmm/evaluator.pt).
 pose: the Hopenet-style ONNX (Pose-HN), or the official Hopenet ResNet-50 when nets.headpose.hopenet_checkpoint is set.
 """
 
@@ -29,7 +30,7 @@ class Features:
     id_train: np.ndarray  # N×512 features of the training ID network (reference only, not independent)
 
 
-SHAPE_EVALUATOR = "data/threedmm/evaluator.pt"
+FITTED_EVALUATOR = "data/threedmm/evaluator.pt"
 
 
 def pose_vector(p: ThreeDMMParams, jaw: bool = False) -> torch.Tensor:
@@ -87,29 +88,38 @@ class Evaluators:
         if self.jaw_pose and self.threedmm_name != "deca":
             raise ValueError(f"evaluate.jaw_pose needs evaluate.threedmm_encoder: deca ({self.threedmm_name} has no "
                              "jaw); set evaluate.jaw_pose: false")
-        # Shape may come from its own network: on the synthetic protocol 3DDFA_V2 sees BFM shape at r ~0.12, so an
-        # independent regressor (other people, other width and seed than the loss network) measures it instead.
-        self.shape_name = str(lookup(params, "evaluate.shape_encoder", "") or self.threedmm_name)
+        # Shape and expression may come from an independent fitted regressor (other people, width and seed than the
+        # loss network, data/threedmm/evaluator.pt): on the synthetic protocol's renders 3DDFA_V2 sees BFM shape at
+        # r ~0.12 and expression at r ~0.24 (it reads skin tone as expression), the regressor far better.
+        self.shape_name = self._regressor_or_3dmm(params, "shape_encoder")
+        self.exp_name = self._regressor_or_3dmm(params, "expression_encoder")
         k = lookup(params, "evaluate.shape_coefficients", 0)
         self.shape_k = int(k) if k else None
-        self.shape_net = None
-        if self.shape_name == "evaluator":
+        self.regressor = None
+        if "evaluator" in (self.shape_name, self.exp_name):
             from mfim.nets.threedmm_regressor import load_fitted_regressor
 
-            self.shape_net = load_fitted_regressor(SHAPE_EVALUATOR, device=self.device)
-        elif self.shape_name != self.threedmm_name:
-            raise ValueError(f"evaluate.shape_encoder must be 'evaluator' or empty, not {self.shape_name!r}")
+            self.regressor = load_fitted_regressor(FITTED_EVALUATOR, device=self.device)
         hopenet = lookup(params, "nets.headpose.hopenet_checkpoint", "") or ""
         self.pose_name = "hopenet_resnet50" if hopenet else "hopenet_onnx"
         self.headpose = HopenetResNet50(hopenet, device=self.device) if hopenet else HopenetOnnx(device=self.device)
+
+    def _regressor_or_3dmm(self, params: dict, key: str) -> str:
+        name = str(lookup(params, f"evaluate.{key}", "") or self.threedmm_name)
+        if name not in ("evaluator", self.threedmm_name):
+            raise ValueError(f"evaluate.{key} must be 'evaluator' or empty, not {name!r}")
+        return name
+
+    def _name(self, which: str) -> str:
+        return f"independent fitted regressor ({FITTED_EVALUATOR})" if which == "evaluator" else self.threedmm_name
 
     def describe(self) -> dict:
         return {
             "identity_embedder": self.identity_name,
             "threedmm_encoder": self.threedmm_name,
             "loss_threedmm_encoder": self.loss_threedmm_name,
-            "shape_encoder": f"independent fitted regressor ({SHAPE_EVALUATOR})" if self.shape_net is not None
-            else self.threedmm_name,
+            "shape_encoder": self._name(self.shape_name),
+            "expression_encoder": self._name(self.exp_name),
             "shape_coefficients": self.shape_k or "all",
             "coefficient_units": self.coefficient_units,
             "pose_parameters": "yaw, pitch, roll + FLAME jaw rotation" if self.jaw_pose else "yaw, pitch, roll",
@@ -126,12 +136,13 @@ class Evaluators:
             x = images[i : i + self.batch_size].to(self.device).float().clamp(-1, 1)
             raw = self.threedmm(x)
             p: ThreeDMMParams = self.normalizer.normalize(raw)  # standardised shape / exp; a plain ThreeDMMParams
-            shape = p.shape
-            if self.shape_net is not None:
-                n = self.shape_net.config.n_shape
-                shape = self.shape_net.forward_normalized(x)[:, :n]
+            shape, exp = p.shape, p.exp
+            if self.regressor is not None:
+                fitted = self.regressor.split(self.regressor.forward_normalized(x))  # std-normalised, its own stats
+                shape = fitted.shape if self.shape_name == "evaluator" else shape
+                exp = fitted.exp if self.exp_name == "evaluator" else exp
             shapes.append(shape[:, : self.shape_k].cpu().numpy())
-            exps.append(p.exp.cpu().numpy())
+            exps.append(exp.cpu().numpy())
             poses.append(pose_vector(raw, self.jaw_pose).cpu().numpy())  # raw: DECA's FLAMEParams keep the jaw
             hns.append(self.headpose(x).cpu().numpy())
             t = self.train_embedder(x)

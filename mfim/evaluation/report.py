@@ -87,8 +87,9 @@ def protocol_note(metrics: dict, detail: dict) -> str:
         f"{ev.get('pose_parameters', 'yaw, pitch, roll')} in radians). Paper: RingNet/FLAME. Training: L_pose "
         f"{'with' if ev.get('loss_jaw_pose') else 'without'} FLAME's jaw rotation (`loss.jaw_pose`).",
         f"- Shape (and R-Shape) from **{ev.get('shape_encoder', ev.get('threedmm_encoder'))}**, leading "
-        f"{ev.get('shape_coefficients', 'all')} coefficients; its own accuracy on unswapped images is "
-        "`shape_pearson_r_on_real` below.",
+        f"{ev.get('shape_coefficients', 'all')} coefficients; Expression from **"
+        f"{ev.get('expression_encoder', ev.get('threedmm_encoder'))}**. Their own accuracy on unswapped images is "
+        "`shape_pearson_r_on_real` / `exp_pearson_r_on_real` below.",
         f"- Pose-HN: L2 of (yaw, pitch, roll) in degrees from **{ev.get('pose_network')}** (paper: official "
         "Hopenet hopenet_robust_alpha1).",
         f"- Fréchet distance: **{metrics.get('fd', {}).get('name')}** (FID only when the official Inception "
@@ -124,10 +125,13 @@ def swap_tables(metrics: dict, detail: dict) -> str:
     fd = metrics.get("fd", {})
     out += [row + f" | {_fmt(fd.get('value'))} ({fd.get('name')}) |", ""]
     out += ["### Ours with 95% bootstrap intervals", "", "| metric | mean [95% CI] |", "|---|---|"]
-    for c in SWAP_COLS + ["id_retrieval", "identity_to_target", "pose_to_source", "id_similarity_source",
+    for c in SWAP_COLS + ["id_retrieval", "identity_to_target", "shape_to_target", "expression_to_source",
+                          "pose_to_source", "shape_margin", "expression_margin", "pose_margin", "id_similarity_source",
                           "id_similarity_target", "pose_gt_deg", "pose_hn_gt_deg"]:
         if c in detail.get("swap", {}):
             out.append(f"| {c} | {_ci(detail, c)} |")
+    out += ["", "*_margin: per pair, the distance to the image the swap should not match minus the distance to the "
+            "one it should (> 0: nearer the right one), with the interval of that paired difference."]
     out += ["", "### How far to trust each evaluator (on real, unswapped eval images)", "", "| evaluator check | value |",
             "|---|---|"]
     for k, v in metrics.get("evaluators_on_real_images", {}).items():

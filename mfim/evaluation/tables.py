@@ -35,7 +35,7 @@ def swap_columns(pairs: pd.DataFrame, src: Features, tgt: Features, swap: Featur
     gallery_ids = np.unique(src_ids)
     gallery = np.stack([src.identity[src_ids == i].mean(axis=0) for i in gallery_ids])
     true_index = np.searchsorted(gallery_ids, src_ids)
-    return {
+    out = {
         "identity": M.l2_distance(swap.identity, src.identity),
         "id_retrieval": M.id_retrieval(swap.identity, gallery, true_index),
         "shape": M.l2_distance(swap.shape, src.shape),
@@ -56,6 +56,12 @@ def swap_columns(pairs: pd.DataFrame, src: Features, tgt: Features, swap: Featur
         "identity_source_target": M.l2_distance(src.identity, tgt.identity),
         "pose_source_target": M.l2_distance(src.pose, tgt.pose),
     }
+    # paired margins (> 0: the right way round); one interval per pair difference is tighter than two overlapping
+    # intervals of the distances, which are mostly the spread between pairs
+    out["shape_margin"] = out["shape_to_target"] - out["shape"]
+    out["expression_margin"] = out["expression_to_source"] - out["expression"]
+    out["pose_margin"] = out["pose_to_source"] - out["pose"]
+    return out
 
 
 def ground_truth_errors(pairs: pd.DataFrame, tgt: Features, swap: Features,
@@ -71,14 +77,16 @@ def ground_truth_errors(pairs: pd.DataFrame, tgt: Features, swap: Features,
     per_pair["pose_hn_gt_deg"] = M.l2_distance(swap.pose_hn, np.degrees(gt_pose))
     evaluator_error["threedmm_pose_deg_on_real"] = M.angle_error_deg(tgt.pose, gt_pose)
     evaluator_error["pose_hn_deg_on_real"] = M.l2_distance(tgt.pose_hn, np.degrees(gt_pose))
-    if all("shape" in gt[k] for k in pairs.target_key):
-        # can the shape evaluator see shape at all? per-coefficient r against the truth on unswapped targets
-        from mfim.data.threedmm_table import pearson_per_column
+    # can the shape / expression evaluators see them at all? per-coefficient r against the truth on unswapped
+    # targets (each target once)
+    from mfim.data.threedmm_table import pearson_per_column
 
-        _, first = np.unique(pairs.target_key.to_numpy(), return_index=True)
-        k = tgt.shape.shape[1]
-        truth = np.array([gt[key]["shape"][:k] for key in pairs.target_key.to_numpy()[first]], np.float64)
-        evaluator_error["shape_pearson_r_on_real"] = pearson_per_column(tgt.shape[first], truth)
+    _, first = np.unique(pairs.target_key.to_numpy(), return_index=True)
+    keys = pairs.target_key.to_numpy()[first]
+    for name, got in (("shape", tgt.shape), ("exp", tgt.exp)):
+        if all(name in gt[key] and len(gt[key][name]) >= got.shape[1] for key in keys):
+            truth = np.array([gt[key][name][: got.shape[1]] for key in keys], np.float64)
+            evaluator_error[f"{name}_pearson_r_on_real"] = pearson_per_column(got[first], truth)
     return per_pair, evaluator_error
 
 

@@ -446,7 +446,8 @@ def fit_from_render_set(render: dict, out_path: str | Path, model_config: Regres
 
 
 def use_shipped_regressor(shipped: str | Path, out_path: str | Path, model_config: RegressorConfig,
-                          eval_pattern: str | None = None, table_path: str | Path | None = None, log=print) -> dict:
+                          eval_pattern: str | None = None, table_path: str | Path | None = None, log=print,
+                          group: str = "regressor") -> dict:
     """A regressor fitted elsewhere (checkpoints/ ships one fitted on a GPU machine on ~22,000 render-set people,
     docs/EXPERIMENTS.md §18) used as is: checked (format, and the input size the stage asks for), measured on the
     eval shards like a fit made here, written to ``out_path`` with that error. Its recipe and the validation error it
@@ -457,14 +458,19 @@ def use_shipped_regressor(shipped: str | Path, out_path: str | Path, model_confi
 
     shipped = Path(shipped)
     if not shipped.is_file():
-        raise FileNotFoundError(f"threedmm.regressor.shipped_checkpoint: {shipped} not found (the repository ships "
+        raise FileNotFoundError(f"threedmm.{group}.shipped_checkpoint: {shipped} not found (the repository ships "
                                 "it under checkpoints/; set the key to \"\" to fit the regressor here instead)")
     ckpt = _read_checkpoint(shipped)
     model = _frozen_model(ckpt)
     if model.config.input_size != model_config.input_size:
         raise ValueError(f"{shipped}: fitted at input_size {model.config.input_size}, the stage asks for "
-                         f"{model_config.input_size} (threedmm.regressor.input_size)")
-    recipe = json.loads(ckpt.get("recipe", "{}"))
+                         f"{model_config.input_size} (threedmm.{group}.input_size)")
+    try:
+        recipe = json.loads(ckpt.get("recipe", "{}"))
+        if not isinstance(recipe, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{shipped}: its 'recipe' entry is not the JSON object a shipped fit records ({e})") from None
     report = {"val_error": ckpt["val_error"], "train_loss": recipe.get("train_loss", []),
               "seconds": recipe.get("seconds", 0.0), "shipped_checkpoint": str(shipped),
               "sha256": sha256_file(shipped), "recipe": recipe, "target": ckpt["target"],
