@@ -114,3 +114,38 @@ def test_config_rejects_unknown_keys_and_bad_values():
         SourceFitConfig.from_params({"steps": -1})
     with pytest.raises(ValueError, match="LPIPS"):
         SourceCodeFitter(SourceFitConfig(steps=1, lpips=1.0), PoolEmbedder(), None)
+    with pytest.raises(ValueError, match="exp > 0 needs a 3DMM expression network"):
+        SourceCodeFitter(SourceFitConfig(steps=1, lpips=0.0, exp=1.0), PoolEmbedder(), None)
+    with pytest.raises(ValueError, match="weights >= 0"):
+        SourceFitConfig.from_params({"exp": -1})
+
+
+class PoolExpression(nn.Module):
+    """A fixed random 'expression network': the lower half of the face (the mouth's rows), pooled -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc = nn.Linear(3 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(x[:, :, x.shape[2] // 2 :], (2, 4)).flatten(1))
+
+
+def test_expression_anchor_keeps_the_reconstructions_expression_while_fitting():
+    """The fit pulls the image towards the source, and with it the expression network's reading; the anchor holds
+    that reading at the encoder's reconstruction's, and the fit still moves the ID codes."""
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    drift = {}
+    for w in (0.0, 10.0):
+        model = make_model()
+        expression = PoolExpression()
+        cfg = SourceFitConfig(steps=30, lr=0.05, l1=1.0, lpips=0.0, id=0.0, exp=w)
+        fitter = SourceCodeFitter(cfg, None, None, expression)
+        with torch.no_grad():
+            codes, maps = model.invert(x)
+            fitted = fitter.fit(model, x)
+            before = expression(model.synthesize(codes, maps))
+            drift[w] = float((expression(model.synthesize(fitted, maps)) - before).norm(dim=1).mean())
+        assert any(not torch.equal(fitted[i], codes[i]) for i in model.src_indices)
+    assert drift[10.0] < 0.5 * drift[0.0], drift

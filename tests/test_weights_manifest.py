@@ -123,3 +123,11 @@ def test_replaced_weight_file_reruns_only_the_stages_that_read_it(tmp_path):
     made_from = json.loads((project / "train.out").read_text())
     assert made_from["official"]["nets.threedmm.deca_checkpoint"]["bytes"] == len(b"other DECA weights, same path")
 
+
+def test_the_source_fits_expression_anchor_makes_the_loss_3dmm_network_an_evaluate_weight():
+    deca = {"loss": {"threedmm_encoder": "deca"}, "nets": {"threedmm": {"deca_checkpoint": "w/deca_model.tar"}}}
+    _, official = stage_weights("evaluate", {**deca, "source_fit": {"steps": 50, "exp": 0.1}})
+    assert official.get("nets.threedmm.deca_checkpoint") == "w/deca_model.tar"
+    for fit in ({"steps": 0, "exp": 0.1}, {"steps": 50, "exp": 0.0}):  # no anchor run: not a weight of the stage
+        _, official = stage_weights("evaluate", {**deca, "source_fit": fit})
+        assert "nets.threedmm.deca_checkpoint" not in official

@@ -96,6 +96,8 @@ def stage_weights(stage: str, params: dict) -> tuple[list[str], dict[str, str]]:
         identity = lookup(params, "evaluate.identity_embedder", "dlib")
         assets += ["dlib_face_recognition", "dlib_landmarks5"] if identity == "dlib" else ["mobilefacenet_onnx"]
         add(_threedmm(params, str(lookup(params, "evaluate.threedmm_encoder", "tddfa"))))
+        if int(lookup(params, "source_fit.steps", 0) or 0) > 0 and float(lookup(params, "source_fit.exp", 0) or 0) > 0:
+            add(_threedmm(params, str(lookup(params, "loss.threedmm_encoder", "fitted"))))  # the fit's anchor
         hopenet = _official(params, "nets.headpose.hopenet_checkpoint")
         official.update(hopenet)
         assets += [] if hopenet else ["hopenet_onnx"]

@@ -34,6 +34,10 @@ class SourceFitConfig:
     l1: float = 0.1
     lpips: float = 0.1
     id: float = 1.0  # weight of 1 - cos(R(fit), R(source)), R the training ID network
+    # Expression anchor: weight of the L2 between the training 3DMM network's (standardised) expression of the fitted
+    # image and of the encoder's own reconstruction. The fit is there for the person; the pixel terms also pull the
+    # source's expression into the ID codes, which a swap then puts on the target's face (EXPERIMENTS §19).
+    exp: float = 0.0
     cache_size: int = 4096  # images whose fitted codes are kept (a few KB each at 64 px)
 
     @classmethod
@@ -43,7 +47,7 @@ class SourceFitConfig:
         if unknown:
             raise ValueError(f"source_fit: unknown keys {sorted(unknown)}")
         cfg = cls(**{k: type(getattr(cls, k))(v) for k, v in group.items()})
-        if cfg.steps < 0 or cfg.lr <= 0 or min(cfg.l1, cfg.lpips, cfg.id) < 0:
+        if cfg.steps < 0 or cfg.lr <= 0 or min(cfg.l1, cfg.lpips, cfg.id, cfg.exp) < 0:
             raise ValueError(f"source_fit: steps must be >= 0, lr > 0 and weights >= 0, got {cfg}")
         return cfg
 
@@ -51,12 +55,16 @@ class SourceFitConfig:
 class SourceCodeFitter:
     """``fitter(model, x, indices)`` -> {layer index: B×C code} like ``MFIM.encode_codes``, after ``cfg.steps`` of
     Adam on the ID codes of each image of ``x``. ``embedder``: the ID network (B×3×H×W in [-1, 1] -> B×D), ``lpips``:
-    a frozen lpips.LPIPS; both are only read."""
+    a frozen lpips.LPIPS; ``expression``: B×3×H×W -> B×E standardised 3DMM expression (the training 3DMM network);
+    all are only read."""
 
-    def __init__(self, cfg: SourceFitConfig, embedder: torch.nn.Module, lpips: torch.nn.Module | None):
+    def __init__(self, cfg: SourceFitConfig, embedder: torch.nn.Module, lpips: torch.nn.Module | None,
+                 expression=None):
         if cfg.lpips > 0 and lpips is None:
             raise ValueError("source_fit.lpips > 0 needs an LPIPS network")
-        self.cfg, self.embedder, self.lpips = cfg, embedder, lpips
+        if cfg.exp > 0 and expression is None:
+            raise ValueError("source_fit.exp > 0 needs a 3DMM expression network")
+        self.cfg, self.embedder, self.lpips, self.expression = cfg, embedder, lpips, expression
         self._cache: OrderedDict[bytes, dict[int, torch.Tensor]] = OrderedDict()
 
     @staticmethod
@@ -75,12 +83,19 @@ class SourceCodeFitter:
         rows = [self._cache[k] for k in keys]
         return {i: torch.cat([r[i] for r in rows]).to(x.device) for i in indices}
 
+    @staticmethod
+    def _at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The generator's image at the input's size (paper scale: a 1024 px generator, a 256 px input)."""
+        return F.interpolate(y, size=x.shape[-2:], mode="area") if y.shape[-2:] != x.shape[-2:] else y
+
     def fit(self, model, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """All of x's codes: the encoder's inversion with its ID codes (``model.src_indices``) optimised."""
         cfg = self.cfg
         with torch.no_grad():
             codes, maps = model.invert(x)
             target_id = F.normalize(self.embedder(x).float(), dim=1) if cfg.id > 0 else None
+            # the expression the encoder's reconstruction shows: what the fitted ID codes must leave as it is
+            anchor = self.expression(self._at(model.synthesize(codes, maps), x)).float() if cfg.exp > 0 else None
         # only the ID codes: the coarse toRGB codes a swap may also take from the source (model.source_torgb_max_res)
         # stay the encoder's: fitted to the source image they also copy the colour of its mouth and eyes, which
         # reads as the source's expression on the target's face
@@ -88,14 +103,15 @@ class SourceCodeFitter:
         opt = torch.optim.Adam(offsets.values(), lr=cfg.lr)
         with torch.enable_grad():
             for _ in range(cfg.steps):
-                y = model.synthesize({i: c + offsets[i] if i in offsets else c for i, c in codes.items()}, maps)
-                if y.shape[-2:] != x.shape[-2:]:  # paper scale: a 1024 px generator, a 256 px input
-                    y = F.interpolate(y, size=x.shape[-2:], mode="area")
+                y = self._at(model.synthesize({i: c + offsets[i] if i in offsets else c for i, c in codes.items()},
+                                              maps), x)
                 loss = cfg.l1 * (y - x).abs().mean()
                 if cfg.lpips > 0:
                     loss = loss + cfg.lpips * self.lpips(y, x).mean()
                 if target_id is not None:
                     loss = loss + cfg.id * (1 - (F.normalize(self.embedder(y).float(), dim=1) * target_id).sum(1)).mean()
+                if anchor is not None:
+                    loss = loss + cfg.exp * (self.expression(y).float() - anchor).pow(2).sum(1).add(1e-12).sqrt().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

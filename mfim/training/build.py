@@ -106,7 +106,8 @@ def build_identity_embedder(params: dict, device):
 
 def build_source_fitter(params: dict, device):
     """The ``source_fit`` group's test-time fitter of source ID codes (mfim.models.source_fit), None when steps is 0.
-    It reads the training ID network (``nets.identity``) and LPIPS-alex, the reconstruction loss's."""
+    It reads the training ID network (``nets.identity``) and LPIPS-alex, the reconstruction loss's, and with
+    ``source_fit.exp`` > 0 the training 3DMM network (``loss.threedmm_encoder``), L_exp's."""
     from mfim.models.source_fit import SourceCodeFitter, SourceFitConfig
     from mfim.nets.perceptual import load_lpips
 
@@ -114,7 +115,13 @@ def build_source_fitter(params: dict, device):
     if cfg.steps == 0:
         return None
     lpips = load_lpips("alex").to(device).eval() if cfg.lpips > 0 else None
-    return SourceCodeFitter(cfg, build_identity_embedder(params, device) if cfg.id > 0 else None, lpips)
+    expression = None
+    if cfg.exp > 0:  # the expression anchor reads the training 3DMM network, standardised as L_exp does
+        name = str(lookup(params, "loss.threedmm_encoder", "fitted"))
+        encoder = build_threedmm_encoder(name, device, params=params).eval().requires_grad_(False)
+        exp_std = threedmm_std(name, encoder)[1].to(device)
+        expression = lambda x: encoder(x).exp / exp_std  # noqa: E731
+    return SourceCodeFitter(cfg, build_identity_embedder(params, device) if cfg.id > 0 else None, lpips, expression)
 
 
 def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REGRESSOR, params: dict | None = None):
