@@ -56,7 +56,9 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
 
 def _summary(name: str, report: dict) -> str:
     v = report.get("eval_split_error") or report["val_error"]
-    return (f"{name}: {report['seconds']:.0f} s; eval-identity pose MAE {v['pose']['mae_deg']:.2f}°, shape r "
+    took = (f"shipped, fitted elsewhere in {report['seconds']:.0f} s" if report.get("shipped_checkpoint") else
+            f"{report['seconds']:.0f} s")
+    return (f"{name}: {took}; eval-identity pose MAE {v['pose']['mae_deg']:.2f}°, shape r "
             f"{v['shape']['pearson_r']:.3f} (first 10: {v['shape']['pearson_r_first10']:.3f}), exp r "
             f"{v['exp']['pearson_r']:.3f}")
 
