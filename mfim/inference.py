@@ -42,9 +42,10 @@ class FaceSwapper:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device="cpu", detector: str = "hog",
-                        fit_steps: int = 0) -> "FaceSwapper":
+                        fit_steps: int = 0, fit_exp: float = 0.0) -> "FaceSwapper":
         """``fit_steps`` > 0: fit each source's ID codes at test time (mfim.models.source_fit, params.yaml's
-        ``source_fit`` weights; the embedded default's reports use 50)."""
+        pixel and ID weights; the embedded default's reports use 50 steps). ``fit_exp`` > 0: the fit's expression
+        anchor at that weight (reports: 0.1), read by the fitted loss network data/threedmm/regressor.pt."""
         from mfim.assets import MissingAssetError, sha256_file
         from mfim.models.mfim import load_swapper
 
@@ -60,7 +61,8 @@ class FaceSwapper:
         if fit_steps:
             from mfim.training.build import build_source_fitter
 
-            model.source_fitter = build_source_fitter({"source_fit": {"steps": int(fit_steps)}}, device)
+            model.source_fitter = build_source_fitter({"source_fit": {"steps": int(fit_steps), "exp": float(fit_exp)},
+                                                       "loss": {"threedmm_encoder": "fitted"}}, device)
         return cls(model, meta, sha256_file(p), device=device, detector=detector)
 
     # --- preprocessing ----------------------------------------------------------------------------------------

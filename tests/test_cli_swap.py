@@ -71,7 +71,7 @@ class FakeSwapper:
 @pytest.fixture
 def fake(monkeypatch):
     swapper = FakeSwapper()
-    monkeypatch.setattr(swap_cmd, "load_swapper", lambda checkpoint, device, fit_steps=0: swapper)
+    monkeypatch.setattr(swap_cmd, "load_swapper", lambda checkpoint, device, fit_steps=0, fit_exp=0.0: swapper)
     return swapper
 
 
@@ -571,3 +571,12 @@ def test_missing_model_is_a_clear_error(inputs, tmp_path, capsys):
     else:  # MissingAssetError from FaceSwapper.from_checkpoint, exit status 3 from mfim.cli
         assert rc == 3 and "absent.pt" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tail", [["--fit-exp", "-0.1", "--fit-steps", "5"], ["--fit-exp", "0.1"]])
+def test_fit_exp_needs_a_fit_and_a_non_negative_weight(fake, inputs, tmp_path, capsys, tail):
+    out = tmp_path / "out.png"
+    argv = ["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(out), *tail]
+    assert cli.main(argv) == 2
+    assert "--fit-exp must be >= 0 and needs --fit-steps > 0" in capsys.readouterr().err
+    assert not out.exists() and fake.calls.get("swap", 0) == 0

@@ -67,6 +67,10 @@ def _add_common(p) -> None:
     p.add_argument("--fit-steps", type=int, default=0,
                    help="fit each source's ID codes for this many optimiser steps before swapping (0: the paper's "
                         "feed-forward encoder; the embedded default's reports use 50, ~1.6 s a source at 64 px)")
+    p.add_argument("--fit-exp", type=float, default=0.0,
+                   help="with --fit-steps: weight of the expression anchor (the fit keeps the expression of the "
+                        "encoder's reconstruction, as read by the training 3DMM network data/threedmm/regressor.pt "
+                        "that `make repro` writes; the embedded default's reports use 0.1)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.add_argument(
         "--overwrite",
@@ -211,7 +215,7 @@ def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> Non
 # -------------------------------------------------------------------------------------------------------- running
 
 
-def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0):
+def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0, fit_exp: float = 0.0):
     """The model (tests replace this function with a fake)."""
     try:
         from mfim.inference import FaceSwapper
@@ -219,7 +223,7 @@ def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0):
         if e.name != "mfim.inference":
             raise
         raise UsageError("this build has no mfim.inference (the trained model's inference code)") from None
-    return FaceSwapper.from_checkpoint(checkpoint, device=device, fit_steps=fit_steps)
+    return FaceSwapper.from_checkpoint(checkpoint, device=device, fit_steps=fit_steps, fit_exp=fit_exp)
 
 
 class Runner:
@@ -446,9 +450,12 @@ def execute(operation: str, target, sources: dict, args) -> int:
         fit_steps = getattr(args, "fit_steps", 0)
         if fit_steps < 0:
             raise UsageError(f"--fit-steps must be >= 0, got {fit_steps}")
+        fit_exp = getattr(args, "fit_exp", 0.0)
+        if fit_exp < 0 or (fit_exp > 0 and fit_steps == 0):
+            raise UsageError(f"--fit-exp must be >= 0 and needs --fit-steps > 0, got {fit_exp} with {fit_steps} steps")
         the_plan = plan(target, sources, args.output)
         check_outputs(the_plan, target, sources, overwrite)
-        swapper = load_swapper(args.checkpoint, args.device, fit_steps)
+        swapper = load_swapper(args.checkpoint, args.device, fit_steps, fit_exp)
         runner = Runner(
             swapper,
             operation,
