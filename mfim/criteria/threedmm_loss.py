@@ -20,7 +20,8 @@ from torch import nn
 from mfim.nets.types import ThreeDMMParams
 
 
-def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Euclidean distance between B×D parameter vectors, averaged over the batch (eqs. 3-5)."""
     return (a - b).pow(2).sum(dim=1).add(1e-12).sqrt().mean()
 
 
@@ -49,14 +50,14 @@ class ThreeDMMLoss(nn.Module):
         out = {}
         if "shape" in terms:
             a, b = p.shape / self.shape_std, src.shape.detach() / self.shape_std
-            out["shape"] = _l2(a[:, : self.k], b[:, : self.k])
+            out["shape"] = l2_distance(a[:, : self.k], b[:, : self.k])
         if "pose" in terms:
             a, b = p.pose, tgt.pose.detach()
             if self.jaw_pose:
                 if getattr(p, "jaw", None) is None or getattr(tgt, "jaw", None) is None:
                     raise ValueError("jaw_pose: the 3DMM encoder returns no jaw pose (only DECA/FLAME has one)")
                 a, b = torch.cat([a, p.jaw], dim=1), torch.cat([b, tgt.jaw.detach()], dim=1)
-            out["pose"] = _l2(a, b)
+            out["pose"] = l2_distance(a, b)
         if "exp" in terms:
-            out["exp"] = _l2(p.exp / self.exp_std, tgt.exp.detach() / self.exp_std)
+            out["exp"] = l2_distance(p.exp / self.exp_std, tgt.exp.detach() / self.exp_std)
         return out

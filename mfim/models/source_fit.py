@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mfim.criteria.threedmm_loss import l2_distance
+
 
 @dataclass(frozen=True)
 class SourceFitConfig:
@@ -83,19 +85,13 @@ class SourceCodeFitter:
         rows = [self._cache[k] for k in keys]
         return {i: torch.cat([r[i] for r in rows]).to(x.device) for i in indices}
 
-    @staticmethod
-    def _at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The generator's image at the input's size (paper scale: a 1024 px generator, a 256 px input)."""
-        return F.interpolate(y, size=x.shape[-2:], mode="area") if y.shape[-2:] != x.shape[-2:] else y
-
     def fit(self, model, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """All of x's codes: the encoder's inversion with its ID codes (``model.src_indices``) optimised."""
         cfg = self.cfg
         with torch.no_grad():
             codes, maps = model.invert(x)
             target_id = F.normalize(self.embedder(x).float(), dim=1) if cfg.id > 0 else None
-            # the expression the encoder's reconstruction shows: what the fitted ID codes must leave as it is
-            anchor = self.expression(self._at(model.synthesize(codes, maps), x)).float() if cfg.exp > 0 else None
+        anchor = None  # the expression network's reading of the encoder's own reconstruction (set on the first step)
         # only the ID codes: the coarse toRGB codes a swap may also take from the source (model.source_torgb_max_res)
         # stay the encoder's: fitted to the source image they also copy the colour of its mouth and eyes, which
         # reads as the source's expression on the target's face
@@ -103,15 +99,20 @@ class SourceCodeFitter:
         opt = torch.optim.Adam(offsets.values(), lr=cfg.lr)
         with torch.enable_grad():
             for _ in range(cfg.steps):
-                y = self._at(model.synthesize({i: c + offsets[i] if i in offsets else c for i, c in codes.items()},
-                                              maps), x)
+                y = model.synthesize({i: c + offsets[i] if i in offsets else c for i, c in codes.items()}, maps)
+                if y.shape[-2:] != x.shape[-2:]:  # paper scale: a 1024 px generator, a 256 px input
+                    y = F.interpolate(y, size=x.shape[-2:], mode="area")
                 loss = cfg.l1 * (y - x).abs().mean()
                 if cfg.lpips > 0:
                     loss = loss + cfg.lpips * self.lpips(y, x).mean()
                 if target_id is not None:
                     loss = loss + cfg.id * (1 - (F.normalize(self.embedder(y).float(), dim=1) * target_id).sum(1)).mean()
-                if anchor is not None:
-                    loss = loss + cfg.exp * (self.expression(y).float() - anchor).pow(2).sum(1).add(1e-12).sqrt().mean()
+                if cfg.exp > 0:
+                    # the first step's image is the reconstruction itself (offsets still zero): what the fitted ID
+                    # codes must leave as it is
+                    e = self.expression(y).float()
+                    anchor = e.detach() if anchor is None else anchor
+                    loss = loss + cfg.exp * l2_distance(e, anchor)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
