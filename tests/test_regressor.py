@@ -231,3 +231,38 @@ def test_a_separate_validation_set_is_used_and_every_row_trains():
     from mfim.data.threedmm_table import group_errors
 
     assert report["val_error"] == group_errors(pred, val)
+
+
+def test_a_group_at_weight_zero_is_not_fitted():
+    """group_weights (1, 0, 1): expression targets replaced by noise give the same fit (the loss does not see them),
+    while the same noise at weight 1 changes it."""
+    images, targets, groups = known_function_data(n=64)
+    noisy = dict(targets, exp=np.random.default_rng(6).normal(size=targets["exp"].shape))
+    cfg = RegressorConfig(input_size=16, width=4)
+
+    def fit(t, weights):
+        torch.manual_seed(0)
+        return fit_regressor(images, t, groups, cfg, FitConfig(epochs=2, batch_size=16, augment=False,
+                                                               group_weights=weights), log=lambda *_: None)[1]
+
+    assert fit(targets, (1.0, 0.0, 1.0))["train_loss"] == fit(noisy, (1.0, 0.0, 1.0))["train_loss"]
+    assert fit(targets, (1.0, 1.0, 1.0))["train_loss"] != fit(noisy, (1.0, 1.0, 1.0))["train_loss"]
+
+
+def test_a_fine_tune_starts_from_the_given_fit_and_keeps_its_normalisation():
+    images, targets, groups = known_function_data(n=128)
+    cfg = RegressorConfig(input_size=16, width=8)
+    first, r1 = fit_regressor(images[:64], {k: v[:64] for k, v in targets.items()}, groups[:64], cfg,
+                              FitConfig(epochs=3, batch_size=16, lr=3e-3, augment=False), log=lambda *_: None)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    # more people: continuing lowers the training loss below where the first fit started and keeps its mean/std
+    second, r2 = fit_regressor(images[64:], {k: v[64:] for k, v in targets.items()}, groups[64:], cfg,
+                               FitConfig(epochs=3, batch_size=16, lr=1e-3, augment=False), log=lambda *_: None,
+                               init=first)
+    assert torch.equal(second.mean, first.mean) and torch.equal(second.std, first.std)
+    assert r2["train_loss"][0] < r1["train_loss"][0]
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in before.items())  # the start is left as it was
+    assert not torch.equal(second.head[1].weight, first.head[1].weight)
+    with pytest.raises(ValueError, match="config"):
+        fit_regressor(images[64:], {k: v[64:] for k, v in targets.items()}, groups[64:],
+                      RegressorConfig(input_size=16, width=4), FitConfig(epochs=1), log=lambda *_: None, init=first)

@@ -230,6 +230,9 @@ class FitConfig:
     # (loss.shape_coefficients), so fitting them at full weight spends the network on noise
     shape_tail_weight: float = 1.0
     shape_lead: int = 10
+    # weights of the (shape, expression, pose) groups in the loss (each group's error is a mean over its
+    # coefficients). Equal by default; a fine-tune can lean on the group that lags (the loss network's expression)
+    group_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # processes that augment the next batches while the network fits (torch DataLoader workers; 0: in-process).
     # Worth it on an accelerator, where albumentations on one core is the bottleneck; the batches are the same
     # for any number (each image's augmentation is seeded by (seed, epoch, row)).
@@ -301,7 +304,8 @@ def predict(model: ThreeDMMRegressor, images: np.ndarray, batch_size: int = 256,
 
 
 def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_config: RegressorConfig,
-                  fit: FitConfig, log=print, val: dict | None = None) -> tuple[ThreeDMMRegressor, dict]:
+                  fit: FitConfig, log=print, val: dict | None = None,
+                  init: ThreeDMMRegressor | None = None) -> tuple[ThreeDMMRegressor, dict]:
     """Fit on N×H×W×3 uint8 ``images`` (already at ``input_size``) and ``targets`` {'shape','exp','pose'} (N×D).
 
     Loss: mean over the three groups of the MSE of std-normalised parameters, so 3 pose angles weigh as much as 40
@@ -310,7 +314,8 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
     identities of ``groups`` (``fit.val_fraction``), or, when ``val`` is given ({'images', 'shape', 'exp', 'pose'}:
     a set of other people), that set, and every row trains. Returns the model (eval mode, on the CPU) and a report
     with the validation error per group, the error of predicting the training mean (the baseline to beat) and the
-    loss curve.
+    loss curve. ``init``: a fitted regressor of the same config to continue from (a fine-tune): its weights and its
+    normalisation (mean and std of the set it was first fitted on) instead of this set's and 3DDFA_V2's.
     """
     from mfim.data.augment import FaceAugment
     from mfim.data.threedmm_table import group_errors
@@ -328,10 +333,17 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
         val_images = val["images"]
         gt_val = {k: np.asarray(val[k]) for k in ("shape", "exp", "pose")}
     y_train = torch.from_numpy(y_all[train_idx])
-    mean, std = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
-    model = ThreeDMMRegressor(model_config, mean, std)
-    if model_config.backbone == "mobilenet_v1":
-        init_from_tddfa(model)
+    if init is not None:
+        if asdict(init.config) != asdict(model_config):
+            raise ValueError(f"init regressor's config {asdict(init.config)} differs from {asdict(model_config)}")
+        mean, std = init.mean.detach().cpu(), init.std.detach().cpu()
+        model = ThreeDMMRegressor(model_config, mean, std)
+        model.load_state_dict(init.state_dict())
+    else:
+        mean, std = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
+        model = ThreeDMMRegressor(model_config, mean, std)
+        if model_config.backbone == "mobilenet_v1":
+            init_from_tddfa(model)
     model.to(device)
     c = model_config
     bounds = [(0, c.n_shape), (c.n_shape, c.n_shape + c.n_exp), (c.n_shape + c.n_exp, c.n_out)]
@@ -355,10 +367,14 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
                 continue
             pred = model.forward_normalized(_to_input(batch, device))
             if fit.shape_tail_weight == 1.0:
-                loss = sum(F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds) / 3
+                per_group = [F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds]
             else:  # the same, each group a weighted mean
                 err = (pred - y_norm[sel]).pow(2) * weight
-                loss = sum(err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds) / 3
+                per_group = [err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds]
+            if tuple(fit.group_weights) == (1.0, 1.0, 1.0):
+                loss = sum(per_group) / 3
+            else:
+                loss = sum(w * g for w, g in zip(fit.group_weights, per_group)) / sum(fit.group_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
