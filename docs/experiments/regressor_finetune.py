@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regressor_scale import CHUNK, VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS, _init_worker, _render_chunk  # noqa: E402
+from regressor_scale import (  # noqa: E402
+    CHUNK, VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS, _init_worker, _render_chunk, run_log)
 
 from mfim.data.regressor_set import stack_renders  # noqa: E402
 
@@ -81,15 +82,7 @@ def main() -> None:
     ap.add_argument("--val-cache", default=None, help=".npz of the validation people: written once, then read")
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    log_file = open(out / "log.txt", "a")
-
-    def log(msg):
-        line = f"[{time.time() - t_start:6.1f} s] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = run_log(out, time.time())
 
     from mfim.config import load_params
     from mfim.data.synth import SynthConfig

@@ -100,6 +100,20 @@ def render_sets(synth, val_people, base_people, base_renders, base_offset, worke
     return stack_renders(got["val"], VAL_RENDERS), stack_renders(got["base"], base_renders), extra
 
 
+def run_log(out: Path, t_start: float):
+    """A ``log(msg)`` that prints and appends to OUT/log.txt, each line stamped with the seconds since ``t_start``."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.txt", "a")
+
+    def log(msg):
+        line = f"[{time.time() - t_start:6.1f} s] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    return log
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -125,14 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
-
-    def log(msg):
-        line = f"[{time.time() - t_start:6.1f} s] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = run_log(out, t_start)
 
     state = os.environ.get("MFIM_TDDFA_STATE")
     if state:
