@@ -16,23 +16,20 @@ Writes OUT_DIR/regressor_finetune.pt (the `fit_regressor` checkpoint format, its
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regressor_scale import (  # noqa: E402
-    CHUNK, VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS, _init_worker, _render_chunk, run_log)
+from regressor_scale import VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS, run_log  # noqa: E402
 
-from mfim.data.regressor_set import stack_renders  # noqa: E402
+from mfim.assets.store import sha256_file  # noqa: E402
+from mfim.data.regressor_set import RenderSetConfig, render_aligned_set  # noqa: E402
 
 
 def render(synth, first: int, people: int, renders: int, workers: int, cache: Path | None, log) -> dict:
@@ -43,15 +40,7 @@ def render(synth, first: int, people: int, renders: int, workers: int, cache: Pa
             raise ValueError(f"{cache} holds another set ({len(out['identity'])} images from {out['identity'][0]})")
         log(f"{people} people read from {cache}")
         return out
-    t0 = time.time()
-    chunks = [list(range(first + i, min(first + people, first + i + CHUNK))) for i in range(0, people, CHUNK)]
-    results = []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(synth,)) as pool:
-        for r in pool.map(_render_chunk, chunks, [renders] * len(chunks), [64] * len(chunks)):
-            results.extend(r)
-    out = stack_renders(results, renders)
-    log(f"rendered {people} people x {renders} from {first} in {time.time() - t0:.0f} s")
+    out = render_aligned_set(synth, RenderSetConfig(people, renders, first, 64, workers), log=log)
     if cache is not None:
         np.savez(cache, **out)
     return out
@@ -109,8 +98,7 @@ def main() -> None:
     log(f"after: shape r {after['val_error']['shape']['pearson_r_first10']:.3f}, expression r "
         f"{after['val_error']['exp']['pearson_r']:.3f}, pose {after['val_error']['pose']['mae_deg']:.2f} deg "
         f"({rep['seconds']:.0f} s)")
-    init_sha = hashlib.sha256(Path(args.init).read_bytes()).hexdigest()
-    recipe = {"init": {"path": args.init, "sha256": init_sha},
+    recipe = {"init": {"path": args.init, "sha256": sha256_file(args.init)},
               "render": {"people": args.people, "renders": 1, "first_id": args.first_id},
               "fit": asdict(fit), "val": {"people": VAL_PEOPLE, "renders": VAL_RENDERS, "identity_offset": VAL_OFFSET},
               "train_loss": rep["train_loss"], "seconds": rep["seconds"], "device": "cpu"}

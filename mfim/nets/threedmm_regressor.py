@@ -371,10 +371,7 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
             else:  # the same, each group a weighted mean
                 err = (pred - y_norm[sel]).pow(2) * weight
                 per_group = [err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds]
-            if tuple(fit.group_weights) == (1.0, 1.0, 1.0):
-                loss = sum(per_group) / 3
-            else:
-                loss = sum(w * g for w, g in zip(fit.group_weights, per_group)) / sum(fit.group_weights)
+            loss = sum(w * g for w, g in zip(fit.group_weights, per_group)) / sum(fit.group_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
