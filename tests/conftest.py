@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# MFIM_TEST_THREADS: fewer intra-op threads when several suites share the machine's cores
+torch.set_num_threads(int(os.environ.get("MFIM_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 PHOTOS = ["obama", "obama2", "obama3", "biden", "obama_partial_face"]
 
