@@ -6,8 +6,14 @@ stride on the 3x3 conv) and ``layers.0`` / ``layers.2`` (Linear 2048->1024, ReLU
 in DECA's order: shape 100, texture 50, expression 50, pose 6 (global rotation 3 + jaw 3, axis-angle), camera 3,
 light 27.
 
-Input as DECA's test-time crop: a square around the 68-landmark box (side 1.1 x mean box size x 1.25 scale),
-224x224 RGB in [0, 1]. Pose: the global axis-angle rotation turned into a matrix and read off with the project's
+Input as DECA's test-time crop (``decalib/datasets/datasets.py``, ``TestData``; its FAN detector,
+``detectors.FAN.run``, also returns the min/max box of FAN's 68 landmarks, type ``kpt68``): ``bbox2point`` takes the
+landmarks' left/right/top/bottom, the box centre, and a size of 1.1 x the mean of its width and height; the crop is a
+square of side ``int(size x 1.25)`` (``scale``) about that centre, whose corners go to the pixel indices 0 and 223 of
+the 224x224 crop (``mfim.nets.face_crops.corners_transform``); RGB in [0, 1]. Given landmarks (the face's own, or
+the target's for a swap, which keeps the target's pose) the box follows the face as DECA's does; without, it is the
+box of the canonical FFHQ landmarks, which does not follow a turned head (docs/paper-scale/crops.md measures how far
+that moves it). Pose: the global axis-angle rotation turned into a matrix and read off with the project's
 ``matrix_to_angles`` (yaw, pitch, roll radians); FLAME, like the BFM, is y-up with the camera on +z, so the same
 angle convention applies (not verified against real DECA weights here -- none are available offline).
 """
@@ -24,8 +30,8 @@ from torch import nn
 
 from mfim.assets import resolve
 from mfim.nets.face_crops import (
-    box_transform,
     canonical_landmark_box,
+    corners_transform,
     image_to_tensor,
     landmark_box,
     square_box,
@@ -117,6 +123,31 @@ def deca_crop_box(landmark_bbox) -> np.ndarray:
     return square_box(((x0 + x1) / 2, (y0 + y1) / 2), int(old_size * DECA_CROP_SCALE))
 
 
+def deca_crop_transforms(size: int, landmarks=None) -> np.ndarray:
+    """2x3 (no landmarks) or B×2×3 maps from DECA's 224 px crop to pixels of images of side ``size``.
+
+    landmarks: B×68×2 dlib-style points in those images' pixel indices (numpy or torch); a row with a non-finite
+    value falls back to the canonical box.
+    """
+    canonical = corners_transform(deca_crop_box(canonical_landmark_box(size)), DECA_INPUT_SIZE)
+    if landmarks is None:
+        return canonical
+    lms = np.asarray(landmarks.detach().cpu() if torch.is_tensor(landmarks) else landmarks, dtype=np.float64)
+    lms = lms.reshape(len(lms), 68, 2)
+    return np.stack([
+        corners_transform(deca_crop_box(landmark_box(to_continuous(lm))), DECA_INPUT_SIZE)
+        if np.isfinite(lm).all() else canonical
+        for lm in lms
+    ])
+
+
+def deca_crop(aligned: torch.Tensor, landmarks=None) -> torch.Tensor:
+    """B×3×H×W in [-1, 1] -> B×3×224×224 DECA crops in [-1, 1] (black outside the image), differentiable; the box
+    from each row of ``landmarks`` (B×68×2 pixel indices of these images) or the canonical FFHQ landmarks."""
+    m = deca_crop_transforms(aligned.shape[-1], landmarks)
+    return warp(aligned, m, DECA_INPUT_SIZE, fill=-1.0)
+
+
 class DECAEncoder(FrozenModule):
     """Frozen DECA coarse encoder: aligned faces -> FLAMEParams (shape 100, exp 50, pose = global yaw/pitch/roll)."""
 
@@ -134,14 +165,12 @@ class DECAEncoder(FrozenModule):
     def aligned_crop_box(size: int) -> np.ndarray:
         return deca_crop_box(canonical_landmark_box(size))
 
-    def crop(self, aligned: torch.Tensor) -> torch.Tensor:
-        m = box_transform(self.aligned_crop_box(aligned.shape[-1]), self.input_size)
-        return warp(aligned, m, self.input_size, fill=-1.0)
+    crop = staticmethod(deca_crop)
 
     def crop_photo(self, image: np.ndarray, landmarks68: np.ndarray) -> torch.Tensor:
-        box = deca_crop_box(landmark_box(to_continuous(landmarks68)))
         device = next(self.parameters()).device
-        return warp(image_to_tensor(image, device), box_transform(box, self.input_size), self.input_size, fill=-1.0)
+        m = corners_transform(deca_crop_box(landmark_box(to_continuous(landmarks68))), self.input_size)
+        return warp(image_to_tensor(image, device), m, self.input_size, fill=-1.0)
 
     def code(self, crops: torch.Tensor) -> torch.Tensor:
         """B×236 FLAME code of 224x224 RGB crops in [-1, 1] (DECA takes [0, 1])."""
@@ -158,8 +187,9 @@ class DECAEncoder(FrozenModule):
     def encode_crops(self, crops: torch.Tensor) -> FLAMEParams:
         return self.decode(self.code(crops))
 
-    def forward(self, aligned: torch.Tensor) -> FLAMEParams:
-        return self.encode_crops(self.crop(aligned))
+    def forward(self, aligned: torch.Tensor, landmarks=None) -> FLAMEParams:
+        """FLAME parameters of B×3×H×W faces in [-1, 1]; ``landmarks`` (B×68×2 pixel indices) place DECA's box."""
+        return self.encode_crops(self.crop(aligned, landmarks))
 
     @torch.no_grad()
     def from_photo(self, image: np.ndarray, landmarks68: np.ndarray) -> FLAMEParams:
@@ -171,6 +201,8 @@ __all__ = [
     "FlameEncoder",
     "FLAMEParams",
     "axis_angle_to_matrix",
+    "deca_crop",
     "deca_crop_box",
+    "deca_crop_transforms",
     "fill_num_batches_tracked",
 ]

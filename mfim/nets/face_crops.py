@@ -4,6 +4,21 @@ Coordinates here are continuous pixel positions with the image spanning [0, W] x
 dlib landmarks and ``mfim.nets.align`` points (pixel indices, centres at integers) are shifted by +0.5 into this
 convention. "Unit" coordinates divide by the crop size, so they hold at any resolution of an aligned face.
 
+The official crops are written in pixel-index coordinates (cv2.warpAffine and skimage.transform.warp both sample at
+integer pixel indices, the centre of the top-left pixel being (0, 0)); a map M between such coordinates is the map
+``T(+0.5) M T(-0.5)`` here (:func:`from_pixel_index`). Where a network's crop came from, and in which convention:
+
+* ArcFace (insightface ``utils/face_align.py``, ``estimate_norm`` / ``norm_crop``): a similarity is fitted by least
+  squares (skimage ``SimilarityTransform.estimate``, i.e. Umeyama) FROM the five detected points TO the 112 px
+  template, and ``cv2.warpAffine`` applies it, so the template's numbers are output pixel indices
+  (:func:`template_crop_transform`). Fitting the other way round (template -> points) is not the inverse of that fit
+  when the five points are not an exact similarity of the template -- a real face never is.
+* DECA (``decalib/datasets/datasets.py``, ``TestData``): a square box placed from the 68 landmarks (``bbox2point``,
+  type ``kpt68``; see ``mfim.nets.deca``) whose corners ``estimate_transform('similarity', src_pts, DST_PTS)`` sends
+  to the pixel indices 0 and 223 of the 224 px crop (``DST_PTS`` = (0, 0), (0, 223), (223, 0)), then
+  ``skimage.transform.warp``: the box's corners land on the first and last pixel CENTRES, not on the crop's outer
+  edges (:func:`corners_transform`).
+
 Canonical geometry of an FFHQ-aligned face
 ------------------------------------------
 The canonical 68 points come from ``mfim.nets.align.canonical_landmarks`` (dlib's mean face through the FFHQ quad):
@@ -28,8 +43,9 @@ from mfim.nets.align import canonical_landmarks, estimate_similarity, five_point
 # the brows to the chin. It is what dlib's 5-point predictor and the Hopenet crops expect as a "face box".
 FFHQ_DLIB_BOX_UNIT = (0.18, 0.29, 0.79, 0.90)
 
-# The standard ArcFace 112x112 five-point template (insightface): eye centres, nose tip, mouth corners, image-left
-# first -- the same order as ``mfim.nets.align.five_points``.
+# The standard ArcFace 112x112 five-point template (insightface ``face_align.arcface_src``): eye centres, nose tip,
+# mouth corners, image-left first -- the same order as ``mfim.nets.align.five_points``. Output pixel INDICES of
+# cv2.warpAffine (centres at integers), not continuous positions: see :func:`template_crop_transform`.
 ARCFACE_TEMPLATE_112 = np.array(
     [
         [38.2946, 51.6963],
@@ -81,10 +97,45 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return estimate_similarity(src, dst)[:2]
 
 
+def invert_affine(m) -> np.ndarray:
+    """Inverse of a 2x3 affine map, as a 2x3 matrix."""
+    m3 = np.vstack([np.asarray(m, dtype=np.float64)[:2], [0.0, 0.0, 1.0]])
+    return np.linalg.inv(m3)[:2]
+
+
+def from_pixel_index(m) -> np.ndarray:
+    """A 2x3 map written in pixel-index coordinates (cv2, skimage, dlib) -> the same map in continuous coordinates."""
+    m = np.asarray(m, dtype=np.float64)[:2]
+    return np.hstack([m[:, :2], (m[:, 2] + 0.5 - m[:, :2].sum(1) * 0.5)[:, None]])
+
+
+def template_crop_transform(points: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """2x3 map from template-crop pixels to input pixels (continuous), placed as insightface's ``norm_crop``.
+
+    points: the (5, 2) detected points in the input, continuous coordinates; template: the network's template in
+    output pixel indices (as published, e.g. :data:`ARCFACE_TEMPLATE_112`). The similarity is fitted from the points
+    to the template -- the direction insightface fits it -- and inverted for :func:`warp`. Umeyama commutes with
+    shifting both point sets, so fitting continuous points to the template + 0.5 is the index-coordinate fit
+    expressed here.
+    """
+    return invert_affine(similarity_transform(points, to_continuous(template)))
+
+
 def box_transform(box, out_size: int) -> np.ndarray:
     """2x3 matrix mapping output pixels of an out_size x out_size crop to input pixels of box (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = [float(v) for v in box]
     return np.array([[(x1 - x0) / out_size, 0.0, x0], [0.0, (y1 - y0) / out_size, y0]])
+
+
+def corners_transform(box, out_size: int) -> np.ndarray:
+    """2x3 map from an out_size crop to input pixels that puts the box's corners on the crop's corner pixel CENTRES.
+
+    DECA's crop convention (box corners -> pixel indices 0 and out_size - 1), in continuous coordinates: output
+    position 0.5 reads the input at x0, out_size - 0.5 at x1; a box of side s is sampled every s / (out_size - 1).
+    """
+    x0, y0, x1, y1 = [float(v) for v in box]
+    sx, sy = (x1 - x0) / (out_size - 1), (y1 - y0) / (out_size - 1)
+    return np.array([[sx, 0.0, x0 - 0.5 * sx], [0.0, sy, y0 - 0.5 * sy]])
 
 
 def square_box(center, side: float) -> np.ndarray:
@@ -138,8 +189,9 @@ def warp(
 
 
 def aligned_from_template(size: int, template: np.ndarray) -> np.ndarray:
-    """2x3 map from a network's template-crop pixels to pixels of an FFHQ-aligned face of side ``size``."""
-    return similarity_transform(template, canonical_five_points(size))
+    """2x3 map from a network's template-crop pixels to pixels of an FFHQ-aligned face of side ``size``: the
+    canonical five points cropped as insightface crops detected ones (:func:`template_crop_transform`)."""
+    return template_crop_transform(canonical_five_points(size), template)
 
 
 # --- numpy <-> torch images -------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Identity embedders: MobileFaceNet (ONNX, differentiable; the ID loss) and dlib's ResNet (independent evaluation).
 
 Both take FFHQ-aligned faces. The MobileFaceNet crops them to the ArcFace 112x112 five-point template inside torch
-(so the ID loss back-propagates into the generator at any resolution); dlib gets its 150 px chip from its own
+(so the ID loss back-propagates into the generator at any resolution), placed as insightface's ``norm_crop`` places
+it (``mfim.nets.face_crops.template_crop_transform``); dlib gets its 150 px chip from its own
 5-point predictor run on a fixed face rectangle of the FFHQ geometry (no detection). The official insightface
 iresnet (``mfim.nets.iresnet``) shares the MobileFaceNet's crop and call signature.
 """
@@ -20,8 +21,8 @@ from mfim.nets.face_crops import (
     aligned_from_template,
     canonical_face_box,
     image_to_tensor,
-    similarity_transform,
     tensor_to_images,
+    template_crop_transform,
     to_continuous,
     warp,
 )
@@ -64,8 +65,7 @@ class ArcFaceCropEmbedder(FrozenModule):
 
     def crop_photo(self, image: np.ndarray, landmarks68: np.ndarray) -> torch.Tensor:
         """An unaligned photo (H×W×3 uint8 RGB) and its dlib 68 landmarks -> 1×3×112×112 ArcFace crop."""
-        five = to_continuous(five_points(landmarks68))
-        m = similarity_transform(ARCFACE_TEMPLATE_112, five)
+        m = template_crop_transform(to_continuous(five_points(landmarks68)), ARCFACE_TEMPLATE_112)
         device = next(self.parameters()).device
         return warp(image_to_tensor(image, device), m, self.input_size, fill=-1.0)
 
