@@ -8,6 +8,10 @@ pose is in radians. The encoder is frozen; gradients flow through it into x_swap
 ``jaw_pose`` (DECA only) adds FLAME's jaw rotation (axis-angle, radians) to L_pose: FLAME moves the mouth opening with
 that joint, not with an expression coefficient, so without it nothing supervises whether the mouth is open.
 
+``landmarks`` (B×68×2 pixel indices of x_swap): the swap keeps the target's pose, so the target's landmarks, resized
+to the swap, say where its face is; an encoder that crops from landmarks (``takes_landmarks``: DECA) places its crop
+with them, as its own project does, instead of with the canonical window.
+
 ``shape_coefficients`` keeps only the leading shape coefficients in L_shape: at low resolution only the first PCA
 components are visible to the encoder (on the 64 px embedded default its predictions of the rest are noise).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mfim.nets.threedmm import encode
 from mfim.nets.types import ThreeDMMParams
 
 
@@ -42,11 +47,12 @@ class ThreeDMMLoss(nn.Module):
         self.register_buffer("exp_std", exp_std if exp_std is not None else torch.ones(1))
 
     def forward(
-        self, x_swap: torch.Tensor, src: ThreeDMMParams, tgt: ThreeDMMParams, terms=("shape", "pose", "exp")
+        self, x_swap: torch.Tensor, src: ThreeDMMParams, tgt: ThreeDMMParams, terms=("shape", "pose", "exp"),
+        landmarks=None,
     ) -> dict[str, torch.Tensor]:
         if not terms:
             return {}
-        p = self.encoder(x_swap)
+        p = encode(self.encoder, x_swap, landmarks)
         out = {}
         if "shape" in terms:
             a, b = p.shape / self.shape_std, src.shape.detach() / self.shape_std

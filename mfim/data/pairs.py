@@ -13,6 +13,9 @@ sample's own generator (seeded from ``(seed, rank, position)``):
 When a 3DMM table is given (``mfim.data.threedmm_table``), each batch carries ``src_3dmm``/``tgt_3dmm`` as
 :class:`~mfim.nets.types.ThreeDMMParams` joined by key (the ``estimate`` columns, or ``ground_truth``), flipped with the
 image when the flip augmentation is on. A pair whose source fails to decode is skipped like a corrupt target.
+
+Each batch also carries ``src_landmarks``/``tgt_landmarks`` (B×68×2 float32, pixel indices of the batch's images,
+flipped with them; NaN where the shard has none): DECA places its crop box from them (``mfim.nets.deca``).
 """
 
 from __future__ import annotations
@@ -89,19 +92,20 @@ class PairItems(ItemSource):
             raise CorruptSample(f"{key!r} has no row in the 3DMM table")
         return {name: self.threedmm[name][row] for name in ("shape", "exp", "pose")}
 
-    def _image(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+    def _image(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, dict | None, np.ndarray]:
         key = self.index.keys[i]
         try:
-            image = self.index.read(i, self.resolution).image
+            sample = self.index.read(i, self.resolution)
         except CorruptSample as e:
             raise CorruptSample(f"{key!r}: {e}") from None
+        image, landmarks = sample.image, shard_landmarks(sample.meta, sample.image.shape[1])
         labels = self._labels(key) if self._row is not None else None
         if self.augment is not None:
-            out = self.augment(image, rng, pose=None if labels is None else labels["pose"])
-            image = out.image
+            out = self.augment(image, rng, landmarks=landmarks, pose=None if labels is None else labels["pose"])
+            image, landmarks = out.image, out.landmarks
             if labels is not None:
                 labels = {**labels, "pose": out.pose}
-        return image, labels
+        return image, labels, np.full((68, 2), np.nan, np.float32) if landmarks is None else landmarks
 
     def make(self, position: int) -> dict:
         t = self.plan.index_at(position)
@@ -109,10 +113,10 @@ class PairItems(ItemSource):
         # no extra draw at 0, so the pairs of runs without self pairs stay what they were
         self_pair = self.self_fraction > 0 and rng.random() < self.self_fraction
         s, same = (t, True) if self_pair else self.choose_source(t, rng)
-        tgt, tgt_labels = self._image(t, rng)
-        src, src_labels = (tgt, tgt_labels) if self_pair else self._image(s, rng)
+        tgt, tgt_labels, tgt_lm = self._image(t, rng)
+        src, src_labels, src_lm = (tgt, tgt_labels, tgt_lm) if self_pair else self._image(s, rng)
         item = {"src": src, "tgt": tgt, "src_key": self.index.keys[s], "tgt_key": self.index.keys[t],
-                "same_identity": np.bool_(same)}
+                "same_identity": np.bool_(same), "src_landmarks": src_lm, "tgt_landmarks": tgt_lm}
         if tgt_labels is not None:
             for role, labels in (("src", src_labels), ("tgt", tgt_labels)):
                 for name, value in labels.items():
@@ -120,11 +124,23 @@ class PairItems(ItemSource):
         return item
 
 
+def shard_landmarks(meta: dict, size: int) -> np.ndarray | None:
+    """A sample's 68 landmarks (float32, pixel indices) in its image as read at side ``size``; None when the shard
+    has none or does not say at which side it holds them (``resolution``, written beside them by build_shards)."""
+    points, written = meta.get("landmarks"), meta.get("resolution")
+    if points is None or not written:
+        return None
+    lm = np.asarray(points, np.float64).reshape(68, 2)
+    return ((lm + 0.5) * (size / written) - 0.5).astype(np.float32)  # pixel centres scale about the image edge
+
+
 def _finish(batch: dict) -> dict:
     out = {"src": batch["src"], "tgt": batch["tgt"],
            "src_key": list(batch["src_key"]), "tgt_key": list(batch["tgt_key"]),
            "same_identity": batch["same_identity"].bool()}
     for role in ("src", "tgt"):
+        if f"{role}_landmarks" in batch:
+            out[f"{role}_landmarks"] = batch[f"{role}_landmarks"]
         if f"{role}_3dmm_shape" in batch:
             out[f"{role}_3dmm"] = ThreeDMMParams(batch[f"{role}_3dmm_shape"], batch[f"{role}_3dmm_exp"],
                                                  batch[f"{role}_3dmm_pose"])
@@ -137,7 +153,8 @@ def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch
                  threedmm_columns: str = "estimate", flip_probability: float = 0.0,
                  self_pair_fraction: float = 0.0) -> BatchIterator:
     """Infinite iterator of dict(src, tgt: B×3×H×W in [-1, 1]; src_key, tgt_key: lists; same_identity: B bool;
-    src_3dmm, tgt_3dmm: ThreeDMMParams when ``threedmm_table`` is given). ``.position`` resumes it exactly.
+    src_landmarks, tgt_landmarks: B×68×2; src_3dmm, tgt_3dmm: ThreeDMMParams when ``threedmm_table`` is given).
+    ``.position`` resumes it exactly.
 
     ``threedmm_columns``: 'estimate' (the precomputed encoder output) or 'ground_truth' (synthetic data only).
     ``flip_probability`` > 0 adds the label-flipping horizontal flip to the augmentation (needs ``augment``).

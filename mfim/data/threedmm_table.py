@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mfim.data.pairs import shard_landmarks
 from mfim.data.shards import ShardSample, iter_samples
+from mfim.nets.threedmm import encode
 from mfim.nets.types import N_EXP, N_SHAPE, POSE_NAMES, ThreeDMMParams
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,15 @@ def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
     return arr.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def batch_landmarks(batch: Sequence[ShardSample]) -> np.ndarray | None:
+    """B×68×2 landmarks of the samples in their images' pixels (NaN rows where a shard has none), or None if none
+    has any: an encoder that crops from landmarks (DECA) places its box with them, as in its own project."""
+    rows = [shard_landmarks(s.meta, s.image.shape[1]) for s in batch]
+    if all(r is None for r in rows):
+        return None
+    return np.stack([np.full((68, 2), np.nan, np.float32) if r is None else r for r in rows])
+
+
 def precompute_threedmm(patterns: Sequence[str], encoder: Callable[[torch.Tensor], ThreeDMMParams],
                         encoder_name: str, batch_size: int = 64, device: str | torch.device = "cpu") -> pd.DataFrame:
     """Run ``encoder`` over every valid sample of the shards (corrupt ones are logged and left out)."""
@@ -65,7 +76,7 @@ def precompute_threedmm(patterns: Sequence[str], encoder: Callable[[torch.Tensor
         for batch in _batches(iter_samples(pattern), batch_size):
             x = images_to_tensor([s.image for s in batch]).to(device)
             with torch.no_grad():
-                est = encoder(x).to("cpu")
+                est = encode(encoder, x, batch_landmarks(batch)).to("cpu")
             for i, s in enumerate(batch):
                 gt = s.meta.get("ground_truth") or {}
                 ident = s.meta.get("identity")

@@ -152,6 +152,7 @@ class DECAEncoder(FrozenModule):
     """Frozen DECA coarse encoder: aligned faces -> FLAMEParams (shape 100, exp 50, pose = global yaw/pitch/roll)."""
 
     input_size = DECA_INPUT_SIZE
+    takes_landmarks = True  # forward(images, landmarks): the 3DMM losses pass the faces' landmarks where known
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         super().__init__()

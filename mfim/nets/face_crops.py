@@ -63,6 +63,12 @@ def to_continuous(points: np.ndarray) -> np.ndarray:
     return np.asarray(points, dtype=np.float64) + 0.5
 
 
+def resize_points(points, from_size: float, to_size: float):
+    """Pixel-index points of a square image -> the same points once it is resized to ``to_size`` (numpy or torch):
+    pixel centres scale about the image's outer edge."""
+    return (points + 0.5) * (to_size / from_size) - 0.5
+
+
 def canonical_landmarks_continuous(size: float) -> np.ndarray:
     """(68, 2) canonical landmarks of an FFHQ-aligned face of side ``size``, continuous coordinates."""
     return to_continuous(canonical_landmarks(1024)) * (size / 1024.0)

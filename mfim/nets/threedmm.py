@@ -182,6 +182,14 @@ class TDDFAEncoder(FrozenModule):
         return self.encode_crops(self.crop_photo(image, landmarks68, box))
 
 
+def encode(encoder: nn.Module, images: torch.Tensor, landmarks=None) -> ThreeDMMParams:
+    """``encoder(images)``, given the faces' 68 landmarks (B×68×2 pixel indices of ``images``) too when it places
+    its crop from them (``takes_landmarks``: DECA); the others crop the canonical window of an aligned face."""
+    if landmarks is not None and getattr(encoder, "takes_landmarks", False):
+        return encoder(images, landmarks)
+    return encoder(images)
+
+
 # --- factory ------------------------------------------------------------------------------------------------------
 
 THREEDMM_ENCODERS = ("tddfa", "deca", "fitted")
@@ -255,6 +263,7 @@ __all__ = [
     "ThreeDMMNormalizer",
     "build_threedmm_encoder",
     "build_threedmm_normalizer",
+    "encode",
     "load_tddfa_stats",
     "roi_box_from_landmark_box",
     "roi_box_from_face_box",

@@ -22,6 +22,8 @@ from torch import nn
 
 from mfim.criteria.adv_loss import discriminator_loss, generator_loss, r1_penalty
 from mfim.criteria.recon_loss import BackgroundL1, match_size
+from mfim.nets.face_crops import resize_points
+from mfim.nets.threedmm import encode
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,12 @@ class MFIMObjective(nn.Module):
 
     def encoder_terms(self, x_swap: torch.Tensor, x_src: torch.Tensor, x_tgt: torch.Tensor,
                       same_identity: torch.Tensor | None = None, gt: torch.Tensor | None = None,
-                      has_gt: torch.Tensor | None = None):
+                      has_gt: torch.Tensor | None = None, src_landmarks=None, tgt_landmarks=None):
         """(weighted total, {term: unweighted value}) for the encoder update. ``same_identity`` (B bool) is needed
         only when ``recon_cross_identity`` != 1; ``gt`` (B×3×H×W) and ``has_gt`` (B bool: which rows' ``gt`` is
-        real) only for ``gt_swap``, whose term is absent from a batch without such rows."""
+        real) only for ``gt_swap``, whose term is absent from a batch without such rows. ``src_landmarks`` /
+        ``tgt_landmarks`` (B×68×2 pixel indices of x_src / x_tgt, NaN rows unknown) place the crop of a 3DMM encoder
+        that crops from landmarks (DECA); the swap, in the target's pose, is cropped with the target's."""
         w, terms = self.w, {}
         with_truth = gt is not None and has_gt is not None and bool(has_gt.any())
         if with_truth:
@@ -149,10 +153,15 @@ class MFIMObjective(nn.Module):
             terms["adv"] = generator_loss(self.discriminator(match_size(x_swap, x_tgt)))
         wanted = w.threedmm_terms
         if wanted:
+            enc = self.threedmm.encoder
             with fp32_targets(x_src):
-                src = self.threedmm.encoder(x_src.float()) if "shape" in wanted else None
-                tgt = self.threedmm.encoder(x_tgt.float()) if ("pose" in wanted or "exp" in wanted) else None
-            terms.update(self.threedmm(x_swap, src if src is not None else tgt, tgt if tgt is not None else src, wanted))
+                src = encode(enc, x_src.float(), src_landmarks) if "shape" in wanted else None
+                tgt = encode(enc, x_tgt.float(), tgt_landmarks) if ("pose" in wanted or "exp" in wanted) else None
+            swap_landmarks = None
+            if tgt_landmarks is not None:
+                swap_landmarks = resize_points(tgt_landmarks, x_tgt.shape[-1], x_swap.shape[-1])
+            terms.update(self.threedmm(x_swap, src if src is not None else tgt, tgt if tgt is not None else src, wanted,
+                                       landmarks=swap_landmarks))
         total = sum(getattr(w, k) * v for k, v in terms.items())
         return total, terms
 

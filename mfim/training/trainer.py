@@ -143,7 +143,8 @@ class Trainer:
             with self._autocast():
                 x_swap = self.model(x_src, x_tgt)
                 total, terms = self.objective.encoder_terms(x_swap.float(), x_src, x_tgt, batch.get("same_identity"),
-                                                            batch.get("gt"), batch.get("has_gt"))
+                                                            batch.get("gt"), batch.get("has_gt"),
+                                                            batch.get("src_landmarks"), batch.get("tgt_landmarks"))
             for k, v in terms.items():
                 _finite(k, v, self.step)
                 logs[k] = logs.get(k, 0.0) + v.item() / n
