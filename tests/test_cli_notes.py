@@ -120,3 +120,10 @@ def test_make_demo_inputs_swap_with_the_shipped_model(tmp_path, monkeypatch, cap
     # the swap changed the target's face and kept its scene (up to the watermark, 40 dB: a few levels)
     swap, target = read_rgb(out).astype(int), read_rgb(inputs["target"]).astype(int)
     assert abs(swap - target).mean() > 5 and (abs(swap - target)[:, :16] <= 8).mean() > 0.99
+
+
+def test_an_unreadable_reference_file_gives_no_note_and_no_error(tmp_path, monkeypatch):
+    pointer = tmp_path / "generator_synth64.pt"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    monkeypatch.setattr(model_notes, "SYNTHETIC_GENERATORS", (pointer,))
+    assert model_notes.synthetic_note(load_generator(SHIPPED_GENERATOR), "g.pt") is None

@@ -42,8 +42,11 @@ def _file_generator_digest(path: str) -> str | None:
     p = Path(path)
     if not p.is_file():
         return None
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    return weights_digest(state["g_ema"])
+    try:  # a note must never stop a swap: an unreadable copy (e.g. a git-lfs pointer) just gives no note
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        return weights_digest(state["g_ema"])
+    except Exception:
+        return None
 
 
 def synthetic_note(generator, what: str) -> str | None:
