@@ -22,6 +22,9 @@ Every image written goes through mfim.provenance.save_image with a synthetic rec
 software version, and the file name and sha256 of each input that made it), which also embeds the invisible
 watermark; every frame of an output video carries the watermark and the video gets a `.mfim.json` provenance sidecar.
 All writes are atomic (temp file + rename) and never replace a file another run wrote meanwhile.
+
+Before any work, one line each on stderr when the model draws synthetic 64 px renders (the embedded default's
+generator) and when the swap settings differ from the ones reports/ were made with (mfim/commands/model_notes.py).
 """
 
 from __future__ import annotations
