@@ -11,7 +11,7 @@ export MLFLOW_ALLOW_FILE_STORE := true
 # progress bars redraw at most every 5 s (stage logs stay readable when not on a terminal)
 export TQDM_MININTERVAL := 5
 
-.PHONY: setup assets repro test test-all bench ui clean-outputs
+.PHONY: setup assets repro demo test test-all bench ui clean-outputs
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,19 @@ repro: assets
 	@echo "  tables    : reports/*.md"
 	@echo "  images    : reports/grids/"
 	@echo "  tracking  : make ui   -> http://127.0.0.1:5000  (mlflow ui on $(CURDIR)/mlflow.db)"
+
+# one swap with the shipped 64 px model on two held-out people rendered here: no data set, no `make repro`
+DEMO_CHECKPOINT := checkpoints/mfim_synth64.pt
+demo: assets
+	$(BIN)/python -m mfim.demo demo
+	$(BIN)/mfim swap --source demo/source.png --target demo/target.png --output demo/swap.png --roi \
+		--checkpoint $(DEMO_CHECKPOINT) --overwrite
+	$(BIN)/mfim detect demo/swap.png
+	@echo
+	@echo "demo/swap.png: the source's person in the target's scene (demo/source.png, demo/target.png)."
+	@echo "This is the embedded default: a 64 px model trained on synthetic BFM renders, not a photo-realistic"
+	@echo "swapper; on photos it pastes a small synthetic face. Photo-realistic swaps need paper scale"
+	@echo "(configs/paper.yaml, docs/paper-scale/README.md)."
 
 # the suite, then the paper-scale smoke (issue 11: every stage of configs/paper.yaml on official-format files)
 test: assets

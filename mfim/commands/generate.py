@@ -95,6 +95,7 @@ def generate(
 
     from mfim.assets import sha256_file
     from mfim.atomic import atomic_write
+    from mfim.commands.model_notes import announce_synthetic
     from mfim.weights import load_generator
     from mfim.provenance import provenance_record, save_image
     from mfim.runtime import pick_device
@@ -102,6 +103,7 @@ def generate(
     check_outdir(checkpoint, seeds, outdir, overwrite)
     dev = pick_device(device)
     G = load_generator(checkpoint, device=dev)
+    announce_synthetic("generate", G, str(checkpoint))
     digest = sha256_file(checkpoint)
     out = Path(outdir)
     images = []

@@ -22,6 +22,9 @@ Every image written goes through mfim.provenance.save_image with a synthetic rec
 software version, and the file name and sha256 of each input that made it), which also embeds the invisible
 watermark; every frame of an output video carries the watermark and the video gets a `.mfim.json` provenance sidecar.
 All writes are atomic (temp file + rename) and never replace a file another run wrote meanwhile.
+
+Before any work, one line each on stderr when the model draws synthetic 64 px renders (the embedded default's
+generator) and when the swap settings differ from the ones reports/ were made with (mfim/commands/model_notes.py).
 """
 
 from __future__ import annotations
@@ -64,13 +67,18 @@ def _add_common(p) -> None:
     p.add_argument("--checkpoint", default=None, help="trained MFIM checkpoint (default: data/train/mfim.pt)")
     p.add_argument("--roi", action="store_true", help="paste the face back into the original target photo (E+)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    # The paper's feed-forward swap by default: it works with any checkpoint and no other file (the anchor needs
+    # data/threedmm/regressor.pt; at 1024 px 50 fit steps are a GPU's job). When params.yaml's source_fit, which
+    # reports/ use, differs, the command prints the flags that give reports/'s swaps (model_notes).
     p.add_argument("--fit-steps", type=int, default=0,
-                   help="fit each source's ID codes for this many optimiser steps before swapping (0: the paper's "
-                        "feed-forward encoder; the embedded default's reports use 50, ~1.6 s a source at 64 px)")
+                   help="fit each source's ID codes for this many optimiser steps before swapping (default 0: the "
+                        "paper's feed-forward encoder; reports/ use params.yaml's source_fit, 50 on the embedded "
+                        "default: ~1.6 s a source batched in the evaluate stage; one source alone took 2-3 min on 2 "
+                        "busy CPU cores)")
     p.add_argument("--fit-exp", type=float, default=0.0,
                    help="with --fit-steps: weight of the expression anchor (the fit keeps the expression of the "
                         "encoder's reconstruction, as read by the training 3DMM network data/threedmm/regressor.pt "
-                        "that `make repro` writes; the embedded default's reports use 0.1)")
+                        "that `make repro` writes; default 0, reports/ use 0.1)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.add_argument(
         "--overwrite",
@@ -442,6 +450,21 @@ def checkpoint_name(checkpoint: str | None) -> str | None:
     return Path(DEFAULT_CHECKPOINT).name
 
 
+def announce_model(operation: str, swapper, checkpoint: str | None, fit_steps: int, fit_exp: float) -> None:
+    """Once per run, on stderr: that the model draws synthetic renders, when it does, and how this run's swap
+    settings differ from reports/'s, when they do."""
+    from mfim.commands.model_notes import announce_synthetic, fit_difference_note
+
+    model = getattr(swapper, "model", None)  # the real FaceSwapper; the tests' stand-ins have none
+    if model is not None:
+        from mfim.inference import DEFAULT_CHECKPOINT
+
+        announce_synthetic(operation, model.generator, str(checkpoint or DEFAULT_CHECKPOINT))
+    note = fit_difference_note(fit_steps, fit_exp)
+    if note:
+        say(f"mfim {operation}: {note}")
+
+
 def execute(operation: str, target, sources: dict, args) -> int:
     from mfim.outputs import OutputRefused
 
@@ -456,6 +479,7 @@ def execute(operation: str, target, sources: dict, args) -> int:
         the_plan = plan(target, sources, args.output)
         check_outputs(the_plan, target, sources, overwrite)
         swapper = load_swapper(args.checkpoint, args.device, fit_steps, fit_exp)
+        announce_model(operation, swapper, args.checkpoint, fit_steps, fit_exp)
         runner = Runner(
             swapper,
             operation,
