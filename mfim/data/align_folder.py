@@ -226,9 +226,11 @@ def _check_outputs(in_dir, out_dir, tasks, table_path, rejects_path, report_path
         tables = [table_path, rejects_path, rejects_path.with_suffix(".parquet")]
         tables += [report_path] if report_path else []
         foreign = [] if ours is not None else [p for p in tables if os.path.lexists(p)]
+        # crops a killed run journaled are ours too (its table is written only at the end): no need to open them
+        journaled = {(r.get("row") or {}).get("output") for r in Journal(journal_path(table_path)).read()}
         for _, rel, out_rel in tasks:
             out = out_dir / out_rel
-            if os.path.lexists(out) and out_rel not in (ours or ()):
+            if os.path.lexists(out) and out_rel not in (ours or ()) and out_rel not in journaled:
                 try:  # a crop written just before an interrupted run could record it in the table
                     record = read_record(out)
                 except Exception:
