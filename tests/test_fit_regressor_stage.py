@@ -47,3 +47,23 @@ def test_the_paper_configuration_gets_a_marker_in_seconds(tmp_path, monkeypatch)
     assert "not needed" in ckpt["why"]
     with pytest.raises(ValueError, match="not needed"):
         load_fitted_regressor(fit_regressor.OUT)
+
+
+def test_distilling_a_flame_width_table_gives_a_flame_width_regressor(tmp_path, one_thread):
+    """`target: estimate` on DECA's table: the head is as wide as FLAME (100 / 50), not BFM's 40 / 10. (The paper
+    smoke checked this through the stage, which the paper configuration now skips.)"""
+    from mfim.data import threedmm_table as T
+    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_table, load_fitted_regressor
+    from tests.test_shards import make_fixture_shards
+    from tests.test_threedmm_table import FlameWidthEncoder
+
+    make_fixture_shards(tmp_path, n_identities=4, per_identity=4)
+    pattern = str(tmp_path / "train-*.tar")
+    T.run_precompute([pattern], FlameWidthEncoder(), "deca", tmp_path / "params.parquet")
+    report = fit_from_table(pattern, tmp_path / "params.parquet", tmp_path / "regressor.pt", "estimate",
+                            RegressorConfig(input_size=16, width=8), FitConfig(epochs=1, batch_size=8, augment=False),
+                            log=lambda *_: None)
+    assert (report["config"]["n_shape"], report["config"]["n_exp"]) == (100, 50)
+    model = load_fitted_regressor(tmp_path / "regressor.pt")
+    est = model(torch.zeros(2, 3, 32, 32))
+    assert est.shape.shape == (2, 100) and est.exp.shape == (2, 50)
