@@ -116,7 +116,8 @@ def _hms(seconds: float) -> str:
 
 
 def table(results: dict, cores: list[int]) -> str:
-    head = "| stage | CPU-s / image | " + " | ".join(f"wall, 70k @ {n} cores" for n in cores) + " | disk / image | disk, 70k |"
+    walls = " | ".join(f"wall, 70k @ {n} cores" for n in cores)
+    head = f"| stage | CPU-s / image | {walls} | disk / image | disk, 70k |"
     lines = [head, "|" + "---|" * (4 + len(cores))]
     for name, r in results.items():
         walls = " | ".join(_hms(FFHQ * r["cpu_s"] / n) for n in cores)

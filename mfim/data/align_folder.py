@@ -427,8 +427,8 @@ def align_folder(
     workers: worker processes, or 'auto' (the usable cores). ground_truth: True looks for ``ground_truth.parquet``
     beside in_dir; a path uses that table; False/None skips the landmark-error report. resume: skip files aligned (or
     rejected, unless retry_rejects) by an earlier run -- finished or killed -- from the same source file under the same
-    settings and code, whose crop still exists (the journal, see the module docstring). overwrite: allow replacing files no align run wrote and an out_dir
-    that overlaps in_dir. Raises mfim.outputs.OutputRefused (before any work) otherwise, or when out_dir is unwritable.
+    settings and code, whose crop still exists (the journal, see the module docstring). overwrite: allow replacing
+    files no align run wrote and an out_dir that overlaps in_dir. Raises mfim.outputs.OutputRefused (before any work) otherwise, or when out_dir is unwritable.
     """
     from tqdm import tqdm
 
