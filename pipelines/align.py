@@ -3,6 +3,10 @@
 Writes data/aligned/ (crops), data/aligned.parquet (landmarks in aligned pixels, transforms, face counts),
 data/align_rejects.csv (+ .parquet) (file, reason) and reports/align.json (counts; on the synthetic set the landmark
 error against ground truth). Logs the report's numbers to MLflow.
+
+Resumable: data/aligned.journal.jsonl (not a DVC output) records each finished photo; the outputs are `persist` in
+dvc.yaml, so a killed run continues under `dvc repro` (mfim.data.align_folder explains what is kept). `align.workers`:
+worker processes, or auto (the usable cores).
 """
 
 from mfim.runtime import ensure_allocator_env

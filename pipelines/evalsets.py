@@ -3,7 +3,8 @@
 `evalsets.protocol`: synthetic (eval split of the shards: held-out identities), ffpp (FaceForensics++ videos:
 frames extracted and aligned) or celebahq (a CelebA-HQ folder). Writes pairs.parquet, triplets.parquet and
 protocol.json (every protocol choice); FF++ also rejects.csv. A missing real data set stops the stage with a message
-saying which data set and where to get it.
+saying which data set and where to get it. FF++ frame extraction resumes video by video after a kill (each video's
+frames.json names the video and aligner settings its frames were made with; mfim.data.evalsets.extract_ffpp_frames).
 """
 
 from mfim.runtime import ensure_allocator_env
@@ -15,10 +16,12 @@ OUT_DIR = "data/evalsets"
 
 def main(params_path: str = "params.yaml") -> dict:
     import logging
+    import shutil
     from pathlib import Path
 
     import pandas as pd
 
+    from mfim.atomic import atomic_write
     from mfim.config import load_params, lookup
     from mfim.data import evalsets as E
     from mfim.data.shards import split_pattern
@@ -36,12 +39,14 @@ def main(params_path: str = "params.yaml") -> dict:
             protocol["resolution"] = int(lookup(params, "data.resolution"))
         elif protocol_name == "ffpp":
             a = lookup(params, "align")
+            aligner_args = (int(a["output_size"]), a["detector"], int(a["upsample"]), int(a["transform_size"]),
+                            bool(a["enable_padding"]))
             f = e["ffpp"]
             pairs, triplets, protocol, rejects = E.build_ffpp(
                 f["root"], OUT_DIR, f.get("compression", "c23"), int(f.get("frames_per_video", 10)),
                 f.get("splits_json") or None,
-                aligner_factory=lambda: E.dlib_aligner(int(a["output_size"]), a["detector"], int(a["upsample"]),
-                                                       int(a["transform_size"]), bool(a["enable_padding"])))
+                aligner_factory=lambda: E.dlib_aligner(*aligner_args),
+                aligner_settings=E.dlib_aligner_settings(*aligner_args))
             protocol["aligned_size"] = int(a["output_size"])
         elif protocol_name == "celebahq":
             c = e["celebahq"]
@@ -53,7 +58,11 @@ def main(params_path: str = "params.yaml") -> dict:
         raise SystemExit(f"evalsets: {err}") from None
     summary = E.write_evalsets(OUT_DIR, pairs, triplets, protocol)
     if protocol_name == "ffpp":
-        pd.DataFrame(rejects, columns=["file", "reason"]).to_csv(Path(OUT_DIR) / "rejects.csv", index=False)
+        text = pd.DataFrame(rejects, columns=["file", "reason"]).to_csv(index=False).encode()
+        atomic_write(Path(OUT_DIR) / "rejects.csv", lambda fh: fh.write(text))
+    else:  # the output folder persists (dvc.yaml): no FF++ frames or rejects of an earlier protocol stay in it
+        shutil.rmtree(Path(OUT_DIR) / "ffpp", ignore_errors=True)
+        (Path(OUT_DIR) / "rejects.csv").unlink(missing_ok=True)
     print(f"evalsets ({protocol_name}): {summary['pairs']} pairs, {summary['triplets']} triplets -> {OUT_DIR}")
 
     import mlflow

@@ -10,6 +10,11 @@
 
 reports/regressor.json: per network, the validation error on held-out identities, the predict-the-mean baseline and
 the error on the eval split (the swapper's evaluation identities, never used for fitting).
+
+When no configured network reads the loss network (:func:`regressor_readers`: the paper configuration measures L_shape
+with DECA and evaluates with 3DDFA_V2), nothing is fitted -- a CPU fit of ~1 h would sit on `train`'s critical path
+for a file nobody opens: regressor.pt is then a marker naming why (loading it raises with that reason), and the report
+says so.
 """
 
 from mfim.runtime import ensure_allocator_env
@@ -54,6 +59,15 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
                           log=log)
 
 
+def regressor_readers(params: dict) -> list[str]:
+    """The params keys whose value makes a stage read data/threedmm/regressor.pt (``fitted``): the loss network
+    (train, source_fit), the evaluation's 3DMM network, and a later threedmm precompute."""
+    from mfim.config import lookup
+
+    keys = {"loss.threedmm_encoder": "fitted", "evaluate.threedmm_encoder": "tddfa", "threedmm.encoder": "tddfa"}
+    return [k for k, default in keys.items() if str(lookup(params, k, default)) == "fitted"]
+
+
 def _summary(name: str, report: dict) -> str:
     v = report.get("eval_split_error") or report["val_error"]
     took = (f"shipped, fitted elsewhere in {report['seconds']:.0f} s" if report.get("shipped_checkpoint") else
@@ -78,8 +92,19 @@ def main(params_path: str = "params.yaml") -> dict:
     has_eval = any(Path(SHARDS_DIR).glob("eval-*.tar"))
     eval_pattern = split_pattern(SHARDS_DIR, "eval") if has_eval else None
     train_pattern = split_pattern(SHARDS_DIR, "train")
-    report = _fit("regressor", params, OUT, train_pattern, eval_pattern, print)
-    print(_summary("fit_regressor (loss network)", report))
+    if regressor_readers(params):
+        report = _fit("regressor", params, OUT, train_pattern, eval_pattern, print)
+        print(_summary("fit_regressor (loss network)", report))
+    else:
+        from mfim.nets.threedmm_regressor import save_no_regressor
+
+        why = (f"not needed: no configured network reads it (loss.threedmm_encoder: "
+               f"{lookup(params, 'loss.threedmm_encoder', 'fitted')}, evaluate.threedmm_encoder: "
+               f"{lookup(params, 'evaluate.threedmm_encoder', 'tddfa')}, threedmm.encoder: "
+               f"{lookup(params, 'threedmm.encoder', 'tddfa')}; set one of them to fitted to fit it)")
+        save_no_regressor(OUT, why)
+        report = {"skipped": True, "why": why, "val_error": None, "train_loss": []}
+        print(f"fit_regressor (loss network): {why}")
     evaluator = lookup(params, "threedmm.evaluator", {}) or {}
     if int(evaluator.get("render_identities", 0) or 0) > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
         report["evaluator"] = _fit("evaluator", params, EVALUATOR_OUT, train_pattern, eval_pattern, print)
@@ -99,7 +124,7 @@ def main(params_path: str = "params.yaml") -> dict:
         for prefix, rep in (("", report), ("evaluator_", report.get("evaluator"))):
             if not rep:
                 continue
-            for split, err in (("val", rep["val_error"]), ("eval", rep.get("eval_split_error"))):
+            for split, err in (("val", rep.get("val_error")), ("eval", rep.get("eval_split_error"))):
                 if err:
                     mlflow.log_metrics({f"{prefix}{split}_pose_mae_deg": err["pose"]["mae_deg"],
                                         f"{prefix}{split}_shape_pearson_r": err["shape"]["pearson_r"],

@@ -2,7 +2,9 @@
 
 Reads data/aligned/ (crops), data/aligned.parquet (aligned landmarks, from `align`) and, for the synthetic source,
 data/raw/ground_truth.parquet (split, identity, 3DMM ground truth). A real folder (`data.source: folder`) gets a
-seeded split (`shard.eval_fraction`, default 0.1). Writes data/shards/index.json and reports/shard.json.
+seeded split (`shard.eval_fraction`, default 0.1). Writes data/shards/index.json and reports/shard.json. Images are
+read, resized and encoded in `shard.workers` processes (auto: the usable cores); the tars are the same bytes with any
+count.
 """
 
 from mfim.runtime import ensure_allocator_env
@@ -42,6 +44,7 @@ def main(params_path: str = "params.yaml") -> dict:
     import pandas as pd
 
     from mfim.config import load_params, lookup
+    from mfim.data.progress import resolve_workers
     from mfim.data.shards import ShardInputs, build_shards
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -64,7 +67,8 @@ def main(params_path: str = "params.yaml") -> dict:
         seed=int(lookup(params, "shard.seed", 0)),
     )
     report = build_shards(inputs, OUT_DIR, int(lookup(params, "data.resolution")),
-                          int(lookup(params, "shard.max_shard_bytes")))
+                          int(lookup(params, "shard.max_shard_bytes")),
+                          workers=resolve_workers(lookup(params, "shard.workers", 1)))
     if Path(ALIGN_REJECTS).is_file():
         report["align_rejects"] = int(len(pd.read_csv(ALIGN_REJECTS)))
     Path(REPORT).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,13 @@ data/threedmm/stats.json beside it (mean/std of the estimate's shape and express
 scale L_shape / L_exp standardise DECA's FLAME coefficients with) and reports/threedmm.json (per-group error of the
 estimate against the ground truth: pose MAE in degrees, shape/exp Pearson r and normalised RMSE). `threedmm.encoder: fitted` reads data/threedmm/regressor.pt, which the later
 `fit_regressor` stage makes from this table: use it only with a regressor from an earlier run.
+
+Samples are decoded in `threedmm.workers` DataLoader workers (0: in this process; auto: the usable cores). Every
+encoded batch is saved at once (data/threedmm/params.parts/, not a DVC output, so DVC leaves it for the rerun): a
+killed run continues from the next batch under `dvc repro` and writes the same table (mfim.data.threedmm_table).
 """
+
+from pathlib import Path
 
 from mfim.runtime import ensure_allocator_env
 
@@ -13,12 +19,34 @@ SHARDS_DIR = "data/shards"
 OUT = "data/threedmm/params.parquet"
 REGRESSOR = "data/threedmm/regressor.pt"
 REPORT = "reports/threedmm.json"
+WEIGHTS = "data/weights/threedmm.json"
+
+
+def _workers(value) -> int:
+    """DataLoader workers that decode the shards: 0 decodes in this process; auto: the usable cores."""
+    from mfim.data.progress import resolve_workers
+
+    return 0 if value in (0, "0") else resolve_workers(value)
+
+
+def _settings(params: dict, name: str) -> dict:
+    """What besides the code and shards shapes an estimate: the encoder's params and the bytes of its weights (the
+    weights manifest; the fitted regressor's own hash) -- the saved batches of a killed run are kept only under the
+    same values."""
+    from mfim.config import lookup
+    from mfim.data.progress import sha256_of
+
+    out = {"nets.threedmm": lookup(params, "nets.threedmm", None)}
+    if Path(WEIGHTS).is_file():
+        out["weights"] = sha256_of(WEIGHTS)
+    if name == "fitted":
+        out["regressor"] = sha256_of(REGRESSOR)
+    return out
 
 
 def main(params_path: str = "params.yaml") -> dict:
     import json
     import logging
-    from pathlib import Path
 
     from mfim.config import load_params, lookup
     from mfim.data.shards import SPLITS, split_pattern
@@ -36,7 +64,8 @@ def main(params_path: str = "params.yaml") -> dict:
                          "on this stage's table); use tddfa or deca to build the table first")
     encoder = build_threedmm_encoder(name, params, device, checkpoint=REGRESSOR if name == "fitted" else None)
     patterns = [split_pattern(SHARDS_DIR, s) for s in SPLITS if list(Path(SHARDS_DIR).glob(f"{s}-*.tar"))]
-    report = run_precompute(patterns, encoder, name, OUT, int(lookup(params, "threedmm.batch_size", 64)), device)
+    report = run_precompute(patterns, encoder, name, OUT, int(lookup(params, "threedmm.batch_size", 64)), device,
+                            workers=_workers(lookup(params, "threedmm.workers", 0)), settings=_settings(params, name))
     Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
     Path(REPORT).write_text(json.dumps(report, indent=1))
     err = (report.get("error") or {}).get("all")

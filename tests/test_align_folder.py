@@ -164,8 +164,10 @@ def test_resume_redoes_deleted_output_and_changed_settings(input_folder, tmp_pat
 
 
 def test_interrupted_run_resumes_from_checkpoint(tmp_path, photos, monkeypatch):
-    """Tables are checkpointed while running: after a crash, the next run only does the files not yet recorded."""
+    """Every finished file is journaled as it completes: after a crash, the next run only does the files not yet
+    recorded."""
     from mfim.data import align_folder as mod
+    from mfim.data.progress import Journal
 
     src = tmp_path / "in"
     src.mkdir()
@@ -183,11 +185,132 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, photos, monkeypatch):
     monkeypatch.setattr(mod, "_process", crash_on_third)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        align_folder(src, out, size=64, workers=1, progress=False, checkpoint_every=1)
+        align_folder(src, out, size=64, workers=1, progress=False)
     monkeypatch.setattr(mod, "_process", real)
-    assert len(pd.read_parquet(out / "aligned.parquet")) == 2
+    assert len(Journal(out / "aligned.journal.jsonl").read()) == 2
     again = align_folder(src, out, size=64, workers=1, progress=False)
     assert again["n_processed"] == 2 and again["n_aligned"] == 4
+
+
+def _kill_test_folder(root, photos) -> None:
+    """20 faces (5 photos x 2 scales x mirrored) and 2 rejects, small enough for a quick run."""
+    root.mkdir()
+    for name in ("obama", "obama2", "obama3", "biden", "obama_partial_face"):
+        for scale in (0.3, 0.45):
+            img = _small(photos[name], scale)
+            Image.fromarray(img).save(root / f"{name}_{int(scale * 100)}.png")
+            Image.fromarray(np.ascontiguousarray(img[:, ::-1])).save(root / f"{name}_{int(scale * 100)}_m.jpg",
+                                                                       quality=90)
+    yy, xx = np.mgrid[:120, :160]
+    Image.fromarray(np.dstack([xx % 256, yy, (xx + yy) % 256]).astype(np.uint8)).save(root / "no_face.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+
+
+def _align_outputs(out) -> dict:
+    """Everything a run leaves that a later stage reads: tables and the bytes of every crop."""
+    return {
+        "table": pd.read_parquet(out / "aligned.parquet"),
+        "rejects": (out / "rejects.csv").read_bytes(),
+        "crops": {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))},
+    }
+
+
+def _assert_same_outputs(a: dict, b: dict) -> None:
+    pd.testing.assert_frame_equal(a["table"], b["table"])
+    assert a["rejects"] == b["rejects"]
+    assert a["crops"].keys() == b["crops"].keys() and all(a["crops"][k] == b["crops"][k] for k in a["crops"])
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from mfim.data import align_folder as mod
+real, calls = mod._process, []
+def kill_part_way(task):
+    calls.append(task)
+    if len(calls) == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as when the machine takes the process away
+    return real(task)
+mod._process = kill_part_way
+mod.align_folder(sys.argv[1], sys.argv[2], size=64, workers=1, progress=False, ground_truth=False)
+"""
+
+
+def test_sigkill_part_way_then_rerun_equals_an_uninterrupted_run(tmp_path, photos):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mfim.data.progress import Journal
+
+    src = tmp_path / "in"
+    _kill_test_folder(src, photos)
+    whole = align_folder(src, tmp_path / "whole", size=64, workers=1, progress=False, ground_truth=False)
+    assert whole["n_aligned"] >= 18 and whole["n_rejected"] == 2
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(src), str(out), "12"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "aligned.parquet").exists()  # the tables are written once, at the end
+    assert len(Journal(out / "aligned.journal.jsonl").read()) == 11
+    resumed = align_folder(src, out, size=64, workers=2, progress=False, ground_truth=False)
+    assert resumed["n_skipped_resume"] == 11 and resumed["n_processed"] == whole["n_processed"] - 11
+    _assert_same_outputs(_align_outputs(out), _align_outputs(tmp_path / "whole"))
+
+
+def test_rerun_redoes_a_replaced_source_and_drops_the_crop_of_a_removed_one(tmp_path, photos):
+    import os
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("obama", "biden", "obama2"):
+        Image.fromarray(_small(photos[name], 0.3)).save(src / f"{name}.png")
+    out = tmp_path / "out"
+    align_folder(src, out, size=64, workers=1, progress=False)
+    # same mtime, other bytes of the same size would pass unnoticed (as in DVC); a new mtime is rehashed
+    st = os.stat(src / "obama.png")
+    os.utime(src / "obama.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = align_folder(src, out, size=64, workers=1, progress=False)
+    assert again["n_processed"] == 0  # touched but the same bytes: kept
+    Image.fromarray(_small(photos["obama3"], 0.3)).save(src / "obama.png")  # replaced
+    (src / "biden.png").unlink()  # removed
+    third = align_folder(src, out, size=64, workers=1, progress=False)
+    assert third["n_processed"] == 1 and third["n_skipped_resume"] == 1 and third["n_stale_removed"] == 1
+    assert not (out / "biden.png").exists()
+    fresh_src = tmp_path / "fresh_in"
+    fresh_src.mkdir()
+    for name in ("obama.png", "obama2.png"):
+        (fresh_src / name).write_bytes((src / name).read_bytes())
+    align_folder(fresh_src, tmp_path / "fresh", size=64, workers=1, progress=False)
+    _assert_same_outputs(_align_outputs(out), _align_outputs(tmp_path / "fresh"))
+
+
+def test_journal_drops_a_torn_last_line_and_appends_after_it(tmp_path):
+    from mfim.data.progress import Journal
+
+    j = Journal(tmp_path / "j.jsonl")
+    j.append({"file": "a", "n": 1})
+    j.append({"file": "b", "n": 2})
+    j.close()
+    with open(tmp_path / "j.jsonl", "ab") as f:
+        f.write(b'{"file": "c", "n"')  # a kill in the middle of a write
+    assert [r["file"] for r in Journal(tmp_path / "j.jsonl").read()] == ["a", "b"]
+    j = Journal(tmp_path / "j.jsonl")
+    j.append({"file": "d", "n": 4})
+    j.close()
+    assert [r["file"] for r in Journal(tmp_path / "j.jsonl").read()] == ["a", "b", "d"]
+
+
+def test_workers_auto_is_the_usable_cores():
+    import os
+
+    from mfim.data.progress import resolve_workers
+
+    assert resolve_workers("auto") == len(os.sched_getaffinity(0))
+    assert resolve_workers(3) == 3
+    with pytest.raises(ValueError, match="workers"):
+        resolve_workers(-1)
 
 
 def test_worker_processes_match_in_process(tmp_path, photos):

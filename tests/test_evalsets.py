@@ -88,6 +88,77 @@ def test_ffpp_manifest_from_a_folder_laid_out_like_the_data_set(ffpp_root, tmp_p
     assert not calls and again.equals(pairs)
 
 
+KILL_SCRIPT = """
+import os, signal, sys
+from mfim.data import evalsets as E
+from tests.test_evalsets import stub_aligner
+calls = []
+def aligner(frame):
+    calls.append(1)
+    if len(calls) == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return stub_aligner(frame)
+pairs, triplets, protocol, rejects = E.build_ffpp(sys.argv[1], sys.argv[2], "c23", 10, aligner=aligner,
+                                                  aligner_settings={"stub": 1})
+E.write_evalsets(sys.argv[2], pairs, triplets, protocol)
+"""
+
+
+def _snapshot(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run_ffpp(root, out, settings=None, aligner=stub_aligner):
+    pairs, triplets, protocol, rejects = E.build_ffpp(root, out, "c23", 10, aligner=aligner,
+                                                      aligner_settings=settings or {"stub": 1})
+    E.write_evalsets(out, pairs, triplets, protocol)
+    return rejects
+
+
+@pytest.mark.parametrize("kill_at", [14, 25])  # mid-video 001 (10 frames of 000 done); in the last video
+def test_ffpp_sigkill_part_way_then_rerun_equals_an_uninterrupted_run(ffpp_root, tmp_path, kill_at):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "evalsets"
+    whole_rejects = _run_ffpp(ffpp_root, out)
+    whole = _snapshot(out)
+    shutil.rmtree(out)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(ffpp_root), str(out), str(kill_at)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    no_face = 1 if kill_at > 13 else 0  # call 13 is frame 6 of video 001, which has no face
+    assert not (out / "pairs.parquet").exists() and len(list(out.rglob("*.png"))) == kill_at - 1 - no_face
+    calls = []
+    rejects = _run_ffpp(ffpp_root, out, aligner=lambda f: calls.append(1) or stub_aligner(f))
+    assert len(calls) == 10 + 9 + 10 - (kill_at - 1)  # only the frames not aligned before the kill
+    assert _snapshot(out) == whole and rejects == whole_rejects
+
+
+def test_ffpp_frames_of_other_settings_or_videos_are_redone_and_unused_ones_removed(ffpp_root, tmp_path):
+    out = tmp_path / "evalsets"
+    _run_ffpp(ffpp_root, out)
+    stray = out / "ffpp" / "c40" / "000"  # another compression: not this protocol's any more
+    stray.mkdir(parents=True)
+    calls = []
+    _run_ffpp(ffpp_root, out, settings={"stub": 2}, aligner=lambda f: calls.append(1) or stub_aligner(f))
+    assert len(calls) == 29 and not stray.exists()  # new aligner settings: every frame again
+    video = ffpp_root / "original_sequences" / "youtube" / "c23" / "videos" / "002.mp4"
+    write_video(video, 20, 2)  # the video changed: its frames again
+    calls.clear()
+    _run_ffpp(ffpp_root, out, settings={"stub": 2}, aligner=lambda f: calls.append(1) or stub_aligner(f))
+    assert len(calls) == 10 and sorted(p.name for p in (out / "ffpp/c23/002").glob("*.png"))[-1] == "0018.png"
+    (ffpp_root / "manipulated_sequences" / "Deepfakes" / "c23" / "videos" / "002_000.mp4").unlink()
+    _run_ffpp(ffpp_root, out, settings={"stub": 2})
+    assert not (out / "ffpp" / "c23" / "002").exists()
+
+
 def test_ffpp_pairs_from_a_split_json_go_both_ways(ffpp_root, tmp_path):
     split = tmp_path / "test.json"
     split.write_text(json.dumps([["000", "002"]]))

@@ -285,6 +285,34 @@ def test_build_shards_from_an_aligned_folder(tmp_path):
     assert np.allclose(s.meta["landmarks"], 15.5)  # centre of 64 px -> centre of 32 px
 
 
+def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path):
+    """Encoding in a process pool must not change a byte of the tars (DVC would see a new output) or the report."""
+    from mfim.provenance import save_image
+
+    aligned = tmp_path / "aligned"
+    rng = np.random.default_rng(0)
+    landmarks = {}
+    for i in range(40):
+        # noise makes PNG sizes differ, so shard boundaries fall at different samples than a fixed size would
+        img = np.clip(np.repeat(np.repeat(fixture_image(i, 24), 2, 0), 2, 1) + rng.integers(0, 40, (48, 48, 3)),
+                      0, 255).astype(np.uint8)
+        save_image(aligned / f"p{i:02d}.png", img)
+        if i % 3:
+            landmarks[f"p{i:02d}"] = rng.uniform(0, 48, (68, 2)).astype(np.float32)
+    (aligned / "bad.png").write_bytes(b"not a png")
+    save_image(aligned / "wide.png", np.zeros((20, 30, 3), np.uint8))
+    reports, contents = [], []
+    for workers in (1, 3):
+        out = tmp_path / f"shards{workers}"
+        inputs = S.ShardInputs(aligned, None, landmarks, source="folder", eval_fraction=0.3, seed=0)
+        report = S.build_shards(inputs, out, 32, 40_000, workers=workers)
+        reports.append({k: v for k, v in report.items() if k != "seconds"})
+        contents.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert reports[0] == reports[1] and reports[0]["rejected"] == 2
+    assert reports[0]["shards"]["train"] > 2 and reports[0]["samples_without_landmarks"] == 14
+    assert contents[0].keys() == contents[1].keys() and all(contents[0][k] == contents[1][k] for k in contents[0])
+
+
 def test_folder_source_gets_a_seeded_split(tmp_path):
     from mfim.provenance import save_image
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -113,3 +114,112 @@ def test_a_flame_width_table_reads_back_and_reports_pose_only_against_bfm_ground
         T.stack_column(df, "shape")
     with pytest.raises(ValueError, match="expected 40"):
         T.stack_column(T.read_table(tmp_path / "p.parquet"), "shape", dim=40)
+
+
+# ------------------------------------------------------------------------------ workers and a killed precompute
+
+
+def _reference_table(patterns, encoder, batch_size):
+    """The table by the plain route: every valid sample streamed in one process, batched per split."""
+    from mfim.data.shards import iter_samples
+
+    keys, est = [], []
+    for pattern in patterns:
+        samples = list(iter_samples(pattern))
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i : i + batch_size]
+            keys += [s.key for s in batch]
+            est.append(encoder(T.images_to_tensor([s.image for s in batch])).shape[:, 0])
+    return keys, torch.cat(est).numpy()
+
+
+def _kill_fixture(tmp_path):
+    make_fixture_shards(tmp_path, n_identities=5, per_identity=4, max_shard_bytes=12_000)
+    make_fixture_shards(tmp_path, n_identities=2, per_identity=3, split="eval")
+    import tarfile
+
+    holder = next(p for p in sorted(tmp_path.glob("train-*.tar")) if "train/00001_01.png" in tarfile.open(p).getnames())
+    corrupt_member(holder, "train/00001_01.png")
+    return [str(tmp_path / "train-*.tar"), str(tmp_path / "eval-*.tar")]
+
+
+def test_decoding_workers_give_the_table_of_one_process(tmp_path):
+    patterns = _kill_fixture(tmp_path)
+    assert len(list(tmp_path.glob("train-*.tar"))) > 2  # chunks cross shard boundaries
+    keys, shape0 = _reference_table(patterns, MeanColourEncoder(), 3)
+    tables = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}" / "params.parquet"
+        T.run_precompute(patterns, MeanColourEncoder(), "stub", out, batch_size=3, workers=workers)
+        assert not out.with_name("params.parts").exists()  # removed once the table is written
+        tables.append((out.read_bytes(), out.with_name("stats.json").read_bytes()))
+    assert tables[0] == tables[1]
+    df = T.read_table(tmp_path / "w2" / "params.parquet")
+    assert df["key"].tolist() == keys and len(keys) == 20 - 1 + 6
+    np.testing.assert_array_equal(T.stack_column(df, "shape")[:, 0], shape0)
+
+
+class KillOnCall(MeanColourEncoder):
+    """The stand-in encoder, which SIGKILLs its own process on call number ``n`` (in a subprocess)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == self.n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(x)
+
+
+KILL_SCRIPT = """
+import sys
+from mfim.data import threedmm_table as T
+from tests.test_threedmm_table import KillOnCall
+T.run_precompute(sys.argv[1].split(","), KillOnCall(int(sys.argv[3])), "stub", sys.argv[2], batch_size=3, workers=1)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [4, 8])  # within the train split; in the eval split (after every train batch)
+def test_sigkill_part_way_then_rerun_gives_the_uninterrupted_table(tmp_path, kill_at):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    patterns = _kill_fixture(tmp_path)
+    whole = tmp_path / "whole" / "params.parquet"
+    T.run_precompute(patterns, MeanColourEncoder(), "stub", whole, batch_size=3)
+    out = tmp_path / "killed" / "params.parquet"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ",".join(patterns), str(out), str(kill_at)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and len(list(out.with_name("params.parts").glob("part-*.parquet"))) == kill_at - 1
+    calls = []
+
+    class Counting(MeanColourEncoder):
+        def __call__(self, x):
+            calls.append(len(x))
+            return super().__call__(x)
+
+    T.run_precompute(patterns, Counting(), "stub", out, batch_size=3, workers=2)
+    assert len(calls) == 9 - (kill_at - 1)  # 19 train rows in 7 batches, 6 eval rows in 2: only the rest redone
+    assert out.read_bytes() == whole.read_bytes()
+    assert out.with_name("stats.json").read_bytes() == whole.with_name("stats.json").read_bytes()
+
+
+def test_saved_batches_of_other_settings_are_not_reused(tmp_path):
+    patterns = _kill_fixture(tmp_path)
+    out = tmp_path / "p.parquet"
+    parts = T._Parts(out.with_name("p.parts"), "another fingerprint")
+    parts.save(0, 0, pd.DataFrame(columns=T.TABLE_COLUMNS))  # an empty first batch: would drop 3 rows
+    T.run_precompute(patterns, MeanColourEncoder(), "stub", out, batch_size=3)
+    ref = tmp_path / "ref.parquet"
+    T.run_precompute(patterns, MeanColourEncoder(), "stub", ref, batch_size=3)
+    assert out.read_bytes() == ref.read_bytes()

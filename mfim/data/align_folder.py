@@ -1,8 +1,16 @@
 """Align every photo in a folder (the `align` stage and `mfim align`): FFHQ crops, a landmark/transform table, rejects.
 
 One face per image: the largest, with a note when there were several. Bad input never stops the run; each file that
-cannot be used gets a reason in the rejects table (file, reason). Runs in worker processes with a progress bar and
-resumes: outputs already written by a run with the same settings are skipped.
+cannot be used gets a reason in the rejects table (file, reason). Runs in worker processes (``workers``: a number or
+``auto``, the usable cores) with a progress bar, and resumes from a journal (see below).
+
+Progress. Each finished file appends one line to ``<table>.journal.jsonl`` beside the table (mfim.data.progress): the
+row or the reject reason, the source's size / mtime / sha256 and a fingerprint of the settings and of the code and
+landmark model that shape a crop. The tables are written once, at the end (O(n); rewriting them every few hundred
+files was O(n²)). A rerun -- after a SIGKILL at any point, or with files added -- keeps a journal entry only when its
+source file, settings and code are unchanged and (for a row) its crop still exists; everything else is redone, and
+crops whose source left the folder or is now rejected are removed. So an interrupted run followed by a rerun gives
+the same crops and tables as one uninterrupted run.
 
 Outputs (paths configurable; defaults inside ``out_dir``):
 * ``out_dir/<relative path>.png`` -- the aligned crop, with an mfim provenance record (kind 'processed', or the
@@ -34,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from mfim.atomic import atomic_write
+from mfim.data.progress import Journal, fingerprint, resolve_workers, same_source, source_stamp
 
 log = logging.getLogger(__name__)
 
@@ -89,35 +98,40 @@ def _init_worker(config: AlignConfig, out_dir: str) -> None:
     _WORKER["out_dir"] = Path(out_dir)
 
 
-def _output_record(path: Path, rel: str) -> dict:
+def _output_record(path: Path, rel: str, sha256: str) -> dict:
     """Provenance for the aligned crop: the input's own record when it is synthetic, else 'processed'; either way
     naming the file it was made from, with its hash."""
-    from mfim.assets import sha256_file
     from mfim.provenance import provenance_record, read_record
 
     try:
         source = read_record(path)
     except Exception:  # unreadable metadata is not a reason to drop a readable image
         source = None
-    made_from = {"source_file": rel, "source_sha256": sha256_file(path)}
+    made_from = {"source_file": rel, "source_sha256": sha256}
     if source and source.get("kind") == "synthetic":
         return {**source, **made_from}
     return provenance_record("processed", **made_from)
 
 
 def _process(task: tuple[str, str, str]) -> dict:
-    """Align one image; returns {'ok': True, 'row': ...} or {'ok': False, 'file': ..., 'reason': ...}."""
+    """Align one image; returns {'ok': True, 'row': ...} or {'ok': False, 'file': ..., 'reason': ...}, with
+    'source': the input's stamp (None when it could not be read: such a result is not journaled)."""
     path, rel, out_rel = task
     try:
-        return _process_unsafe(Path(path), rel, out_rel)
+        stamp = source_stamp(path)
+    except OSError:
+        stamp = None
+    try:
+        result = _process_unsafe(Path(path), rel, out_rel, stamp["sha256"] if stamp else "")
     except MemoryError:
-        return {"ok": False, "file": rel, "reason": "out of memory while processing"}
+        result = {"ok": False, "file": rel, "reason": "out of memory while processing"}
     except Exception as e:  # one bad file must not end the run; its reason goes to the rejects table
         first_line = str(e).splitlines()[0] if str(e) else ""
-        return {"ok": False, "file": rel, "reason": f"error: {type(e).__name__}: {first_line}"}
+        result = {"ok": False, "file": rel, "reason": f"error: {type(e).__name__}: {first_line}"}
+    return {**result, "source": stamp}
 
 
-def _process_unsafe(path: Path, rel: str, out_rel: str) -> dict:
+def _process_unsafe(path: Path, rel: str, out_rel: str, sha256: str) -> dict:
     from mfim.imageio import ImageRejected, read_image
     from mfim.nets.align import align_face
     from mfim.provenance import save_image
@@ -145,7 +159,7 @@ def _process_unsafe(path: Path, rel: str, out_rel: str) -> dict:
     # Aligned crops are training/evaluation inputs: they keep the input's provenance record (synthetic for the
     # renders) but get no watermark of their own -- a pattern in every training image would be learned by the
     # generator. Generated outputs (swaps, samples, CLI results) carry the watermark.
-    save_image(_WORKER["out_dir"] / out_rel, aligned.image, _output_record(path, rel), watermark=False)
+    save_image(_WORKER["out_dir"] / out_rel, aligned.image, _output_record(path, rel, sha256), watermark=False)
     h, w = img.shape[:2]
     row = {
         "key": str(Path(rel).with_suffix("").as_posix()),
@@ -212,9 +226,11 @@ def _check_outputs(in_dir, out_dir, tasks, table_path, rejects_path, report_path
         tables = [table_path, rejects_path, rejects_path.with_suffix(".parquet")]
         tables += [report_path] if report_path else []
         foreign = [] if ours is not None else [p for p in tables if os.path.lexists(p)]
+        # crops a killed run journaled are ours too (its table is written only at the end): no need to open them
+        journaled = {(r.get("row") or {}).get("output") for r in Journal(journal_path(table_path)).read()}
         for _, rel, out_rel in tasks:
             out = out_dir / out_rel
-            if os.path.lexists(out) and out_rel not in (ours or ()):
+            if os.path.lexists(out) and out_rel not in (ours or ()) and out_rel not in journaled:
                 try:  # a crop written just before an interrupted run could record it in the table
                     record = read_record(out)
                 except Exception:
@@ -239,30 +255,85 @@ def _write_tables(rows: list[dict], rejects: list[dict], table_path: Path, rejec
     atomic_write(rejects_path, lambda f: f.write(rj.to_csv(index=False).encode()))
 
 
-def _read_previous(table_path: Path, rejects_path: Path, config: AlignConfig) -> tuple[dict, dict]:
-    """Rows and rejects of an earlier run with the same config, keyed by file ({} when none or config differs)."""
-    import pyarrow.parquet as pq
+# Bump when _process_unsafe changes what it writes for the same input: journaled results of older code are redone.
+_RESULT_VERSION = 1
+# Code beside the settings that shapes a crop or a row (the align stage's code deps in dvc.yaml, and the decoder).
+_CODE = ("nets/align.py", "nets/landmarks.py", "imageio.py")
 
-    if not table_path.is_file():
-        return {}, {}
-    try:
-        meta = pq.read_schema(table_path).metadata or {}
-        previous = json.loads(meta.get(_CONFIG_META_KEY, b"{}"))
-        if previous != asdict(config):
-            log.warning("align: settings changed since the last run in this folder; re-aligning everything")
-            return {}, {}
-        rows = {r["file"]: r for r in pd.read_parquet(table_path).to_dict("records")}
-        rejects = {}
-        rj_parquet = rejects_path.with_suffix(".parquet")
-        if rj_parquet.is_file():
-            rejects = {r["file"]: r for r in pd.read_parquet(rj_parquet).to_dict("records")}
-    except Exception as e:  # a damaged table only costs a full re-run
-        log.warning("align: could not read the previous table (%s); re-aligning everything", e)
-        return {}, {}
-    for r in rows.values():  # parquet gives numpy arrays back; keep plain lists like fresh rows
-        for k in ("box", "landmarks", "source_landmarks", "transform"):
-            r[k] = [float(v) for v in r[k]]
-    return rows, rejects
+
+def journal_path(table_path: str | Path) -> Path:
+    """The progress journal of the align run whose table is ``table_path``: ``<table stem>.journal.jsonl`` beside it."""
+    table_path = Path(table_path)
+    return table_path.with_name(table_path.stem + ".journal.jsonl")
+
+
+def run_fingerprint(config: AlignConfig) -> str:
+    """Settings, code and landmark model of a run: a journaled result is reused only under the same fingerprint."""
+    import cv2
+    import dlib
+
+    from mfim.assets import get
+    from mfim.data.progress import sha256_of
+
+    package = Path(__file__).resolve().parent.parent
+    models = ["dlib_landmarks68"] + (["dlib_cnn_detector"] if config.detector == "cnn" else [])
+    return fingerprint({
+        "config": asdict(config),
+        "version": _RESULT_VERSION,
+        "code": {name: sha256_of(package / name) for name in _CODE},
+        "models": {name: get(name).sha256 for name in models},
+        "libraries": {"dlib": dlib.__version__, "cv2": cv2.__version__, "numpy": np.__version__},
+    })
+
+
+def _journaled(journal: Journal, fp: str) -> dict[str, dict]:
+    """The latest journal record of each file, when made under fingerprint ``fp`` (a later record of the file made
+    under other settings replaced its crop, so an earlier matching one no longer describes what is on disk)."""
+    latest: dict[str, dict] = {}
+    for record in journal.read():
+        if isinstance(record, dict) and isinstance(record.get("file"), str):
+            latest[record["file"]] = record
+    return {f: r for f, r in latest.items() if r.get("fp") == fp}
+
+
+def _reusable(record: dict | None, path: str, out_dir: Path, out_rel: str, retry_rejects: bool) -> bool:
+    """Whether a journaled result still holds: same source file, and its crop on disk (rows) or no retry (rejects)."""
+    if record is None:
+        return False
+    if "row" in record:
+        if record["row"].get("output") != out_rel or not (out_dir / out_rel).is_file():
+            return False
+    elif "reject" not in record or retry_rejects:
+        return False
+    return same_source(record.get("source"), path)
+
+
+def _journal_record(res: dict, fp: str) -> dict:
+    base = {"fp": fp, "source": res["source"]}
+    if res["ok"]:
+        return {**base, "file": res["row"]["file"], "row": res["row"]}
+    return {**base, "file": res["file"], "reject": res["reason"]}
+
+
+def _prune_stale(out_dir: Path, records: list[dict], rows: dict[str, dict]) -> int:
+    """Remove crops an earlier run wrote whose source is gone from the input or now rejected (a persisted output
+    folder would otherwise hand them to the shard stage). Only crops whose provenance names that source are removed."""
+    from mfim.provenance import read_record
+
+    current = {r["output"] for r in rows.values()}
+    removed = 0
+    for record in records:
+        out_rel = (record.get("row") or {}).get("output")
+        if not out_rel or record["file"] in rows or out_rel in current or not (out_dir / out_rel).is_file():
+            continue
+        try:
+            written_for = (read_record(out_dir / out_rel) or {}).get("source_file")
+        except Exception:
+            written_for = None
+        if written_for == record["file"]:
+            (out_dir / out_rel).unlink()
+            removed += 1
+    return removed
 
 
 # --- ground truth (synthetic set) -------------------------------------------------------------------------------------
@@ -335,7 +406,7 @@ def align_folder(
     out_dir: str | Path,
     size: int = 256,
     detector: str = "hog",
-    workers: int = 2,
+    workers: int | str = 2,
     *,
     upsample: int = 1,
     transform_size: int = 1024,
@@ -349,15 +420,15 @@ def align_folder(
     resume: bool = True,
     retry_rejects: bool = False,
     progress: bool = True,
-    checkpoint_every: int = 200,
     overwrite: bool = False,
 ) -> dict:
     """Align every image under in_dir into out_dir (mirrored relative paths, .png). Returns a summary dict.
 
-    ground_truth: True looks for ``ground_truth.parquet`` beside in_dir; a path uses that table; False/None skips
-    the landmark-error report. resume: skip files aligned (or rejected, unless retry_rejects) by an earlier run with
-    the same settings whose output still exists. overwrite: allow replacing files no align run wrote and an out_dir
-    that overlaps in_dir. Raises mfim.outputs.OutputRefused (before any work) otherwise, or when out_dir is unwritable.
+    workers: worker processes, or 'auto' (the usable cores). ground_truth: True looks for ``ground_truth.parquet``
+    beside in_dir; a path uses that table; False/None skips the landmark-error report. resume: skip files aligned (or
+    rejected, unless retry_rejects) by an earlier run -- finished or killed -- from the same source file under the same
+    settings and code, whose crop still exists (the journal, see the module docstring). overwrite: allow replacing
+    files no align run wrote and an out_dir that overlaps in_dir. Raises mfim.outputs.OutputRefused (before any work) otherwise, or when out_dir is unwritable.
     """
     from tqdm import tqdm
 
@@ -392,23 +463,28 @@ def align_folder(
         tasks.append((str(p), rel, out_rel))
 
     _check_outputs(in_dir, out_dir, tasks, table_path, rejects_path, report_path, overwrite)
-    previous_rows, previous_rejects = _read_previous(table_path, rejects_path, config) if resume else ({}, {})
+    journal = Journal(journal_path(table_path))
+    fp = run_fingerprint(config)
+    journaled = _journaled(journal, fp) if resume else {}
     rows: dict[str, dict] = {}
+    kept: dict[str, dict] = {}  # the journal records behind this run's results
     todo = []
     for path, rel, out_rel in tasks:
-        if rel in previous_rows and (out_dir / out_rel).is_file():
-            rows[rel] = previous_rows[rel]
-        elif rel in previous_rejects and not retry_rejects:
-            rejects[rel] = previous_rejects[rel]
+        record = journaled.get(rel)
+        if _reusable(record, path, out_dir, out_rel, retry_rejects):
+            kept[rel] = record
+            if "row" in record:
+                rows[rel] = record["row"]
+            else:
+                rejects[rel] = {"file": rel, "reason": record["reject"]}
         else:
             todo.append((path, rel, out_rel))
-    n_skipped = len(rows) + sum(1 for t in tasks if t[1] in rejects)
+    n_skipped = len(kept)
     log.info("align: %d files, %d to do, %d done by an earlier run", len(files), len(todo), n_skipped)
 
     def consume(results):
-        last = time.time()
         bar = tqdm(total=len(todo), desc="align", unit="img", disable=not progress or not todo, smoothing=0.05)
-        for done, res in enumerate(results, 1):
+        for res in results:
             if res["ok"]:
                 rows[res["row"]["file"]] = res["row"]
                 if res["row"]["note"]:
@@ -416,26 +492,31 @@ def align_folder(
             else:
                 rejects[res["file"]] = {"file": res["file"], "reason": res["reason"]}
                 log.info("align: rejected %s: %s", res["file"], res["reason"])
+            if res["source"] is not None:  # the crop is already in place (written atomically by the worker)
+                record = _journal_record(res, fp)
+                journal.append(record)
+                kept[record["file"]] = record
             bar.update(1)
-            # Periodic tables make an interrupted run resumable without redoing finished files.
-            if done % checkpoint_every == 0 or time.time() - last > 120:
-                _write_tables(list(rows.values()), list(rejects.values()), table_path, rejects_path, config)
-                last = time.time()
         bar.close()
 
-    workers = max(1, int(workers))
-    if workers == 1 or len(todo) <= 2:
-        _init_worker(config, str(out_dir))
-        consume(map(_process, todo))
-    else:
-        import multiprocessing as mp
+    workers = resolve_workers(workers)
+    try:
+        if workers == 1 or len(todo) <= 2:
+            _init_worker(config, str(out_dir))
+            consume(map(_process, todo))
+        else:
+            import multiprocessing as mp
 
-        # spawn: dlib objects are not fork-safe to share, and the parent may hold torch/MLflow threads.
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(config, str(out_dir))) as pool:
-            consume(pool.imap_unordered(_process, todo, chunksize=4))
+            # spawn: dlib objects are not fork-safe to share, and the parent may hold torch/MLflow threads.
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(config, str(out_dir))) as pool:
+                consume(pool.imap_unordered(_process, todo, chunksize=4))
+    finally:
+        journal.close()
 
     _write_tables(list(rows.values()), list(rejects.values()), table_path, rejects_path, config)
+    n_pruned = _prune_stale(out_dir, journal.read(), rows)
+    journal.rewrite(kept[f] for f in sorted(kept))  # this run's results only: the journal stays O(files)
 
     reasons: dict[str, int] = {}
     for r in rejects.values():
@@ -459,6 +540,8 @@ def align_folder(
         "reject_reasons": dict(sorted(reasons.items())),
         "seconds": round(time.time() - t0, 2),
     }
+    if n_pruned:
+        summary["n_stale_removed"] = n_pruned
     gt_path = find_ground_truth(in_dir) if ground_truth is True else (Path(ground_truth) if ground_truth else None)
     if gt_path is not None and gt_path.is_file():
         gt = pd.read_parquet(gt_path, columns=["key", "landmarks"])

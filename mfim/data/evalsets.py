@@ -80,6 +80,16 @@ def dlib_aligner(output_size: int, detector: str = "hog", upsample: int = 1, tra
     return align
 
 
+def dlib_aligner_settings(output_size: int, detector: str = "hog", upsample: int = 1, transform_size: int = 1024,
+                          enable_padding: bool = True) -> dict:
+    """What shapes :func:`dlib_aligner`'s crops: its arguments, the align code and the landmark model (the align
+    stage's fingerprint of the same settings)."""
+    from mfim.data.align_folder import AlignConfig, run_fingerprint
+
+    return {"dlib_align": run_fingerprint(AlignConfig(int(output_size), detector, int(upsample), int(transform_size),
+                                                      bool(enable_padding)))}
+
+
 def _pairs_frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=PAIR_COLUMNS)
     return df.astype({"target_identity": "int64", "source_identity": "int64", "frame_index": "int64",
@@ -245,19 +255,46 @@ def _save_aligned(path: Path, image: np.ndarray) -> None:
     save_image(path, image, provenance_record("processed", stage="evalsets"))
 
 
+def _read_frames_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or damaged by hand: the video is redone
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_frames_record(path: Path, record: dict) -> None:
+    from mfim.atomic import atomic_write
+
+    text = json.dumps(record).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
 def extract_ffpp_frames(video: Path, out_dir: Path, frames_per_video: int, aligner: Aligner,
-                        rejects: list[dict]) -> dict[int, Path]:
+                        rejects: list[dict], settings: dict | None = None) -> dict[int, Path]:
     """Align the evenly spaced frames of one video into ``out_dir/<frame:04d>.png``; {frame index: path}.
 
-    Resumable: ``frames.json`` records the sampled indices and the frames that failed (with the reason), so a second
-    run decodes only frames that have neither a PNG nor a recorded failure.
+    Resumable after a kill at any point: ``frames.json`` is written (atomically) before the first frame -- the video's
+    size / mtime / sha256, a fingerprint of ``frames_per_video`` and the aligner ``settings``, the sampled indices --
+    and again after each frame that fails (with the reason). A rerun under the same record decodes only frames
+    that have neither a PNG nor a recorded failure; when the video or the settings changed, the folder's frames are
+    all redone.
     """
+    from mfim.data.progress import fingerprint, same_source, source_stamp
+
     record_path = out_dir / "frames.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record.get("frames_per_video") == frames_per_video:
+    fp = fingerprint({"frames_per_video": frames_per_video, "aligner": settings or {}})
+    record = _read_frames_record(record_path)
+    if record.get("fingerprint") == fp and same_source(record.get("source"), video):
         indices, failed = record["indices"], {int(k): v for k, v in record.get("failed", {}).items()}
     else:
+        for old in out_dir.glob("*.png"):  # made from another video or by another aligner
+            old.unlink()
         indices, failed = evenly_spaced_frames(count_frames(video), frames_per_video), {}
+        record = {"video": str(video), "source": source_stamp(video), "fingerprint": fp,
+                  "frames_per_video": frames_per_video, "indices": indices, "failed": {}}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_frames_record(record_path, record)
     todo = [i for i in indices if i not in failed and not (out_dir / f"{i:04d}.png").is_file()]
     frames = read_frames(video, todo) if todo else {}
     out: dict[int, Path] = {}
@@ -267,22 +304,39 @@ def extract_ffpp_frames(video: Path, out_dir: Path, frames_per_video: int, align
             aligned = aligner(frames[i]) if i in frames else None
             if aligned is None:
                 failed[i] = "frame could not be decoded" if i not in frames else "no face found"
+                # saved at once, as a PNG is: a rerun after a kill does not try this frame again
+                _write_frames_record(record_path, {**record, "failed": {str(k): v for k, v in sorted(failed.items())}})
             else:
                 _save_aligned(path, aligned)
         if i in failed:
             rejects.append({"file": f"{video}#{i}", "reason": failed[i]})
         elif path.is_file():
             out[i] = path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"video": str(video), "frames_per_video": frames_per_video,
-                                       "indices": indices, "failed": {str(k): v for k, v in failed.items()}}))
     return out
+
+
+def _remove_unused_frames(frames_dir: Path, used: set[str]) -> None:
+    """Drop frame folders of videos no pair uses any more, and those of other compressions (a persisted output
+    folder keeps whatever an earlier run wrote)."""
+    import shutil
+
+    if frames_dir.parent.is_dir():
+        for other in frames_dir.parent.iterdir():
+            if other.is_dir() and other != frames_dir:
+                shutil.rmtree(other)
+    if frames_dir.is_dir():
+        for folder in frames_dir.iterdir():
+            if folder.is_dir() and folder.name not in used:
+                shutil.rmtree(folder)
 
 
 def build_ffpp(root: str | Path, out_dir: str | Path, compression: str = "c23", frames_per_video: int = 10,
                splits_json: str | Path | None = None, aligner: Aligner | None = None,
-               aligner_factory: Callable[[], Aligner] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, list]:
-    """Pairs manifest for FF++ (no triplets: the paper's ID-mixing analysis uses CelebA-HQ)."""
+               aligner_factory: Callable[[], Aligner] | None = None,
+               aligner_settings: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, list]:
+    """Pairs manifest for FF++ (no triplets: the paper's ID-mixing analysis uses CelebA-HQ). ``aligner_settings``:
+    what shapes the aligner's crops (see :func:`dlib_aligner_settings`); frames aligned under other settings are
+    redone. Resumable video by video (:func:`extract_ffpp_frames`)."""
     root = Path(root) if root else None
     if root is None or not ffpp_video_dir(root, compression).is_dir():
         where = ffpp_video_dir(root, compression) if root else "evalsets.ffpp.root (empty)"
@@ -303,7 +357,7 @@ def build_ffpp(root: str | Path, out_dir: str | Path, compression: str = "c23", 
                 cache[video_id] = {}
             else:
                 cache[video_id] = extract_ffpp_frames(video, frames_dir / video_id, frames_per_video, aligner,
-                                                      rejects)
+                                                      rejects, aligner_settings)
         return cache[video_id]
 
     rows = []
@@ -323,6 +377,7 @@ def build_ffpp(root: str | Path, out_dir: str | Path, compression: str = "c23", 
                          "source_key": f"ffpp/{source_id}/{s_idx:04d}", "target_path": str(tgt[t_idx]),
                          "source_path": str(src[s_idx]), "target_identity": -1, "source_identity": -1,
                          "frame_index": t_idx, "source_frame_index": s_idx})
+    _remove_unused_frames(frames_dir, set(cache))
     pairs = _pairs_frame(rows)
     protocol = {
         "protocol": "ffpp",
@@ -419,9 +474,11 @@ def build_celebahq(root: str | Path, pairs_per_target: int = 10, seed: int = 0, 
 
 
 def write_evalsets(out_dir: str | Path, pairs: pd.DataFrame, triplets: pd.DataFrame, protocol: dict) -> dict:
+    from mfim.atomic import atomic_write
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pairs.to_parquet(out_dir / "pairs.parquet", index=False)
-    triplets.to_parquet(out_dir / "triplets.parquet", index=False)
-    (out_dir / "protocol.json").write_text(json.dumps(protocol, indent=1))
+    atomic_write(out_dir / "pairs.parquet", lambda f: pairs.to_parquet(f, index=False))
+    atomic_write(out_dir / "triplets.parquet", lambda f: triplets.to_parquet(f, index=False))
+    text = json.dumps(protocol, indent=1).encode()
+    atomic_write(out_dir / "protocol.json", lambda f: f.write(text))
     return {"pairs": int(len(pairs)), "triplets": int(len(triplets)), "protocol": protocol["protocol"]}

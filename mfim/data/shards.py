@@ -183,7 +183,8 @@ def _tar_member_bytes(payload: int) -> int:
 def write_split_shards(
     samples: Iterable[tuple[str, np.ndarray, dict]], out_dir: str | Path, split: str, max_shard_bytes: int
 ) -> list[Path]:
-    """Write (key, image, meta) samples to ``out_dir/<split>-%06d.tar``; returns the shard paths.
+    """Write (key, image, meta) samples to ``out_dir/<split>-%06d.tar``; returns the shard paths. ``image``: H×W×3
+    uint8, or its PNG bytes from :func:`encode_png` (encoded elsewhere, e.g. in a worker process).
 
     Earlier shards of this split are removed first (a stale ``-000007.tar`` would otherwise join the glob). Every tar
     file stays within ``max_shard_bytes`` (tar headers and padding counted) unless a single sample is larger. Tars are
@@ -199,7 +200,8 @@ def write_split_shards(
     try:
         for key, image, meta in samples:
             validate_key(key)
-            sample = {"__key__": key, IMAGE_EXT: encode_png(image), META_EXT: encode_meta({**meta, "key": key})}
+            png = image if isinstance(image, bytes) else encode_png(image)  # bytes: encoded by a worker process
+            sample = {"__key__": key, IMAGE_EXT: png, META_EXT: encode_meta({**meta, "key": key})}
             need = sum(_tar_member_bytes(len(sample[e])) for e in (IMAGE_EXT, META_EXT))
             if writer is None:
                 # ShardWriter opens its first file on construction, so it is made only once there is a sample;
@@ -708,9 +710,42 @@ def _plan_samples(inputs: ShardInputs, image_paths: list[Path]) -> tuple[dict[st
     return plan, rejects
 
 
-def build_shards(inputs: ShardInputs, out_dir: str | Path, resolution: int, max_shard_bytes: int) -> dict:
-    """Aligned images -> ``out_dir/{train,eval}-%06d.tar`` + ``out_dir/index.json``; returns the report dict."""
-    from mfim.imageio import ImageRejected, list_images, read_rgb
+def _prepare_sample(task: tuple) -> tuple:
+    """One aligned file -> (key, PNG bytes at the shard resolution, meta), or (None, file, reject reason). Pure (the
+    same bytes in any process), so worker processes give the shards the one-process writer gives."""
+    from mfim.imageio import ImageRejected, read_rgb
+
+    key, path, meta, lms, resolution = task
+    try:
+        image = read_rgb(path)
+    except ImageRejected as e:
+        return None, meta["aligned_file"], str(e)
+    h, w = image.shape[:2]
+    if h != w:
+        return None, meta["aligned_file"], f"aligned image is not square ({w}x{h})"
+    if lms is not None:
+        # pixel centres map as (x + 0.5)·s - 0.5 under a resize by s
+        s = resolution / w
+        lms = (np.asarray(lms, np.float64).reshape(68, 2) + 0.5) * s - 0.5
+        meta = {**meta, "landmarks": [[float(np.float32(x)), float(np.float32(y))] for x, y in lms]}
+    else:
+        meta = {**meta, "landmarks": None}
+    return key, encode_png(resize_square(image, resolution)), {**meta, "resolution": resolution}
+
+
+def _init_encoder_worker() -> None:
+    cv2.setNumThreads(1)  # parallelism comes from the worker processes
+
+
+def build_shards(inputs: ShardInputs, out_dir: str | Path, resolution: int, max_shard_bytes: int,
+                 workers: int = 1) -> dict:
+    """Aligned images -> ``out_dir/{train,eval}-%06d.tar`` + ``out_dir/index.json``; returns the report dict.
+
+    workers > 1: images are read, resized and PNG-encoded in that many processes; the tars are still written in
+    sample order by this process, so they are byte-identical to ``workers=1``."""
+    import multiprocessing as mp
+
+    from mfim.imageio import list_images
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -721,34 +756,30 @@ def build_shards(inputs: ShardInputs, out_dir: str | Path, resolution: int, max_
     plan, rejects = _plan_samples(inputs, list_images(aligned_dir))
     rejects += inputs.extra_rejects
     missing_landmarks = 0
+    # spawn: the parent holds torch; forked children of a threaded parent can deadlock
+    pool = mp.get_context("spawn").Pool(workers, _init_encoder_worker) if workers > 1 else None
 
     def samples(entries):
         nonlocal missing_landmarks
-        for key, path, meta in entries:
-            try:
-                image = read_rgb(path)
-            except ImageRejected as e:
-                rejects.append({"file": meta["aligned_file"], "reason": str(e)})
+        tasks = ((key, path, meta, inputs.landmarks.get(key) if inputs.landmarks is not None else None, resolution)
+                 for key, path, meta in entries)
+        results = pool.imap(_prepare_sample, tasks, chunksize=8) if pool is not None else map(_prepare_sample, tasks)
+        for key, image, meta in results:
+            if key is None:
+                rejects.append({"file": image, "reason": meta})
                 continue
-            h, w = image.shape[:2]
-            if h != w:
-                rejects.append({"file": meta["aligned_file"], "reason": f"aligned image is not square ({w}x{h})"})
-                continue
-            lms = inputs.landmarks.get(key) if inputs.landmarks is not None else None
-            if lms is not None:
-                # pixel centres map as (x + 0.5)·s - 0.5 under a resize by s
-                s = resolution / w
-                lms = (np.asarray(lms, np.float64).reshape(68, 2) + 0.5) * s - 0.5
-                meta = {**meta, "landmarks": [[float(np.float32(x)), float(np.float32(y))] for x, y in lms]}
-            else:
-                missing_landmarks += 1
-                meta = {**meta, "landmarks": None}
-            yield key, resize_square(image, resolution), {**meta, "resolution": resolution}
+            missing_landmarks += meta["landmarks"] is None
+            yield key, image, meta
 
     index: dict[str, Any] = {"resolution": resolution, "splits": {}}
     for split in SPLITS:
         entries = plan[split]
-        paths = write_split_shards(samples(entries), out_dir, split, max_shard_bytes)
+        try:
+            paths = write_split_shards(samples(entries), out_dir, split, max_shard_bytes)
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            raise
         written = ShardIndex([str(p) for p in paths]) if paths else None
         keys = written.keys if written else []
         ids = {int(i) for i in written.identities if i >= 0} if written else set()
@@ -761,6 +792,9 @@ def build_shards(inputs: ShardInputs, out_dir: str | Path, resolution: int, max_
         }
         if written:
             written.close()
+    if pool is not None:
+        pool.close()
+        pool.join()
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
     report = {
         "resolution": resolution,

@@ -6,6 +6,13 @@ Table (``data/threedmm/params.parquet``), one row per sample: ``key``, ``split``
 synthetic ground truth (BFM) is known (null otherwise). Vectors are stored as float32 lists; a column's width is
 whatever its 3DMM gives, the same on every row.
 
+Precompute (:func:`run_precompute`). Samples are decoded in DataLoader worker processes (``workers``): chunk ``c`` of
+``batch_size`` raw samples goes to worker ``c mod W`` and comes back in order, so the encoder sees the very batches
+a one-process run gives. Each batch's rows are saved as a part (``<table stem>.parts/part-<split>-<n>.parquet``,
+atomic) as soon as it is encoded; a rerun after a SIGKILL keeps the parts made under the same fingerprint (encoder,
+its weights and code, batch size, the shard files) and continues with the next batch. The table is the parts
+concatenated, written once at the end; then the parts are removed.
+
 Beside the table, ``stats.json`` holds the per-coefficient mean and std of the estimate's shape and expression over
 the training split (:func:`coefficient_stats`): DECA's FLAME codes are not standardised for a given data set, so
 L_shape / L_exp standardise them with these (3DDFA_V2's BFM coefficients use 3DDFA_V2's own statistics).
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -31,8 +39,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mfim.data.pairs import shard_landmarks
-from mfim.data.shards import ShardSample, iter_samples
-from mfim.nets.threedmm import encode
+from mfim.data.shards import CorruptSample, ShardSample, decode_sample, expand_shards, iter_samples, scan_members
+from mfim.nets.threedmm import encode as encode_3dmm
 from mfim.nets.types import N_EXP, N_SHAPE, POSE_NAMES, ThreeDMMParams
 
 log = logging.getLogger(__name__)
@@ -70,30 +78,15 @@ def batch_landmarks(batch: Sequence[ShardSample]) -> np.ndarray | None:
 
 def precompute_threedmm(patterns: Sequence[str], encoder: Callable[[torch.Tensor], ThreeDMMParams],
                         encoder_name: str, batch_size: int = 64, device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Run ``encoder`` over every valid sample of the shards (corrupt ones are logged and left out)."""
-    rows: list[dict] = []
+    """Run ``encoder`` over every valid sample of the shards (corrupt ones are logged and left out), in this process."""
+    frames = []
     for pattern in patterns:
         for batch in _batches(iter_samples(pattern), batch_size):
             x = images_to_tensor([s.image for s in batch]).to(device)
             with torch.no_grad():
-                est = encode(encoder, x, batch_landmarks(batch)).to("cpu")
-            for i, s in enumerate(batch):
-                gt = s.meta.get("ground_truth") or {}
-                ident = s.meta.get("identity")
-                rows.append({
-                    "key": s.key,
-                    "split": s.meta.get("split", ""),
-                    "identity": int(ident) if isinstance(ident, int) else -1,
-                    "encoder": encoder_name,
-                    "shape": est.shape[i].numpy().astype(np.float32),
-                    "exp": est.exp[i].numpy().astype(np.float32),
-                    "pose": est.pose[i].numpy().astype(np.float32),
-                    "gt_shape": np.asarray(gt["shape"], np.float32) if "shape" in gt else None,
-                    "gt_exp": np.asarray(gt["exp"], np.float32) if "exp" in gt else None,
-                    "gt_pose": np.asarray(gt["pose"], np.float32) if "pose" in gt else None,
-                })
-    return pd.DataFrame(rows, columns=["key", "split", "identity", "encoder", "shape", "exp", "pose",
-                                       "gt_shape", "gt_exp", "gt_pose"])
+                est = encode_3dmm(encoder, x, batch_landmarks(batch)).to("cpu")
+            frames.append(_rows(batch, est, encoder_name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
 
 
 def _schema() -> pa.Schema:
@@ -105,11 +98,10 @@ def _schema() -> pa.Schema:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mfim.atomic import atomic_write
+
     table = pa.Table.from_pandas(df, schema=_schema(), preserve_index=False)
-    pq.write_table(table, path)
-    return path
+    return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -271,13 +263,190 @@ def read_stats(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+# ------------------------------------------------------------------------------------- parallel, resumable precompute
+
+TABLE_COLUMNS = ["key", "split", "identity", "encoder", "shape", "exp", "pose", "gt_shape", "gt_exp", "gt_pose"]
+
+
+def _rows(batch: list[ShardSample], est: ThreeDMMParams, encoder_name: str) -> pd.DataFrame:
+    rows = []
+    for i, s in enumerate(batch):
+        gt = s.meta.get("ground_truth") or {}
+        ident = s.meta.get("identity")
+        rows.append({
+            "key": s.key,
+            "split": s.meta.get("split", ""),
+            "identity": int(ident) if isinstance(ident, int) else -1,
+            "encoder": encoder_name,
+            "shape": est.shape[i].numpy().astype(np.float32),
+            "exp": est.exp[i].numpy().astype(np.float32),
+            "pose": est.pose[i].numpy().astype(np.float32),
+            "gt_shape": np.asarray(gt["shape"], np.float32) if "shape" in gt else None,
+            "gt_exp": np.asarray(gt["exp"], np.float32) if "exp" in gt else None,
+            "gt_pose": np.asarray(gt["pose"], np.float32) if "pose" in gt else None,
+        })
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def raw_samples(pattern: str | Sequence[str]) -> list[tuple[str, dict, str]]:
+    """(key, {ext: (shard, offset, size)}, shard) of every sample, from the tar headers only (nothing decoded),
+    grouped by webdataset's ``group_by_keys`` exactly as :func:`mfim.data.shards.iter_samples` groups them."""
+    import webdataset as wds
+
+    def members():
+        for path in expand_shards(pattern):
+            for name, offset, size in scan_members(path):
+                yield {"fname": name, "data": (path, offset, size), "__url__": path}
+            yield {}
+
+    def handler(exn: Exception) -> bool:
+        log.warning("skipping shard members: %s", str(exn)[:300])
+        return True
+
+    out = []
+    for raw in wds.tariterators.group_by_keys(members(), handler=handler):
+        out.append((raw.get("__key__", ""), {k: v for k, v in raw.items() if not k.startswith("__")}, raw["__url__"]))
+    return out
+
+
+def _decode_raw(key: str, where: dict, url: str) -> ShardSample | None:
+    members = {}
+    for ext, (path, offset, size) in where.items():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            members[ext] = f.read(size)
+    try:
+        return decode_sample(key, members)
+    except CorruptSample as e:
+        log.warning("skipping corrupt shard sample %r in %s: %s", key, url, e)
+        return None
+
+
+class _ChunkDecoder(torch.utils.data.IterableDataset):
+    """Worker ``w`` of ``W`` decodes chunks ``w, w + W, ...`` (``size`` raw samples each) and yields each as the list
+    of its valid samples; the DataLoader returns chunks in index order. Samples named in ``skip`` (done by an
+    earlier run) are not decoded."""
+
+    def __init__(self, raw: list, size: int, skip: set[str]):
+        self.raw, self.size, self.skip = raw, size, skip
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for start in range(worker * self.size, len(self.raw), workers * self.size):
+            chunk = [_decode_raw(*r) for r in self.raw[start : start + self.size] if r[0] not in self.skip]
+            yield [s for s in chunk if s is not None]
+
+
+def _decoded_chunks(raw: list, size: int, skip: set[str], workers: int) -> Iterable[list[ShardSample]]:
+    dataset = _ChunkDecoder(raw, size, skip)
+    if workers <= 0:
+        return iter(dataset)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       worker_init_fn=_one_thread, prefetch_factor=4)
+
+
+def _as_is(chunk):
+    return chunk
+
+
+def _one_thread(_) -> None:
+    torch.set_num_threads(1)  # decoding is the work; the workers, not threads, are the parallelism
+
+
+class _Parts:
+    """The saved batches of one precompute (a folder of parquet parts and the fingerprint they were made under)."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = folder
+        stamp = folder / "fingerprint.txt"
+        if folder.is_dir() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+            import shutil
+
+            log.warning("threedmm: saved batches in %s were made under other settings or shards; starting over", folder)
+            shutil.rmtree(folder)
+        if not stamp.is_file():
+            from mfim.atomic import atomic_write
+
+            atomic_write(stamp, lambda f: f.write(fingerprint.encode()))
+
+    def path(self, split_no: int, batch_no: int) -> Path:
+        return self.folder / f"part-{split_no:02d}-{batch_no:06d}.parquet"
+
+    def done(self, split_no: int) -> list[pd.DataFrame]:
+        """The saved batches of pattern ``split_no``, in order (a prefix: batches are saved in order)."""
+        frames = []
+        while self.path(split_no, len(frames)).is_file():
+            frames.append(pq.read_table(self.path(split_no, len(frames))).to_pandas())
+        return frames
+
+    def save(self, split_no: int, batch_no: int, df: pd.DataFrame) -> None:
+        from mfim.atomic import atomic_write
+
+        table = pa.Table.from_pandas(df, schema=_schema(), preserve_index=False)
+        atomic_write(self.path(split_no, batch_no), lambda f: pq.write_table(table, f))
+
+
+def precompute_resumable(patterns: Sequence[str], encoder, encoder_name: str, parts: _Parts, batch_size: int = 64,
+                         device="cpu", workers: int = 0) -> pd.DataFrame:
+    """:func:`precompute_threedmm` with decoding in ``workers`` processes and every batch saved to ``parts``."""
+    frames: list[pd.DataFrame] = []
+    for split_no, pattern in enumerate(patterns):
+        done = parts.done(split_no)
+        frames += done
+        skip = {k for df in done for k in df["key"]}
+        batch_no, batch = len(done), []
+
+        def encode(batch_no: int, batch: list[ShardSample]) -> None:
+            x = images_to_tensor([s.image for s in batch]).to(device)
+            with torch.no_grad():
+                est = encode_3dmm(encoder, x, batch_landmarks(batch)).to("cpu")
+            df = _rows(batch, est, encoder_name)
+            parts.save(split_no, batch_no, df)
+            frames.append(df)
+
+        for chunk in _decoded_chunks(raw_samples(pattern), batch_size, skip, workers):
+            for sample in chunk:
+                batch.append(sample)
+                if len(batch) == batch_size:
+                    encode(batch_no, batch)
+                    batch_no, batch = batch_no + 1, []
+        if batch:
+            encode(batch_no, batch)
+    if not frames:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def code_fingerprint() -> dict:
+    """sha256 of the code that turns a shard image into a table row (this module, the 3DMM networks)."""
+    from mfim.data.progress import sha256_of
+
+    package = Path(__file__).resolve().parent.parent
+    files = [Path(__file__).resolve(), *sorted((package / "nets").rglob("*.py"))]
+    return {str(p.relative_to(package)): sha256_of(p) for p in files}
+
+
 def run_precompute(patterns: Sequence[str], encoder, encoder_name: str, out_path: str | Path,
-                   batch_size: int = 64, device="cpu") -> dict:
+                   batch_size: int = 64, device="cpu", workers: int = 0, settings: dict | None = None) -> dict:
+    """The table and stats.json at ``out_path``; resumable (see the module docstring). ``settings``: everything
+    else that shapes an estimate (the encoder's weights, params) -- it joins the fingerprint of the saved batches."""
+    import shutil
+
+    from mfim.data.progress import fingerprint
+
     t0 = time.time()
-    df = precompute_threedmm(patterns, encoder, encoder_name, batch_size, device)
+    out_path = Path(out_path)
+    shards = [p for pattern in patterns for p in expand_shards(pattern)]
+    fp = fingerprint({"encoder": encoder_name, "batch_size": int(batch_size), "settings": settings or {},
+                      "code": code_fingerprint(), "patterns": [str(p) for p in patterns],
+                      "shards": [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in shards]})
+    parts = _Parts(out_path.with_name(out_path.stem + ".parts"), fp)
+    df = precompute_resumable(patterns, encoder, encoder_name, parts, batch_size, device, workers)
     if df["key"].duplicated().any():
         raise ValueError("duplicate sample keys across shards")
     write_table(df, out_path)
     if len(df):
-        write_stats(coefficient_stats(df), Path(out_path).with_name(STATS_NAME))
+        write_stats(coefficient_stats(df), out_path.with_name(STATS_NAME))
+    shutil.rmtree(parts.folder, ignore_errors=True)
     return table_report(df, encoder_name, time.time() - t0)
