@@ -8,4 +8,6 @@ if __name__ == "__main__":
     from mfim.evaluation.evaluate import run_evaluation
     from mfim.training.presets import apply_preset
 
-    run_evaluation(apply_preset(load_params()))
+    # finished batches are kept here until the reports are written: a killed run continues from them (not a DVC
+    # output; keyed by a fingerprint of the params and inputs, so a changed input starts afresh)
+    run_evaluation(apply_preset(load_params()), progress_dir="data/evaluate/progress")

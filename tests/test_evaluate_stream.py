@@ -4,9 +4,11 @@ evaluation networks (tests/stubs.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +137,116 @@ def test_a_protocol_without_triplets_evaluates_its_pairs_and_says_so(tmp_path, c
     assert "no ID-mixing triplets in the ffpp protocol" in read_record(grid)["note"]
     table = report.mixing_table(out)
     assert "| **ID mixing (ours)** | – | – | – | – |" in table
+
+
+def _numbers(d, prefix=""):
+    """dotted key -> value of every leaf of a metrics json."""
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _numbers(sub, f"{prefix}{key}.").items()}
+    if isinstance(d, list):
+        return {k: v for i, sub in enumerate(d) for k, v in _numbers(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: d}
+
+
+def _evaluate(tmp_path, name, checkpoint, evalsets, batch=4, **kw):
+    from mfim.evaluation.evaluate import run_evaluation
+
+    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": batch, "bootstrap": 50,
+                                                                         "workers": kw.pop("workers", 0)}}
+    reports = tmp_path / name
+    out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
+                         raw_dir=tmp_path / "no_raw", reports_dir=reports, **kw)
+    detail = json.loads((reports / "metrics_detail.json").read_text())
+    detail.pop("seconds"), detail.pop("grids")  # time and where the reports went
+    return out, detail, (reports / "eval_pairs.csv").read_text(), (reports / "grids" / "swaps.png").read_bytes()
+
+
+def _assert_same(a, b, rel=0.0):
+    na, nb = _numbers(a), _numbers(b)
+    assert na.keys() == nb.keys()
+    for k in na:
+        if isinstance(na[k], float) and rel:
+            assert na[k] == pytest.approx(nb[k], rel=rel, abs=1e-12, nan_ok=True), k
+        else:
+            assert na[k] == nb[k] or (na[k] != na[k] and nb[k] != nb[k]), k
+
+
+def test_features_of_each_distinct_image_once_give_the_per_pair_metrics(tmp_path, checkpoint, monkeypatch,
+                                                                        one_thread):
+    """Caching by image (each source and target featurised, self-swapped and Fréchet-featured once) must give what
+    the former per-pair pass gave (tests/per_pair_evaluation.py, commit 05abea1's code): every metric, interval,
+    per-pair row and grid pixel. 30 pairs over 9 images: each image ~3 times a source and ~3 times a target.
+    Equal to float32 rounding, not bitwise: a network's output for one image moves in the last bits with the other
+    images of its batch, and a distinct image's batch is not its pair's (0/1 retrieval outcomes are identical)."""
+    import mfim.evaluation.features as features
+    from tests import per_pair_evaluation
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=9, n_pairs=30, n_triplets=7)
+    cached = _evaluate(tmp_path, "cached", checkpoint, evalsets)
+    monkeypatch.setattr(features, "Streamer", per_pair_evaluation.PerPairStreamer)
+    per_pair = _evaluate(tmp_path, "per_pair", checkpoint, evalsets)
+    _assert_same(cached[0], per_pair[0], rel=1e-6)
+    _assert_same(cached[1], per_pair[1], rel=1e-6)
+    assert cached[3] == per_pair[3]  # the grid's PNG, byte for byte
+    a, b = (pd.read_csv(io.StringIO(t)) for t in (cached[2], per_pair[2]))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+    assert (a.id_retrieval == b.id_retrieval).all()
+
+
+def test_decoding_in_worker_processes_changes_nothing(tmp_path, checkpoint, monkeypatch, one_thread):
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=8, n_pairs=10, n_triplets=5)
+    one = _evaluate(tmp_path, "main", checkpoint, evalsets)
+    two = _evaluate(tmp_path, "workers", checkpoint, evalsets, workers=2)
+    _assert_same(one[0], two[0])
+    _assert_same(one[1], two[1])
+    assert one[2] == two[2]
+
+
+def test_a_killed_evaluation_resumes_from_its_parts_and_gives_the_uninterrupted_result(tmp_path, checkpoint,
+                                                                                      monkeypatch, one_thread):
+    """Killed after 5 finished batches (the image batches, then the first pair batches), the rerun computes only the
+    missing ones and writes exactly the uninterrupted run's reports; the progress folder is gone afterwards."""
+    import mfim.evaluation.features as features
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=9, n_pairs=17, n_triplets=9)
+    whole = _evaluate(tmp_path, "whole", checkpoint, evalsets)
+
+    written = []
+    real_write = features.FeatureStore.write
+
+    def write(self, kind, index, arrays):
+        if kill_after is not None and len(written) == kill_after:
+            raise KeyboardInterrupt("killed")
+        real_write(self, kind, index, arrays)
+        written.append((kind, index))
+
+    monkeypatch.setattr(features.FeatureStore, "write", write)
+    progress = tmp_path / "progress"
+    kill_after = 5
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
+    on_disk = sorted((p.parent.name, int(p.stem)) for p in progress.glob("*/*.npz"))
+    assert on_disk == sorted(written) and len(written) == 5 and ("pairs", 0) in written  # killed inside the pairs
+    kill_after, first = None, list(written)
+    resumed = _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
+    redone = written[len(first):]
+    pairs_done = sum(kind == "pairs" for kind, _ in first)  # of 5 pair batches (17 pairs, 4 a batch)
+    assert redone == [("pairs", j) for j in range(pairs_done, 5)] + [("triplets", j) for j in range(3)]
+    for got, want in zip(resumed, whole):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+    assert not progress.exists()
+
+
+def test_progress_of_other_inputs_is_discarded(tmp_path):
+    from mfim.evaluation.features import FeatureStore
+
+    store = FeatureStore(tmp_path / "p", "aaaa")
+    store.write("pairs", 0, {"x": np.ones(3)})
+    assert FeatureStore(tmp_path / "p", "aaaa").has("pairs", 0)
+    assert not FeatureStore(tmp_path / "p", "bbbb").has("pairs", 0)
