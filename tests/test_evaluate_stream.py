@@ -250,3 +250,80 @@ def test_progress_of_other_inputs_is_discarded(tmp_path):
     store.write("pairs", 0, {"x": np.ones(3)})
     assert FeatureStore(tmp_path / "p", "aaaa").has("pairs", 0)
     assert not FeatureStore(tmp_path / "p", "bbbb").has("pairs", 0)
+
+
+def test_dlib_in_worker_processes_is_the_evaluators_own_embedding(tmp_path, photos):
+    """The workers take dlib's embeddings from the decoded uint8 images (distinct images) and from the device's
+    generated images (swaps, a spawned pool); Evaluators.features takes them from the [-1, 1] tensor: the same
+    descriptors, bit for bit."""
+    from types import SimpleNamespace
+
+    from mfim.data.shards import resize_square
+    from mfim.evaluation.features import BatchReader, SwapIdentity
+    from mfim.nets.identity import DlibIdentityEmbedder
+    from PIL import Image
+
+    paths = []
+    for name in ("obama", "biden", "obama2"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(resize_square(photos[name], 96)).save(paths[-1])
+    keys = np.array(["a", "b", "c"])
+    item = BatchReader(str(tmp_path / "none-*.tar"), 96, {"image": (keys, np.array(paths, dtype=object))},
+                       [(0, 3)], [0], dlib=True)[0]
+    x = from_uint8(item["images"]["image"])
+    want = DlibIdentityEmbedder().embed_aligned(x)
+    np.testing.assert_array_equal(item["identity"]["image"], want)
+    pool = SwapIdentity(SimpleNamespace(dlib=object()), workers=2)
+    try:
+        np.testing.assert_array_equal(pool.submit(x)(), want)
+    finally:
+        pool.close()
+
+
+KILLED_CHILD = """
+import os, signal, sys
+import numpy as np
+import mfim.evaluation.features as features
+from tests.stubs import stub_evaluation_networks
+from tests.test_evaluate_stream import _evaluate
+from pathlib import Path
+
+stub_evaluation_networks(lambda obj, name, value: setattr(obj, name, value))
+savez, calls = np.savez, []
+
+def savez_then_die(f, **arrays):  # SIGKILL half-way through writing part number 4: no cleanup of any kind runs
+    calls.append(1)
+    if len(calls) == 4:
+        f.write(b"PK half a zip")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    savez(f, **arrays)
+
+features.np.savez = savez_then_die
+tmp, checkpoint, evalsets = map(Path, sys.argv[1:4])
+_evaluate(tmp, "killed", checkpoint, evalsets, progress_dir=tmp / "progress")
+"""
+
+
+def test_a_sigkilled_evaluation_resumes_and_gives_the_uninterrupted_result(tmp_path, checkpoint, monkeypatch,
+                                                                         one_thread):
+    import os
+    import subprocess
+    import sys
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=9, n_triplets=4)
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(tmp_path), str(checkpoint), str(evalsets)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]
+    progress = tmp_path / "progress"
+    assert len(list(progress.glob("*/*.npz"))) == 3 and list(progress.glob("*/.*.part"))  # 3 parts, one half-written
+    resumed = _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
+    whole = _evaluate(tmp_path, "whole", checkpoint, evalsets)
+    for got, want in zip(resumed, whole):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+    assert not progress.exists()
