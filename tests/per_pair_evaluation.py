@@ -97,7 +97,7 @@ class PerPairStreamer:
     """Streamer's interface over the functions above (no parts, no resume, one process)."""
 
     def __init__(self, model, pairs, triplets, shard_pattern, resolution, evaluators, lpips, fd, batch, device,
-                 store=None, workers=0):
+                 store=None, workers=0, rank=0, world=1):
         self.args = model, pairs, triplets, shard_pattern, resolution, evaluators, lpips, fd, batch, device
 
     def run(self) -> None:

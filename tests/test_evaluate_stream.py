@@ -327,3 +327,52 @@ def test_a_sigkilled_evaluation_resumes_and_gives_the_uninterrupted_result(tmp_p
         else:
             assert got == want
     assert not progress.exists()
+
+
+RANK_SCRIPT = """
+import sys
+from pathlib import Path
+from mfim.evaluation.evaluate import run_evaluation
+from tests.stubs import stub_evaluation_networks
+
+stub_evaluation_networks(lambda obj, name, value: setattr(obj, name, value))
+tmp, checkpoint, evalsets = map(Path, sys.argv[1:4])
+params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 50}}
+out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp / "no_shards",
+                     raw_dir=tmp / "no_raw", reports_dir=tmp / "ranks", progress_dir=tmp / "progress")
+print("REPORTED" if out is not None else "RANK DONE", flush=True)
+"""
+
+
+def test_torchrun_ranks_split_the_batches_and_rank_0_reports_the_single_process_result(tmp_path, checkpoint,
+                                                                                        monkeypatch, one_thread):
+    """Two gloo ranks on CPU (what every GPU's rank does under torchrun): each computes every other batch into the
+    shared progress folder, rank 0 collects: the reports of one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=7, n_pairs=13, n_triplets=6)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path), str(checkpoint), str(evalsets)],
+                          env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split()) == ["DONE", "RANK", "REPORTED"]
+    single = _evaluate(tmp_path, "single", checkpoint, evalsets)
+    reports = tmp_path / "ranks"
+    detail = json.loads((reports / "metrics_detail.json").read_text())
+    detail.pop("seconds"), detail.pop("grids")
+    ranks = (json.loads((reports / "metrics.json").read_text()), detail, (reports / "eval_pairs.csv").read_text(),
+             (reports / "grids" / "swaps.png").read_bytes())
+    for got, want in zip(ranks, single):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+    assert not (tmp_path / "progress").exists()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mfim.config import lookup
 from mfim.evaluation import tables as T
@@ -55,6 +56,39 @@ def progress_fingerprint(params: dict, device, inputs) -> str:
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def join_ranks(device: torch.device):
+    """Under torchrun each rank evaluates every world-th batch (mfim.evaluation.features.Streamer); alone: rank 0 of
+    1."""
+    from mfim.training.distributed import init_from_env
+
+    info = init_from_env(device)
+    if info.world > 1 and device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def open_store(progress_dir, fingerprint: str, rank):
+    """Rank 0 opens (and, for other inputs, empties) the progress folder before the other ranks open it."""
+    import torch.distributed as dist
+
+    from mfim.evaluation.features import FeatureStore
+
+    store = FeatureStore(progress_dir, fingerprint) if rank.is_main else None
+    if rank.world > 1:
+        dist.barrier()
+    return store or FeatureStore(progress_dir, fingerprint)
+
+
+def finish_ranks(rank) -> bool:
+    """Wait until every rank's parts are written, leave the process group; True on the rank that goes on."""
+    import torch.distributed as dist
+
+    if rank.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return rank.is_main
+
+
 def run_evaluation(
     params: dict,
     model_path="data/train/mfim.pt",
@@ -63,9 +97,10 @@ def run_evaluation(
     raw_dir="data/raw/images",
     reports_dir="reports",
     progress_dir=None,
-) -> dict:
+) -> dict | None:
     """``progress_dir``: where the finished batches are kept until the reports are written (None: a temporary
-    folder, nothing to resume from)."""
+    folder, nothing to resume from). Under torchrun the ranks split the batches and rank 0 writes the reports (the
+    others return None)."""
     if progress_dir is None:
         with tempfile.TemporaryDirectory(prefix="evaluate-progress-") as tmp:
             return _run_evaluation(params, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, tmp)
@@ -75,7 +110,7 @@ def run_evaluation(
 def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, progress_dir) -> dict:
     from mfim.data.shards import split_pattern
     from mfim.evaluation.evaluators import Evaluators
-    from mfim.evaluation.features import FeatureStore, Streamer, ground_truth
+    from mfim.evaluation.features import Streamer, ground_truth
     from mfim.models.mfim import load_swapper
     from mfim.nets.fid import FrechetDistance
     from mfim.nets.perceptual import load_lpips
@@ -84,6 +119,8 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
 
     t0 = time.perf_counter()
     device = pick_device(lookup(params, "project.device", "auto"))
+    rank = join_ranks(device)  # under torchrun: this process's rank, world size and GPU
+    device = torch.device("cuda", rank.local_rank) if device.type == "cuda" and rank.world > 1 else device
     configure_threads(lookup(params, "project.threads", 0))
     ev_cfg = params.get("evaluate", {})
     n_boot, seed = int(ev_cfg.get("bootstrap", 1000)), int(lookup(params, "project.seed", 0))
@@ -111,9 +148,12 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
               "data/weights/evaluate.json", *(Path(evalsets_dir) / n for n in ("pairs.parquet", "triplets.parquet",
                                                                                  "protocol.json")),
               *sorted(glob.glob(pattern))]
-    store = FeatureStore(progress_dir, progress_fingerprint(params, device, inputs))
-    streamer = Streamer(model, pairs, triplets, pattern, res, evaluators, lpips, fd, batch, device, store, workers)
+    store = open_store(progress_dir, progress_fingerprint(params, device, inputs), rank)
+    streamer = Streamer(model, pairs, triplets, pattern, res, evaluators, lpips, fd, batch, device, store, workers,
+                        rank=rank.rank, world=rank.world)
     streamer.run()
+    if not finish_ranks(rank):  # every rank wrote its batches' parts; rank 0 alone collects them into the reports
+        return None
     # FF++ has no triplets (the paper's ID-mixing analysis is on CelebA-HQ): Table 5 is then left empty
     pf, tf = streamer.collect()
 

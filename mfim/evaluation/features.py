@@ -298,13 +298,17 @@ def _take(f: dict[str, np.ndarray], rows: np.ndarray) -> Features:
 
 class Streamer:
     """The three passes over one evaluation (pairs, triplets, their distinct images) into a FeatureStore, and
-    ``collect``, which turns the stored parts into the per-pair and per-triplet features the tables read."""
+    ``collect``, which turns the stored parts into the per-pair and per-triplet features the tables read.
+    With ``world`` > 1 (torchrun ranks) this rank computes batches rank, rank + world, ...; parts are named by batch,
+    so any number of ranks, or a rerun with another number, fills the same store."""
 
     def __init__(self, model, pairs: pd.DataFrame, triplets: pd.DataFrame, shard_pattern: str, resolution: int,
-                 evaluators, lpips, fd, batch: int, device, store: FeatureStore, workers: int = 0):
+                 evaluators, lpips, fd, batch: int, device, store: FeatureStore, workers: int = 0, rank: int = 0,
+                 world: int = 1):
         self.model, self.pairs, self.triplets, self.pattern = model, pairs, triplets, shard_pattern
         self.res, self.evaluators, self.lpips, self.fd = resolution, evaluators, lpips, fd
         self.batch, self.device, self.store, self.workers = batch, torch.device(device), store, workers
+        self.rank, self.world = rank, world
         self.images, self.n_targets = distinct_images(pairs, triplets)
         self.bounds = {"images": batch_bounds(self.n_targets, batch) + batch_bounds(len(self.images), batch,
                                                                                       self.n_targets),
@@ -331,11 +335,12 @@ class Streamer:
         from torch.utils.data import DataLoader
 
         bounds = self.bounds[kind]
-        todo = [j for j in range(len(bounds)) if not self.store.has(kind, j)]
+        todo = [j for j in range(self.rank, len(bounds), self.world) if not self.store.has(kind, j)]
         dlib = kind == "images" and self.workers > 0 and getattr(self.evaluators, "dlib", None) is not None
         reader = BatchReader(self.pattern, self.res, self._columns(kind), bounds, todo, dlib=dlib)
         loader = DataLoader(reader, batch_size=None, num_workers=self.workers, collate_fn=_as_is)
-        total = bounds[-1][1] - bounds[0][0] if bounds else 0
+        mine = range(self.rank, len(bounds), self.world)
+        total = sum(bounds[j][1] - bounds[j][0] for j in mine)
         with _progress(total, kind[:-1]) as bar:
             bar.update(total - sum(bounds[j][1] - bounds[j][0] for j in todo))
             try:
