@@ -110,8 +110,8 @@ class GridImages:
 
 @dataclass
 class PairFeatures:
-    source: Features
-    target: Features
+    source: Features | RowsOf  # per pair
+    target: Features | RowsOf
     swap: Features
     reconstruction: dict[str, np.ndarray]  # per pair: self-swap L1 / LPIPS, with and without style maps
     fd: dict  # mfim.nets.fid.FrechetDistance.report()
@@ -120,8 +120,8 @@ class PairFeatures:
 
 @dataclass
 class TripletFeatures:
-    global_source: Features
-    local_source: Features
+    global_source: Features | RowsOf  # per triplet
+    local_source: Features | RowsOf
     results: dict[str, Features]  # MIXING_ROWS -> features of that result
     grid: GridImages
 
@@ -292,8 +292,17 @@ def _feature_arrays(f: Features) -> dict[str, np.ndarray]:
     return {n: getattr(f, n) for n in FEATURE_NAMES}
 
 
-def _take(f: dict[str, np.ndarray], rows: np.ndarray) -> Features:
-    return Features(**{n: f[n][rows] for n in FEATURE_NAMES})
+class RowsOf:
+    """Features (the same attributes) of the distinct images at ``rows``, taken when read: the pairs' sources and
+    targets are not held as one copy per pair (CelebA-HQ: 300k rows of ~700 float64 each, twice)."""
+
+    def __init__(self, distinct: dict[str, np.ndarray], rows: np.ndarray):
+        self._distinct, self._rows = distinct, rows
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name.startswith("_") or name not in FEATURE_NAMES:
+            raise AttributeError(name)
+        return self._distinct[name][self._rows]
 
 
 class Streamer:
@@ -410,7 +419,7 @@ class Streamer:
         recon = {n: cat(n, target_parts)[tgt_rows] for n in target_parts[0] if n.startswith("self_swap")} \
             if target_parts else {}
         swap = self._pair_parts(tgt_rows, fd_real)
-        pf = PairFeatures(_take(distinct, src_rows), _take(distinct, tgt_rows), swap, recon, self.fd.report(),
+        pf = PairFeatures(RowsOf(distinct, src_rows), RowsOf(distinct, tgt_rows), swap, recon, self.fd.report(),
                           self._pair_grid(keep))
         if not len(self.triplets):
             return pf, None
@@ -419,8 +428,8 @@ class Streamer:
             part = self.store.read("triplets", j)
             for r in MIXING_ROWS:
                 results[r].append({n: part[f"{r}.{n}"] for n in FEATURE_NAMES})
-        tf = TripletFeatures(_take(distinct, self.triplets.global_key.map(row).to_numpy()),
-                             _take(distinct, self.triplets.local_key.map(row).to_numpy()),
+        tf = TripletFeatures(RowsOf(distinct, self.triplets.global_key.map(row).to_numpy()),
+                             RowsOf(distinct, self.triplets.local_key.map(row).to_numpy()),
                              {r: Features(**{n: cat(n, ps) for n in FEATURE_NAMES}) for r, ps in results.items()},
                              self._triplet_grid(keep))
         return pf, tf
