@@ -249,6 +249,9 @@ def test_progress_of_other_inputs_is_discarded(tmp_path):
     store = FeatureStore(tmp_path / "p", "aaaa")
     store.write("pairs", 0, {"x": np.ones(3)})
     assert FeatureStore(tmp_path / "p", "aaaa").has("pairs", 0)
+    with pytest.raises(RuntimeError, match="progress of other inputs"):  # a rank other than 0 never empties it
+        FeatureStore(tmp_path / "p", "bbbb", owner=False)
+    assert FeatureStore(tmp_path / "p", "aaaa", owner=False).has("pairs", 0)
     assert not FeatureStore(tmp_path / "p", "bbbb").has("pairs", 0)
 
 

@@ -76,7 +76,7 @@ def open_store(progress_dir, fingerprint: str, rank):
     store = FeatureStore(progress_dir, fingerprint) if rank.is_main else None
     if rank.world > 1:
         dist.barrier()
-    return store or FeatureStore(progress_dir, fingerprint)
+    return store or FeatureStore(progress_dir, fingerprint, owner=False)
 
 
 def finish_ranks(rank) -> bool:

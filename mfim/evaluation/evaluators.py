@@ -149,7 +149,8 @@ class Evaluators:
             t = self.train_embedder(x)
             trains.append(t.cpu().numpy())
             if self.dlib is not None:
-                ids.append(identity[i : i + self.batch_size] if identity is not None else self.dlib.embed_aligned(x.cpu()))
+                given = identity[i : i + self.batch_size] if identity is not None else None
+                ids.append(given if given is not None else self.dlib.embed_aligned(x.cpu()))
             else:
                 ids.append((self.eval_embedder(x) if self.eval_embedder is not None else t).cpu().numpy())
         cat = lambda xs: np.concatenate(xs, axis=0).astype(np.float64)  # noqa: E731

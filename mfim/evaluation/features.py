@@ -138,10 +138,7 @@ def _progress(total: int, unit: str):
     return tqdm(total=total, desc=f"evaluate {unit}s", unit=unit, dynamic_ncols=True)
 
 
-
-
 FEATURE_NAMES = [f.name for f in fields(Features)]
-PASSES = ("images", "pairs", "triplets")
 
 
 class FeatureStore:
@@ -149,14 +146,20 @@ class FeatureStore:
     atomically (mfim.atomic): a killed run leaves whole parts only, and the rerun computes the missing ones.
 
     ``fingerprint`` names what the parts were computed from (params, model, eval sets): a store of another fingerprint
-    is emptied when opened, so changed inputs never mix with old features."""
+    is emptied when opened, so changed inputs never mix with old features. Only the ``owner`` (torchrun's rank 0,
+    before the other ranks open the store) empties and tidies it; the others find it ready."""
 
-    def __init__(self, root, fingerprint: str):
+    def __init__(self, root, fingerprint: str, owner: bool = True):
         from mfim.atomic import atomic_write
 
         self.root, self.fingerprint = Path(root), fingerprint
         stamp = self.root / "fingerprint"
-        if self.root.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        stale = self.root.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint)
+        if not owner:
+            if stale or not stamp.is_file():
+                raise RuntimeError(f"{self.root}: progress of other inputs, or none (rank 0 opens it first)")
+            return
+        if stale:
             shutil.rmtree(self.root)
         for leftover in self.root.glob("*/.*.part"):  # temp files of a write the kill interrupted
             leftover.unlink()
@@ -214,7 +217,7 @@ def _dlib():
 
 
 def dlib_embed(images: np.ndarray) -> np.ndarray:
-    """dlib descriptors of B×H×W×3 uint8 aligned faces (what Evaluators.features computes from the [-1, 1] tensor)."""
+    """dlib descriptors of B×H×W×3 uint8 aligned faces (Evaluators.features' own, from the [-1, 1] tensor)."""
     return _dlib().embed_aligned(list(images))
 
 
