@@ -379,3 +379,26 @@ def test_torchrun_ranks_split_the_batches_and_rank_0_reports_the_single_process_
         else:
             assert got == want
     assert not (tmp_path / "progress").exists()
+
+
+def test_the_real_evaluation_networks_with_dlib_in_workers_give_the_one_process_reports(tmp_path, checkpoint,
+                                                                                       monkeypatch, one_thread):
+    """The stage's own networks (dlib, 3DDFA_V2, Hopenet, MobileFaceNet, LPIPS, the Fréchet substitute): with
+    evaluate.workers 2 (decoding and the distinct images' dlib in DataLoader workers, the swaps' dlib in a spawned
+    pool) every reported number is the one-process run's."""
+    import mfim.evaluation.evaluate as evaluate
+    from mfim.evaluation.evaluate import run_evaluation
+
+    monkeypatch.setattr(evaluate, "log_to_mlflow", lambda *a, **k: None)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=5, n_pairs=7, n_triplets=3)
+    reports = []
+    for workers in (0, 2):
+        params = {"project": {"device": "cpu", "threads": 1},
+                  "evaluate": {"batch_size": 4, "bootstrap": 20, "workers": workers, "shape_encoder": "",
+                               "expression_encoder": ""}}
+        out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "none",
+                             raw_dir=tmp_path / "none", reports_dir=tmp_path / f"r{workers}")
+        reports.append((out, (tmp_path / f"r{workers}" / "eval_pairs.csv").read_text()))
+    assert reports[0][0]["evaluators_on_real_images"]  # dlib separated the labelled people: it ran
+    _assert_same(reports[1][0], reports[0][0])
+    assert reports[1][1] == reports[0][1]
