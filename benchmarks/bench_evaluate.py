@@ -277,7 +277,7 @@ def run_child(pairs: int, swap_res: int, threads: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-pairs", type=int, default=16, help="n: the CPU-time runs take n and 2n pairs (0: skip)")
+    ap.add_argument("--cpu-pairs", type=int, default=20, help="n: the CPU-time runs take n and 2n pairs (0: skip)")
     ap.add_argument("--workers", type=int, default=2, help="evaluate.workers of the third CPU-time run")
     ap.add_argument("--pairs", type=int, default=30, help="pairs of the 1x memory run (0: skip the memory runs)")
     ap.add_argument("--scale", type=int, default=10)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed
 
 from mfim.config import lookup
 from mfim.evaluation import tables as T
@@ -99,7 +100,7 @@ def run_evaluation(
     progress_dir=None,
 ) -> dict | None:
     """``progress_dir``: where the finished batches are kept until the reports are written (None: a temporary
-    folder, nothing to resume from). Under torchrun the ranks split the batches and rank 0 writes the reports (the
+    folder of this process, nothing to resume from; torchrun needs a shared one). Under torchrun the ranks split the batches and rank 0 writes the reports (the
     others return None)."""
     if progress_dir is None:
         with tempfile.TemporaryDirectory(prefix="evaluate-progress-") as tmp:
@@ -126,6 +127,7 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
     n_boot, seed = int(ev_cfg.get("bootstrap", 1000)), int(lookup(params, "project.seed", 0))
     batch = int(ev_cfg.get("batch_size", 16))
     workers = int(ev_cfg.get("workers", 0) or 0)
+    workers = max(1, workers // rank.world) if workers else 0  # evaluate.workers: the machine's, shared by the ranks
     reports_dir = Path(reports_dir)
     (reports_dir / "grids").mkdir(parents=True, exist_ok=True)
 
@@ -151,6 +153,8 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
     store = open_store(progress_dir, progress_fingerprint(params, device, inputs), rank)
     streamer = Streamer(model, pairs, triplets, pattern, res, evaluators, lpips, fd, batch, device, store, workers,
                         rank=rank.rank, world=rank.world)
+    if rank.world > 1:  # every rank has listed the missing batches before any rank writes one
+        torch.distributed.barrier()
     streamer.run()
     if not finish_ranks(rank):  # every rank wrote its batches' parts; rank 0 alone collects them into the reports
         return None

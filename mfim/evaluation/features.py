@@ -311,8 +311,9 @@ class RowsOf:
 class Streamer:
     """The three passes over one evaluation (pairs, triplets, their distinct images) into a FeatureStore, and
     ``collect``, which turns the stored parts into the per-pair and per-triplet features the tables read.
-    With ``world`` > 1 (torchrun ranks) this rank computes batches rank, rank + world, ...; parts are named by batch,
-    so any number of ranks, or a rerun with another number, fills the same store."""
+    With ``world`` > 1 (torchrun ranks) this rank computes every world-th of the batches missing from the store when
+    it is made (all ranks must list them before any writes: a barrier after __init__); parts are named by batch, so
+    any number of ranks, or a rerun with another number, fills the same store, the work split evenly either way."""
 
     def __init__(self, model, pairs: pd.DataFrame, triplets: pd.DataFrame, shard_pattern: str, resolution: int,
                  evaluators, lpips, fd, batch: int, device, store: FeatureStore, workers: int = 0, rank: int = 0,
@@ -325,6 +326,8 @@ class Streamer:
         self.bounds = {"images": batch_bounds(self.n_targets, batch) + batch_bounds(len(self.images), batch,
                                                                                       self.n_targets),
                        "pairs": batch_bounds(len(pairs), batch), "triplets": batch_bounds(len(triplets), batch)}
+        self.todo = {kind: [j for j in range(len(b)) if not store.has(kind, j)][rank::world]
+                     for kind, b in self.bounds.items()}
 
     def _columns(self, kind: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if kind == "images":
@@ -346,15 +349,11 @@ class Streamer:
     def _run_pass(self, kind: str, compute) -> None:
         from torch.utils.data import DataLoader
 
-        bounds = self.bounds[kind]
-        todo = [j for j in range(self.rank, len(bounds), self.world) if not self.store.has(kind, j)]
+        bounds, todo = self.bounds[kind], self.todo[kind]
         dlib = kind == "images" and self.workers > 0 and getattr(self.evaluators, "dlib", None) is not None
         reader = BatchReader(self.pattern, self.res, self._columns(kind), bounds, todo, dlib=dlib)
         loader = DataLoader(reader, batch_size=None, num_workers=self.workers, collate_fn=_as_is)
-        mine = range(self.rank, len(bounds), self.world)
-        total = sum(bounds[j][1] - bounds[j][0] for j in mine)
-        with _progress(total, kind[:-1]) as bar:
-            bar.update(total - sum(bounds[j][1] - bounds[j][0] for j in todo))
+        with _progress(sum(bounds[j][1] - bounds[j][0] for j in todo), kind[:-1]) as bar:
             try:
                 for item in loader:
                     self.store.write(kind, item["index"], compute(item))
