@@ -1,6 +1,24 @@
-"""DVC stage `evaluate`: paper metrics, ID-mixing table, grids (reports/), logged to MLflow."""
+"""DVC stage `evaluate`: paper metrics, ID-mixing table, grids (reports/), logged to MLflow.
+
+With several GPUs visible (and project.device not cpu) it starts itself again under torchrun, one rank per GPU: the
+ranks split the batches and rank 0 writes the reports (mfim.evaluation.evaluate). CPU runs stay one process."""
+
+import os
+import sys
 
 from mfim.runtime import ensure_allocator_env
+
+
+def relaunch_on_every_gpu(params: dict) -> None:
+    import torch
+
+    from mfim.config import lookup
+
+    n = torch.cuda.device_count()
+    if n > 1 and "WORLD_SIZE" not in os.environ and str(lookup(params, "project.device", "auto")) != "cpu":
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={n}", os.path.abspath(__file__)])
+
 
 if __name__ == "__main__":
     ensure_allocator_env()
@@ -8,4 +26,8 @@ if __name__ == "__main__":
     from mfim.evaluation.evaluate import run_evaluation
     from mfim.training.presets import apply_preset
 
-    run_evaluation(apply_preset(load_params()))
+    params = apply_preset(load_params())
+    relaunch_on_every_gpu(params)
+    # finished batches are kept here until the reports are written: a killed run continues from them (not a DVC
+    # output; keyed by a fingerprint of the params and inputs, so a changed input starts afresh)
+    run_evaluation(params, progress_dir="data/evaluate/progress")

@@ -87,3 +87,19 @@ def test_evaluator_choice_is_the_regressor_or_the_3dmm_encoder():
     assert pick("evaluator") == "evaluator" and pick("") == "tddfa" and pick("tddfa") == "tddfa"
     with pytest.raises(ValueError, match="evaluate.expression_encoder must be 'evaluator' or empty"):
         pick("deca")
+
+
+def test_evaluators_given_the_workers_dlib_embeddings_return_their_own_features():
+    """The real evaluation networks (dlib, 3DDFA_V2, Hopenet, MobileFaceNet): features(x, identity=what a worker's
+    dlib took from the uint8 image) equals features(x), every column bit for bit, over a partial last batch."""
+    import torch
+
+    from mfim.evaluation.evaluators import Evaluators
+    from mfim.evaluation.features import dlib_embed
+    from mfim.evaluation.grids import to_uint8
+
+    ev = Evaluators({"evaluate": {"shape_encoder": "", "expression_encoder": ""}}, batch_size=3)
+    x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    own, given = ev.features(x), ev.features(x, identity=dlib_embed(to_uint8(x)))
+    for name in ("identity", "shape", "exp", "pose", "pose_hn", "id_train"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(own, name), err_msg=name)

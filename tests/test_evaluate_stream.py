@@ -4,9 +4,11 @@ evaluation networks (tests/stubs.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +137,268 @@ def test_a_protocol_without_triplets_evaluates_its_pairs_and_says_so(tmp_path, c
     assert "no ID-mixing triplets in the ffpp protocol" in read_record(grid)["note"]
     table = report.mixing_table(out)
     assert "| **ID mixing (ours)** | – | – | – | – |" in table
+
+
+def _numbers(d, prefix=""):
+    """dotted key -> value of every leaf of a metrics json."""
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _numbers(sub, f"{prefix}{key}.").items()}
+    if isinstance(d, list):
+        return {k: v for i, sub in enumerate(d) for k, v in _numbers(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: d}
+
+
+def _evaluate(tmp_path, name, checkpoint, evalsets, batch=4, **kw):
+    from mfim.evaluation.evaluate import run_evaluation
+
+    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": batch, "bootstrap": 50,
+                                                                         "workers": kw.pop("workers", 0)}}
+    reports = tmp_path / name
+    out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
+                         raw_dir=tmp_path / "no_raw", reports_dir=reports, **kw)
+    detail = json.loads((reports / "metrics_detail.json").read_text())
+    detail.pop("seconds"), detail.pop("grids")  # time and where the reports went
+    return out, detail, (reports / "eval_pairs.csv").read_text(), (reports / "grids" / "swaps.png").read_bytes()
+
+
+def _assert_same(a, b, rel=0.0):
+    na, nb = _numbers(a), _numbers(b)
+    assert na.keys() == nb.keys()
+    for k in na:
+        if isinstance(na[k], float) and rel:
+            assert na[k] == pytest.approx(nb[k], rel=rel, abs=1e-12, nan_ok=True), k
+        else:
+            assert na[k] == nb[k] or (na[k] != na[k] and nb[k] != nb[k]), k
+
+
+def test_features_of_each_distinct_image_once_give_the_per_pair_metrics(tmp_path, checkpoint, monkeypatch,
+                                                                        one_thread):
+    """Caching by image (each source and target featurised, self-swapped and Fréchet-featured once) must give what
+    the former per-pair pass gave (tests/per_pair_evaluation.py, commit 05abea1's code): every metric, interval,
+    per-pair row and grid pixel. 30 pairs over 9 images: each image ~3 times a source and ~3 times a target.
+    Equal to float32 rounding, not bitwise: a network's output for one image moves in the last bits with the other
+    images of its batch, and a distinct image's batch is not its pair's (0/1 retrieval outcomes are identical)."""
+    import mfim.evaluation.features as features
+    from tests import per_pair_evaluation
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=9, n_pairs=30, n_triplets=7)
+    cached = _evaluate(tmp_path, "cached", checkpoint, evalsets)
+    monkeypatch.setattr(features, "Streamer", per_pair_evaluation.PerPairStreamer)
+    per_pair = _evaluate(tmp_path, "per_pair", checkpoint, evalsets)
+    _assert_same(cached[0], per_pair[0], rel=1e-6)
+    _assert_same(cached[1], per_pair[1], rel=1e-6)
+    assert cached[3] == per_pair[3]  # the grid's PNG, byte for byte
+    a, b = (pd.read_csv(io.StringIO(t)) for t in (cached[2], per_pair[2]))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+    assert (a.id_retrieval == b.id_retrieval).all()
+
+
+def test_decoding_in_worker_processes_changes_nothing(tmp_path, checkpoint, monkeypatch, one_thread):
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=8, n_pairs=10, n_triplets=5)
+    one = _evaluate(tmp_path, "main", checkpoint, evalsets)
+    two = _evaluate(tmp_path, "workers", checkpoint, evalsets, workers=2)
+    _assert_same(one[0], two[0])
+    _assert_same(one[1], two[1])
+    assert one[2] == two[2]
+
+
+def test_a_killed_evaluation_resumes_from_its_parts_and_gives_the_uninterrupted_result(tmp_path, checkpoint,
+                                                                                      monkeypatch, one_thread):
+    """Killed after 5 finished batches (the image batches, then the first pair batches), the rerun computes only the
+    missing ones and writes exactly the uninterrupted run's reports; the progress folder is gone afterwards."""
+    import mfim.evaluation.features as features
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=9, n_pairs=17, n_triplets=9)
+    whole = _evaluate(tmp_path, "whole", checkpoint, evalsets)
+
+    written = []
+    real_write = features.FeatureStore.write
+
+    def write(self, kind, index, arrays):
+        if kill_after is not None and len(written) == kill_after:
+            raise KeyboardInterrupt("killed")
+        real_write(self, kind, index, arrays)
+        written.append((kind, index))
+
+    monkeypatch.setattr(features.FeatureStore, "write", write)
+    progress = tmp_path / "progress"
+    kill_after = 5
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
+    on_disk = sorted((p.parent.name, int(p.stem)) for p in progress.glob("*/*.npz"))
+    assert on_disk == sorted(written) and len(written) == 5 and ("pairs", 0) in written  # killed inside the pairs
+    kill_after, first = None, list(written)
+    resumed = _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
+    redone = written[len(first):]
+    pairs_done = sum(kind == "pairs" for kind, _ in first)  # of 5 pair batches (17 pairs, 4 a batch)
+    assert redone == [("pairs", j) for j in range(pairs_done, 5)] + [("triplets", j) for j in range(3)]
+    for got, want in zip(resumed, whole):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+    assert not progress.exists()
+
+
+def test_progress_of_other_inputs_is_discarded(tmp_path):
+    from mfim.evaluation.features import FeatureStore
+
+    store = FeatureStore(tmp_path / "p", "aaaa")
+    store.write("pairs", 0, {"x": np.ones(3)})
+    assert FeatureStore(tmp_path / "p", "aaaa").has("pairs", 0)
+    with pytest.raises(RuntimeError, match="progress of other inputs"):  # a rank other than 0 never empties it
+        FeatureStore(tmp_path / "p", "bbbb", owner=False)
+    assert FeatureStore(tmp_path / "p", "aaaa", owner=False).has("pairs", 0)
+    assert not FeatureStore(tmp_path / "p", "bbbb").has("pairs", 0)
+
+
+def test_dlib_in_worker_processes_is_the_evaluators_own_embedding(tmp_path, photos):
+    """The workers take dlib's embeddings from the decoded uint8 images (distinct images) and from the device's
+    generated images (swaps, a spawned pool); Evaluators.features takes them from the [-1, 1] tensor: the same
+    descriptors, bit for bit."""
+    from types import SimpleNamespace
+
+    from mfim.data.shards import resize_square
+    from mfim.evaluation.features import BatchReader, SwapIdentity
+    from mfim.nets.identity import DlibIdentityEmbedder
+    from PIL import Image
+
+    paths = []
+    for name in ("obama", "biden", "obama2"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(resize_square(photos[name], 96)).save(paths[-1])
+    keys = np.array(["a", "b", "c"])
+    item = BatchReader(str(tmp_path / "none-*.tar"), 96, {"image": (keys, np.array(paths, dtype=object))},
+                       [(0, 3)], [0], dlib=True)[0]
+    x = from_uint8(item["images"]["image"])
+    want = DlibIdentityEmbedder().embed_aligned(x)
+    np.testing.assert_array_equal(item["identity"]["image"], want)
+    pool = SwapIdentity(SimpleNamespace(dlib=object()), workers=2)
+    try:
+        np.testing.assert_array_equal(pool.submit(x)(), want)
+    finally:
+        pool.close()
+
+
+KILLED_CHILD = """
+import os, signal, sys
+import numpy as np
+import mfim.evaluation.features as features
+from tests.stubs import stub_evaluation_networks
+from tests.test_evaluate_stream import _evaluate
+from pathlib import Path
+
+stub_evaluation_networks(lambda obj, name, value: setattr(obj, name, value))
+savez, calls = np.savez, []
+
+def savez_then_die(f, **arrays):  # SIGKILL half-way through writing part number 4: no cleanup of any kind runs
+    calls.append(1)
+    if len(calls) == 4:
+        f.write(b"PK half a zip")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    savez(f, **arrays)
+
+features.np.savez = savez_then_die
+tmp, checkpoint, evalsets = map(Path, sys.argv[1:4])
+_evaluate(tmp, "killed", checkpoint, evalsets, progress_dir=tmp / "progress")
+"""
+
+
+def test_a_sigkilled_evaluation_resumes_and_gives_the_uninterrupted_result(tmp_path, checkpoint, monkeypatch,
+                                                                         one_thread):
+    import os
+    import subprocess
+    import sys
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=9, n_triplets=4)
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(tmp_path), str(checkpoint), str(evalsets)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]
+    progress = tmp_path / "progress"
+    assert len(list(progress.glob("*/*.npz"))) == 3 and list(progress.glob("*/.*.part"))  # 3 parts, one half-written
+    resumed = _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
+    whole = _evaluate(tmp_path, "whole", checkpoint, evalsets)
+    for got, want in zip(resumed, whole):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+    assert not progress.exists()
+
+
+RANK_SCRIPT = """
+import sys
+from pathlib import Path
+from mfim.evaluation.evaluate import run_evaluation
+from tests.stubs import stub_evaluation_networks
+
+stub_evaluation_networks(lambda obj, name, value: setattr(obj, name, value))
+tmp, checkpoint, evalsets = map(Path, sys.argv[1:4])
+params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 50}}
+out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp / "no_shards",
+                     raw_dir=tmp / "no_raw", reports_dir=tmp / "ranks", progress_dir=tmp / "progress")
+print("REPORTED" if out is not None else "RANK DONE", flush=True)
+"""
+
+
+def test_torchrun_ranks_split_the_batches_and_rank_0_reports_the_single_process_result(tmp_path, checkpoint,
+                                                                                        monkeypatch, one_thread):
+    """Two gloo ranks on CPU (what every GPU's rank does under torchrun): each computes every other batch into the
+    shared progress folder, rank 0 collects: the reports of one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=7, n_pairs=13, n_triplets=6)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path), str(checkpoint), str(evalsets)],
+                          env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split()) == ["DONE", "RANK", "REPORTED"]
+    single = _evaluate(tmp_path, "single", checkpoint, evalsets)
+    reports = tmp_path / "ranks"
+    detail = json.loads((reports / "metrics_detail.json").read_text())
+    detail.pop("seconds"), detail.pop("grids")
+    ranks = (json.loads((reports / "metrics.json").read_text()), detail, (reports / "eval_pairs.csv").read_text(),
+             (reports / "grids" / "swaps.png").read_bytes())
+    for got, want in zip(ranks, single):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+    assert not (tmp_path / "progress").exists()
+
+
+def test_the_real_evaluation_networks_with_dlib_in_workers_give_the_one_process_reports(tmp_path, checkpoint,
+                                                                                       monkeypatch, one_thread):
+    """The stage's own networks (dlib, 3DDFA_V2, Hopenet, MobileFaceNet, LPIPS, the Fréchet substitute): with
+    evaluate.workers 2 (decoding and the distinct images' dlib in DataLoader workers, the swaps' dlib in a spawned
+    pool) every reported number is the one-process run's."""
+    import mfim.evaluation.evaluate as evaluate
+    from mfim.evaluation.evaluate import run_evaluation
+
+    monkeypatch.setattr(evaluate, "log_to_mlflow", lambda *a, **k: None)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=5, n_pairs=7, n_triplets=3)
+    reports = []
+    for workers in (0, 2):
+        params = {"project": {"device": "cpu", "threads": 1},
+                  "evaluate": {"batch_size": 4, "bootstrap": 20, "workers": workers, "shape_encoder": "",
+                               "expression_encoder": ""}}
+        out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "none",
+                             raw_dir=tmp_path / "none", reports_dir=tmp_path / f"r{workers}")
+        reports.append((out, (tmp_path / f"r{workers}" / "eval_pairs.csv").read_text()))
+    assert reports[0][0]["evaluators_on_real_images"]  # dlib separated the labelled people: it ran
+    _assert_same(reports[1][0], reports[0][0])
+    assert reports[1][1] == reports[0][1]

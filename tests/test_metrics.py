@@ -65,3 +65,22 @@ def test_angle_error_wraps():
     a = np.radians([[179.0, 0, 0]])
     b = np.radians([[-179.0, 0, 0]])
     np.testing.assert_allclose(angle_error_deg(a, b), [2.0], atol=1e-9)
+
+
+def test_chunked_float32_retrieval_is_the_full_float64_matrix(rng):
+    """Chunks of swaps against the gallery must give what one float64 swaps x gallery matrix gives (scipy's cosine
+    distance as the independent path), near ties included."""
+    from scipy.spatial.distance import cdist
+
+    gallery = rng.normal(size=(300, 128))
+    gallery[7] = gallery[3]  # an exact tie: the first row wins, as argmax over the full matrix picks it
+    gallery[12] = gallery[5] + 2e-4 * rng.normal(size=128)  # nearly one direction: float32 cannot tell them apart
+    true_index = rng.integers(0, 300, 1000)
+    swaps = gallery[true_index] + 3.0 * rng.normal(size=(1000, 128))
+    swaps[:20] = gallery[[3, 5] * 10] + 1e-4 * rng.normal(size=(20, 128))
+    true_index[:20] = [3, 5] * 10
+    nearest = np.argmin(cdist(swaps, gallery, metric="cosine"), axis=1)
+    want = (nearest == true_index).astype(float)
+    assert 0.05 < want.mean() < 0.95
+    for chunk in (1, 7, 128, 4096):
+        np.testing.assert_array_equal(id_retrieval(swaps, gallery, true_index, chunk=chunk), want)

@@ -13,24 +13,81 @@ similarity of the swap's identity to source and target, errors against ground tr
 style maps, a Fréchet distance (FID with the official Inception weights, otherwise honestly named after the network
 used), and the ID-mixing table (R-ID / R-Shape, §4.4). Every mean comes with a bootstrap 95% interval.
 
-One streaming pass (mfim.evaluation.features) turns images into features a batch at a time; each table is then a
-function of those features (mfim.evaluation.tables); this module wires them together and writes reports/.
+One streaming pass (mfim.evaluation.features) turns images into features a batch at a time, each distinct image
+once, and writes them a batch at a time to ``progress_dir`` (the stage: data/evaluate/progress, no DVC output), so a
+killed run continues from its last finished batch; each table is then a function of those features
+(mfim.evaluation.tables); this module wires them together, writes reports/ and then removes the progress.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.distributed
 
 from mfim.config import lookup
 from mfim.evaluation import tables as T
 from mfim.evaluation.grids import write_grids
 
 SWAP_METRICS = ["identity", "id_retrieval", "shape", "expression", "pose", "pose_hn"]
+# what the stored features depend on besides the input files: the stage's params (dvc.yaml) less evaluate.workers,
+# which changes how fast, not what; PROGRESS_FORMAT changes when the parts' contents do
+PROGRESS_PARAMS = ("evaluate", "source_fit", "nets", "loss.threedmm_encoder", "loss.jaw_pose", "train.config",
+                   "train.steps", "train.seed", "project.seed")
+PROGRESS_FORMAT = 1
+
+
+def progress_fingerprint(params: dict, device, inputs) -> str:
+    """The resumable features must match: these params, the device type (its numbers differ in the last bits) and the
+    contents of the input files (swapper, evaluator networks, eval sets and shards)."""
+    from mfim.assets import sha256_file
+
+    scoped = {k: lookup(params, k, None) for k in PROGRESS_PARAMS}
+    scoped["evaluate"] = {k: v for k, v in (scoped["evaluate"] or {}).items() if k != "workers"}
+    scoped["device"], scoped["format"] = str(getattr(device, "type", device)), PROGRESS_FORMAT
+    scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
+    return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def join_ranks(device: torch.device):
+    """Under torchrun each rank evaluates every world-th batch (mfim.evaluation.features.Streamer); alone: rank 0 of
+    1."""
+    from mfim.training.distributed import init_from_env
+
+    info = init_from_env(device)
+    if info.world > 1 and device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def open_store(progress_dir, fingerprint: str, rank):
+    """Rank 0 opens (and, for other inputs, empties) the progress folder before the other ranks open it."""
+    import torch.distributed as dist
+
+    from mfim.evaluation.features import FeatureStore
+
+    store = FeatureStore(progress_dir, fingerprint) if rank.is_main else None
+    if rank.world > 1:
+        dist.barrier()
+    return store or FeatureStore(progress_dir, fingerprint, owner=False)
+
+
+def finish_ranks(rank) -> bool:
+    """Wait until every rank's parts are written, leave the process group; True on the rank that goes on."""
+    import torch.distributed as dist
+
+    if rank.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return rank.is_main
 
 
 def run_evaluation(
@@ -40,10 +97,21 @@ def run_evaluation(
     shards_dir="data/shards",
     raw_dir="data/raw/images",
     reports_dir="reports",
-) -> dict:
+    progress_dir=None,
+) -> dict | None:
+    """``progress_dir``: where the finished batches are kept until the reports are written (None: a temporary
+    folder of this process, nothing to resume from; torchrun needs a shared one). Under torchrun the ranks split the batches and rank 0 writes the reports (the
+    others return None)."""
+    if progress_dir is None:
+        with tempfile.TemporaryDirectory(prefix="evaluate-progress-") as tmp:
+            return _run_evaluation(params, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, tmp)
+    return _run_evaluation(params, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, progress_dir)
+
+
+def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, progress_dir) -> dict:
     from mfim.data.shards import split_pattern
     from mfim.evaluation.evaluators import Evaluators
-    from mfim.evaluation.features import ImageReader, ground_truth, stream_pairs, stream_triplets
+    from mfim.evaluation.features import Streamer, ground_truth
     from mfim.models.mfim import load_swapper
     from mfim.nets.fid import FrechetDistance
     from mfim.nets.perceptual import load_lpips
@@ -52,10 +120,14 @@ def run_evaluation(
 
     t0 = time.perf_counter()
     device = pick_device(lookup(params, "project.device", "auto"))
+    rank = join_ranks(device)  # under torchrun: this process's rank, world size and GPU
+    device = torch.device("cuda", rank.local_rank) if device.type == "cuda" and rank.world > 1 else device
     configure_threads(lookup(params, "project.threads", 0))
     ev_cfg = params.get("evaluate", {})
     n_boot, seed = int(ev_cfg.get("bootstrap", 1000)), int(lookup(params, "project.seed", 0))
     batch = int(ev_cfg.get("batch_size", 16))
+    workers = int(ev_cfg.get("workers", 0) or 0)
+    workers = max(1, workers // rank.world) if workers else 0  # evaluate.workers: the machine's, shared by the ranks
     reports_dir = Path(reports_dir)
     (reports_dir / "grids").mkdir(parents=True, exist_ok=True)
 
@@ -74,10 +146,20 @@ def run_evaluation(
     fd = FrechetDistance(lookup(params, "evaluate.fid.inception_checkpoint", "") or None, device=device,
                          substitute=str(lookup(params, "evaluate.fid.substitute", "lpips_alex")),
                          resolution=int(lookup(params, "evaluate.fid.resolution", 0) or 0) or res)
-    with ImageReader(pattern, res) as reader:
-        pf = stream_pairs(model, pairs, reader, evaluators, lpips, fd, batch, device)
-        # FF++ has no triplets (the paper's ID-mixing analysis is on CelebA-HQ): Table 5 is then left empty
-        tf = stream_triplets(model, triplets, reader, evaluators, batch, device) if len(triplets) else None
+    inputs = [model_path, "data/threedmm/regressor.pt", "data/threedmm/evaluator.pt", "data/threedmm/stats.json",
+              "data/weights/evaluate.json", *(Path(evalsets_dir) / n for n in ("pairs.parquet", "triplets.parquet",
+                                                                                 "protocol.json")),
+              *sorted(glob.glob(pattern))]
+    store = open_store(progress_dir, progress_fingerprint(params, device, inputs), rank)
+    streamer = Streamer(model, pairs, triplets, pattern, res, evaluators, lpips, fd, batch, device, store, workers,
+                        rank=rank.rank, world=rank.world)
+    if rank.world > 1:  # every rank has listed the missing batches before any rank writes one
+        torch.distributed.barrier()
+    streamer.run()
+    if not finish_ranks(rank):  # every rank wrote its batches' parts; rank 0 alone collects them into the reports
+        return None
+    # FF++ has no triplets (the paper's ID-mixing analysis is on CelebA-HQ): Table 5 is then left empty
+    pf, tf = streamer.collect()
 
     # --- tables from the features -------------------------------------------------------------------------------
     per_pair = T.swap_columns(pairs, pf.source, pf.target, pf.swap)
@@ -135,6 +217,7 @@ def run_evaluation(
         table[k] = v
     table.to_csv(reports_dir / "eval_pairs.csv", index=False)
     log_to_mlflow(params, out, grids, reports_dir)
+    store.remove()  # the reports are written: nothing left to resume
     return out
 
 

@@ -129,8 +129,9 @@ class Evaluators:
         }
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> Features:
-        """images: N×3×H×W in [-1, 1], FFHQ-aligned."""
+    def features(self, images: torch.Tensor, identity: np.ndarray | None = None) -> Features:
+        """images: N×3×H×W in [-1, 1], FFHQ-aligned. ``identity``: their dlib embeddings when worker processes took
+        them already (mfim.evaluation.features), so dlib does not run again here."""
         ids, shapes, exps, poses, hns, trains = [], [], [], [], [], []
         for i in range(0, len(images), self.batch_size):
             x = images[i : i + self.batch_size].to(self.device).float().clamp(-1, 1)
@@ -148,7 +149,8 @@ class Evaluators:
             t = self.train_embedder(x)
             trains.append(t.cpu().numpy())
             if self.dlib is not None:
-                ids.append(self.dlib.embed_aligned(x.cpu()))
+                given = identity[i : i + self.batch_size] if identity is not None else None
+                ids.append(given if given is not None else self.dlib.embed_aligned(x.cpu()))
             else:
                 ids.append((self.eval_embedder(x) if self.eval_embedder is not None else t).cpu().numpy())
         cat = lambda xs: np.concatenate(xs, axis=0).astype(np.float64)  # noqa: E731

@@ -1,18 +1,27 @@
 """The streaming pass of the `evaluate` stage: pairs and triplets in, features out, one batch of images at a time.
 
-Per batch of pairs: read source and target (from the eval shards, else the aligned PNG), swap, self-swap, and keep
-only the evaluation networks' features of source / target / swap (``Features``: a few hundred numbers an image), the
-per-pair reconstruction errors, the running Fréchet statistics and the first few images the grids show. Per batch of
-triplets: the features of both sources and of the local / mixed / global results. Memory is one batch of images plus
-features, flat in the number of pairs -- holding every swap as float32 took 12 MB a pair at 1024 px.
+Three passes, each a sequence of batches whose results are written as one part file (``FeatureStore``):
+  images    every distinct eval image once (CelebA-HQ draws each source ~20 times, each target ~10): the evaluation
+            networks' features (``Features``: a few hundred numbers an image), and for the pairs' targets the
+            self-swap with and without style maps, its L1 / LPIPS errors and the Fréchet features of the real set
+  pairs     ``evaluate.batch_size`` consecutive (source, target) pairs: the swap, its features and Fréchet features
+  triplets  the ID-mixing triplets: the local / mixed / global results' features
+``collect`` then assembles per-pair and per-triplet features from the parts by key. A killed run keeps every part it
+finished (each written atomically) and the rerun computes only the missing ones. Memory is one batch of images plus
+the features, flat in the number of pairs.
 
-The batches are the ones the in-memory evaluation used (``evaluate.batch_size`` consecutive pairs), so every network
-sees the same inputs and the numbers are the same.
+Decoding runs in ``evaluate.workers`` DataLoader processes, which also take dlib's embeddings of the distinct
+images (dlib is CPU-only, ~70 ms an image); the swaps' dlib embeddings are split over as many pool processes.
+Images stay on the device from decoding to the last evaluator. The pair batches are the ones the in-memory evaluation
+used, so every network sees the same inputs and the numbers are the same.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mfim.evaluation.evaluators import Features
-from mfim.evaluation.grids import from_uint8
+from mfim.evaluation.grids import from_uint8, to_uint8
 
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global
 
@@ -37,7 +46,8 @@ class ImageReader:
         except (FileNotFoundError, ValueError):
             self.index = None
 
-    def read(self, keys, paths) -> torch.Tensor:
+    def read_uint8(self, keys, paths) -> np.ndarray:
+        """B×H×W×3 uint8."""
         from mfim.data.shards import resize_square
         from mfim.imageio import read_rgb
 
@@ -47,7 +57,10 @@ class ImageReader:
                 images.append(self.index.read(self.index.position_of[k], self.resolution).image)
             else:
                 images.append(resize_square(read_rgb(p), self.resolution))
-        return from_uint8(np.stack(images))
+        return np.stack(images)
+
+    def read(self, keys, paths) -> torch.Tensor:
+        return from_uint8(self.read_uint8(keys, paths))
 
     def close(self) -> None:
         if self.index is not None:
@@ -77,37 +90,6 @@ def ground_truth(shard_pattern: str) -> dict[str, dict]:
     return gt
 
 
-class Rows:
-    """Per-image values of one kind (features, errors) written into arrays sized for all rows on the first batch.
-
-    Preallocated rather than concatenated at the end: with the stage's allocator settings (nothing returned to the
-    OS, mfim.runtime.ensure_allocator_env) small arrays kept from every batch land in the space the batch's images
-    just freed and split it, so the next batch's images take fresh memory -- peak RSS then grew ~1 MB a pair."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.arrays: dict[str, np.ndarray] | None = None
-
-    def put(self, start: int, values: dict[str, np.ndarray]) -> None:
-        if self.arrays is None:
-            self.arrays = {k: np.empty((self.n, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in values.items()}
-        for k, v in values.items():
-            self.arrays[k][start : start + len(v)] = v
-
-    def result(self) -> dict[str, np.ndarray]:
-        return self.arrays if self.arrays is not None else {}
-
-
-class FeatureRows(Rows):
-    def add(self, start: int, f: Features) -> None:
-        self.put(start, {k.name: getattr(f, k.name) for k in fields(Features)})
-
-    def features(self) -> Features:
-        if self.arrays is None:
-            return Features(*(np.zeros((0, 0)) for _ in fields(Features)))
-        return Features(**self.arrays)
-
-
 @dataclass
 class GridImages:
     """The first ``keep`` images of each kind, in evaluation order (all the grids show)."""
@@ -128,8 +110,8 @@ class GridImages:
 
 @dataclass
 class PairFeatures:
-    source: Features
-    target: Features
+    source: Features | RowsOf  # per pair
+    target: Features | RowsOf
     swap: Features
     reconstruction: dict[str, np.ndarray]  # per pair: self-swap L1 / LPIPS, with and without style maps
     fd: dict  # mfim.nets.fid.FrechetDistance.report()
@@ -138,8 +120,8 @@ class PairFeatures:
 
 @dataclass
 class TripletFeatures:
-    global_source: Features
-    local_source: Features
+    global_source: Features | RowsOf  # per triplet
+    local_source: Features | RowsOf
     results: dict[str, Features]  # MIXING_ROWS -> features of that result
     grid: GridImages
 
@@ -156,64 +138,347 @@ def _progress(total: int, unit: str):
     return tqdm(total=total, desc=f"evaluate {unit}s", unit=unit, dynamic_ncols=True)
 
 
-@torch.no_grad()
-def stream_pairs(model, pairs: pd.DataFrame, reader: ImageReader, evaluators, lpips, fd, batch: int, device,
-                 keep: int = 8) -> PairFeatures:
-    """One pass over the (source, target) pairs; ``fd``: a mfim.nets.fid.FrechetDistance (targets are its reals)."""
-    res = reader.resolution
-    feats = {k: FeatureRows(len(pairs)) for k in ("source", "target", "swap")}
-    recon = Rows(len(pairs))
-    grid = GridImages(keep)
-
-    def at_res(x):  # errors are measured at the real images' resolution, as the paper's 256 px targets are
-        return F.interpolate(x, size=(res, res), mode="area") if x.shape[-1] != res else x
-
-    with _progress(len(pairs), "pair") as bar:
-        for i in range(0, len(pairs), batch):
-            rows = pairs.iloc[i : i + batch]
-            x_src = reader.read(rows.source_key, rows.source_path)
-            x_tgt = reader.read(rows.target_key, rows.target_path)
-            src_d, tgt_d = x_src.to(device), x_tgt.to(device)
-            x_swap = model.swap(src_d, tgt_d).float().cpu()
-            for name, x in (("swap", x_swap), ("source", x_src), ("target", x_tgt)):
-                feats[name].add(i, evaluators.features(x))
-            fd.add("real", x_tgt)
-            fd.add("fake", x_swap)
-            x_rec = model.reconstruct(tgt_d).float().cpu()
-            x_rec_nomaps = swap_without_style_maps(model, tgt_d, tgt_d).float().cpu()
-            errors = {}
-            for suffix, x in (("", x_rec), ("_without_style_maps", x_rec_nomaps)):
-                errors[f"self_swap_l1{suffix}"] = (at_res(x) - x_tgt).abs().flatten(1).mean(1).numpy()
-                errors[f"self_swap_lpips{suffix}"] = lpips(at_res(x.to(device)), tgt_d).flatten().float().cpu().numpy()
-            recon.put(i, errors)
-            for name, x in (("source", x_src), ("target", x_tgt), ("swap", x_swap), ("self_swap", x_rec),
-                            ("self_swap_without_style_maps", x_rec_nomaps)):
-                grid.add(name, x)
-            bar.update(len(rows))
-    return PairFeatures(feats["source"].features(), feats["target"].features(), feats["swap"].features(),
-                        recon.result(), fd.report(), grid)
+FEATURE_NAMES = [f.name for f in fields(Features)]
 
 
-@torch.no_grad()
-def stream_triplets(model, triplets: pd.DataFrame, reader: ImageReader, evaluators, batch: int, device,
-                    keep: int = 8) -> TripletFeatures:
-    """One pass over the ID-mixing triplets (target, global source, local source)."""
-    feats = {k: FeatureRows(len(triplets)) for k in ("global_source", "local_source", *MIXING_ROWS)}
-    grid = GridImages(keep)
-    with _progress(len(triplets), "triplet") as bar:
-        for i in range(0, len(triplets), batch):
-            rows = triplets.iloc[i : i + batch]
-            t_tgt, t_gb, t_lc = (reader.read(rows[f"{c}_key"], rows[f"{c}_path"])
-                                 for c in ("target", "global", "local"))
-            d_tgt, d_gb, d_lc = t_tgt.to(device), t_gb.to(device), t_lc.to(device)
-            results = {"local": model.swap(d_lc, d_tgt), "id_mixing": model.mix(d_tgt, d_gb, d_lc),
-                       "global": model.swap(d_gb, d_tgt)}
-            feats["global_source"].add(i, evaluators.features(t_gb))
-            feats["local_source"].add(i, evaluators.features(t_lc))
-            for row in MIXING_ROWS:
-                feats[row].add(i, evaluators.features(results[row].float().cpu()))
-            for name, x in (("global", t_gb), ("local", t_lc), ("target", t_tgt), ("mix", results["id_mixing"])):
-                grid.add(name, x.float())
-            bar.update(len(rows))
-    return TripletFeatures(feats["global_source"].features(), feats["local_source"].features(),
-                           {row: feats[row].features() for row in MIXING_ROWS}, grid)
+class FeatureStore:
+    """The streaming pass's finished batches, one .npz part per batch under ``<root>/<pass>/``, each written
+    atomically (mfim.atomic): a killed run leaves whole parts only, and the rerun computes the missing ones.
+
+    ``fingerprint`` names what the parts were computed from (params, model, eval sets): a store of another fingerprint
+    is emptied when opened, so changed inputs never mix with old features. Only the ``owner`` (torchrun's rank 0,
+    before the other ranks open the store) empties and tidies it; the others find it ready."""
+
+    def __init__(self, root, fingerprint: str, owner: bool = True):
+        from mfim.atomic import atomic_write
+
+        self.root, self.fingerprint = Path(root), fingerprint
+        stamp = self.root / "fingerprint"
+        stale = self.root.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint)
+        if not owner:
+            if stale or not stamp.is_file():
+                raise RuntimeError(f"{self.root}: progress of other inputs, or none (rank 0 opens it first)")
+            return
+        if stale:
+            shutil.rmtree(self.root)
+        for leftover in self.root.glob("*/.*.part"):  # temp files of a write the kill interrupted
+            leftover.unlink()
+        if not stamp.is_file():
+            atomic_write(stamp, lambda f: f.write(fingerprint.encode()))
+
+    def path(self, kind: str, index: int) -> Path:
+        return self.root / kind / f"{index:06d}.npz"
+
+    def has(self, kind: str, index: int) -> bool:
+        return self.path(kind, index).is_file()
+
+    def write(self, kind: str, index: int, arrays: dict[str, np.ndarray]) -> None:
+        from mfim.atomic import atomic_write
+
+        atomic_write(self.path(kind, index), lambda f: np.savez(f, **arrays))
+
+    def read(self, kind: str, index: int) -> dict[str, np.ndarray]:
+        with np.load(self.path(kind, index), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def distinct_images(pairs: pd.DataFrame, triplets: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(key, path) of every image whose features the tables need, once each, and how many lead: the pairs' targets
+    first (they also get the self-swap and the Fréchet real-set features), then the other sources (the pairs' and
+    the triplets' global and local ones)."""
+    def cols(df, c):
+        return df[[f"{c}_key", f"{c}_path"]].set_axis(["key", "path"], axis=1)
+
+    targets = cols(pairs, "target").drop_duplicates("key")
+    others = pd.concat([cols(pairs, "source")] + [cols(triplets, c) for c in ("global", "local") if len(triplets)])
+    others = others.drop_duplicates("key")
+    others = others[~others.key.isin(targets.key)]
+    return pd.concat([targets, others], ignore_index=True), len(targets)
+
+
+def batch_bounds(n: int, batch: int, start: int = 0) -> list[tuple[int, int]]:
+    return [(i, min(i + batch, n)) for i in range(start, n, batch)]
+
+
+_DLIB = None
+
+
+def _dlib():
+    """This process's dlib embedder (a worker loads its own once)."""
+    global _DLIB
+    if _DLIB is None:
+        from mfim.nets.identity import DlibIdentityEmbedder
+
+        _DLIB = DlibIdentityEmbedder()
+    return _DLIB
+
+
+def dlib_embed(images: np.ndarray) -> np.ndarray:
+    """dlib descriptors of B×H×W×3 uint8 aligned faces (Evaluators.features' own, from the [-1, 1] tensor)."""
+    return _dlib().embed_aligned(list(images))
+
+
+def _as_is(item):
+    return item
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Item k: batch ``todo[k]`` of the named (keys, paths) columns decoded to uint8 -- in a DataLoader worker
+    process when evaluate.workers > 0, where with ``dlib`` it also takes the images' dlib embeddings."""
+
+    def __init__(self, pattern: str, resolution: int, columns: dict[str, tuple[np.ndarray, np.ndarray]],
+                 bounds: list[tuple[int, int]], todo: list[int], dlib: bool = False):
+        self.pattern, self.resolution, self.columns = pattern, resolution, columns
+        self.bounds, self.todo, self.dlib = bounds, todo, dlib
+        self._open: tuple[int, ImageReader] | None = None
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def reader(self) -> ImageReader:
+        if self._open is None or self._open[0] != os.getpid():  # a worker opens the shards itself
+            self._open = (os.getpid(), ImageReader(self.pattern, self.resolution))
+        return self._open[1]
+
+    def __getitem__(self, k: int) -> dict:
+        j = self.todo[k]
+        a, b = self.bounds[j]
+        images = {name: self.reader().read_uint8(keys[a:b], paths[a:b]) for name, (keys, paths) in self.columns.items()}
+        identity = {name: dlib_embed(x) for name, x in images.items()} if self.dlib else {}
+        return {"index": j, "images": images, "identity": identity}
+
+    def close(self) -> None:
+        if self._open is not None and self._open[0] == os.getpid():
+            self._open[1].close()
+        self._open = None
+
+
+class SwapIdentity:
+    """dlib embeddings of generated images split over ``workers`` spawned processes; without workers (or without dlib)
+    ``submit`` returns a getter of None and the evaluators embed the images themselves, as before."""
+
+    def __init__(self, evaluators, workers: int):
+        self.pool, self.workers = None, workers
+        if workers > 0 and getattr(evaluators, "dlib", None) is not None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, x: torch.Tensor):
+        if self.pool is None:
+            return lambda: None
+        futures = [self.pool.submit(dlib_embed, part) for part in np.array_split(to_uint8(x), self.workers)]
+        return lambda: np.concatenate([f.result() for f in futures])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def fd_features(fd, images: torch.Tensor) -> np.ndarray:
+    """The Fréchet network's features of a batch, as FrechetDistance.add computes them (kept, not accumulated: the
+    statistics are summed when the parts are collected, in the order the pairs stream)."""
+    from mfim.nets.fid import area_resize
+
+    return fd.extractor(area_resize(images.to(fd.device, torch.float32), fd.resolution)).cpu().numpy()
+
+
+def _features(evaluators, x: torch.Tensor, identity: np.ndarray | None) -> Features:
+    return evaluators.features(x) if identity is None else evaluators.features(x, identity=identity)
+
+
+def _feature_arrays(f: Features) -> dict[str, np.ndarray]:
+    return {n: getattr(f, n) for n in FEATURE_NAMES}
+
+
+class RowsOf:
+    """Features (the same attributes) of the distinct images at ``rows``, taken when read: the pairs' sources and
+    targets are not held as one copy per pair (CelebA-HQ: 300k rows of ~700 float64 each, twice)."""
+
+    def __init__(self, distinct: dict[str, np.ndarray], rows: np.ndarray):
+        self._distinct, self._rows = distinct, rows
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name.startswith("_") or name not in FEATURE_NAMES:
+            raise AttributeError(name)
+        return self._distinct[name][self._rows]
+
+
+class Streamer:
+    """The three passes over one evaluation (pairs, triplets, their distinct images) into a FeatureStore, and
+    ``collect``, which turns the stored parts into the per-pair and per-triplet features the tables read.
+    With ``world`` > 1 (torchrun ranks) this rank computes every world-th of the batches missing from the store when
+    it is made (all ranks must list them before any writes: a barrier after __init__); parts are named by batch, so
+    any number of ranks, or a rerun with another number, fills the same store, the work split evenly either way."""
+
+    def __init__(self, model, pairs: pd.DataFrame, triplets: pd.DataFrame, shard_pattern: str, resolution: int,
+                 evaluators, lpips, fd, batch: int, device, store: FeatureStore, workers: int = 0, rank: int = 0,
+                 world: int = 1):
+        self.model, self.pairs, self.triplets, self.pattern = model, pairs, triplets, shard_pattern
+        self.res, self.evaluators, self.lpips, self.fd = resolution, evaluators, lpips, fd
+        self.batch, self.device, self.store, self.workers = batch, torch.device(device), store, workers
+        self.rank, self.world = rank, world
+        self.images, self.n_targets = distinct_images(pairs, triplets)
+        self.bounds = {"images": batch_bounds(self.n_targets, batch) + batch_bounds(len(self.images), batch,
+                                                                                      self.n_targets),
+                       "pairs": batch_bounds(len(pairs), batch), "triplets": batch_bounds(len(triplets), batch)}
+        self.todo = {kind: [j for j in range(len(b)) if not store.has(kind, j)][rank::world]
+                     for kind, b in self.bounds.items()}
+
+    def _columns(self, kind: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if kind == "images":
+            return {"image": (self.images.key.to_numpy(), self.images.path.to_numpy())}
+        df, names = (self.pairs, ("source", "target")) if kind == "pairs" else (self.triplets, ("target", "global",
+                                                                                                 "local"))
+        return {c: (df[f"{c}_key"].to_numpy(), df[f"{c}_path"].to_numpy()) for c in names}
+
+    def run(self) -> None:
+        swap_identity = SwapIdentity(self.evaluators, self.workers)
+        try:
+            for kind, compute in (("images", self._image_part), ("pairs", lambda item: self._pair_part(
+                    item, swap_identity)), ("triplets", lambda item: self._triplet_part(item, swap_identity))):
+                self._run_pass(kind, compute)
+        finally:
+            swap_identity.close()
+
+    @torch.no_grad()
+    def _run_pass(self, kind: str, compute) -> None:
+        from torch.utils.data import DataLoader
+
+        bounds, todo = self.bounds[kind], self.todo[kind]
+        dlib = kind == "images" and self.workers > 0 and getattr(self.evaluators, "dlib", None) is not None
+        reader = BatchReader(self.pattern, self.res, self._columns(kind), bounds, todo, dlib=dlib)
+        loader = DataLoader(reader, batch_size=None, num_workers=self.workers, collate_fn=_as_is)
+        with _progress(sum(bounds[j][1] - bounds[j][0] for j in todo), kind[:-1]) as bar:
+            try:
+                for item in loader:
+                    self.store.write(kind, item["index"], compute(item))
+                    a, b = bounds[item["index"]]
+                    bar.update(b - a)
+            finally:
+                reader.close()
+
+    def _on_device(self, item: dict, name: str) -> torch.Tensor:
+        return from_uint8(item["images"][name]).to(self.device)
+
+    def _image_part(self, item: dict) -> dict[str, np.ndarray]:
+        j = item["index"]
+        a, b = self.bounds["images"][j]
+        x = self._on_device(item, "image")
+        part = {"key": self.images.key.to_numpy()[a:b].astype(str),
+                **_feature_arrays(_features(self.evaluators, x, item["identity"].get("image")))}
+        if a < self.n_targets:  # target batches hold targets only (bounds split there)
+            part.update(self._self_swap_errors(x))
+            part["fd_real"] = fd_features(self.fd, x)
+        return part
+
+    def _at_res(self, x: torch.Tensor) -> torch.Tensor:
+        # errors are measured at the real images' resolution, as the paper's 256 px targets are
+        return F.interpolate(x, size=(self.res, self.res), mode="area") if x.shape[-1] != self.res else x
+
+    def _self_swap_errors(self, x_tgt: torch.Tensor) -> dict[str, np.ndarray]:
+        x_rec = self.model.reconstruct(x_tgt).float()
+        x_rec_nomaps = swap_without_style_maps(self.model, x_tgt, x_tgt).float()
+        errors = {}
+        for suffix, x in (("", x_rec), ("_without_style_maps", x_rec_nomaps)):
+            x = self._at_res(x)
+            errors[f"self_swap_l1{suffix}"] = (x - x_tgt).abs().flatten(1).mean(1).cpu().numpy()
+            errors[f"self_swap_lpips{suffix}"] = self.lpips(x, x_tgt).flatten().float().cpu().numpy()
+        return errors
+
+    def _pair_part(self, item: dict, swap_identity: SwapIdentity) -> dict[str, np.ndarray]:
+        x_swap = self.model.swap(self._on_device(item, "source"), self._on_device(item, "target")).float()
+        identity = swap_identity.submit(x_swap)  # dlib on the CPU workers while the device does the rest
+        fd_fake = fd_features(self.fd, x_swap)
+        f = _features(self.evaluators, x_swap, identity())
+        return {**_feature_arrays(f), "fd_fake": fd_fake, "size": np.array(x_swap.shape[-1])}
+
+    def _triplet_part(self, item: dict, swap_identity: SwapIdentity) -> dict[str, np.ndarray]:
+        t_tgt, t_gb, t_lc = (self._on_device(item, c) for c in ("target", "global", "local"))
+        results = {"local": self.model.swap(t_lc, t_tgt), "id_mixing": self.model.mix(t_tgt, t_gb, t_lc),
+                   "global": self.model.swap(t_gb, t_tgt)}
+        identity = {row: swap_identity.submit(results[row].float()) for row in MIXING_ROWS}
+        part = {}
+        for row in MIXING_ROWS:
+            f = _features(self.evaluators, results[row].float(), identity[row]())
+            part.update({f"{row}.{n}": v for n, v in _feature_arrays(f).items()})
+        return part
+
+    def collect(self, keep: int = 8) -> tuple[PairFeatures, TripletFeatures | None]:
+        """Per-pair / per-triplet features from the stored parts (every one must be there: ``run`` first)."""
+        parts = [self.store.read("images", j) for j in range(len(self.bounds["images"]))]
+        cat = lambda name, ps: np.concatenate([p[name] for p in ps])  # noqa: E731
+        distinct = {n: cat(n, parts) for n in FEATURE_NAMES}
+        row = {k: i for i, k in enumerate(cat("key", parts))}
+        target_parts = [p for p in parts if "fd_real" in p]
+        src_rows = self.pairs.source_key.map(row).to_numpy()
+        tgt_rows = self.pairs.target_key.map(row).to_numpy()  # targets lead: these index the target parts too
+        fd_real = cat("fd_real", target_parts) if target_parts else None
+        recon = {n: cat(n, target_parts)[tgt_rows] for n in target_parts[0] if n.startswith("self_swap")} \
+            if target_parts else {}
+        swap = self._pair_parts(tgt_rows, fd_real)
+        pf = PairFeatures(RowsOf(distinct, src_rows), RowsOf(distinct, tgt_rows), swap, recon, self.fd.report(),
+                          self._pair_grid(keep))
+        if not len(self.triplets):
+            return pf, None
+        results = {row_name: [] for row_name in MIXING_ROWS}
+        for j in range(len(self.bounds["triplets"])):
+            part = self.store.read("triplets", j)
+            for r in MIXING_ROWS:
+                results[r].append({n: part[f"{r}.{n}"] for n in FEATURE_NAMES})
+        tf = TripletFeatures(RowsOf(distinct, self.triplets.global_key.map(row).to_numpy()),
+                             RowsOf(distinct, self.triplets.local_key.map(row).to_numpy()),
+                             {r: Features(**{n: cat(n, ps) for n in FEATURE_NAMES}) for r, ps in results.items()},
+                             self._triplet_grid(keep))
+        return pf, tf
+
+    def _pair_parts(self, tgt_rows: np.ndarray, fd_real: np.ndarray | None) -> Features:
+        """The swaps' features, and the Fréchet statistics summed a pair batch at a time (real: the batch's targets,
+        repeats included, as the per-pair evaluation added them), one part in memory at a time."""
+        self.fd.input_sizes["real"].add(self.res)
+        swap = {n: [] for n in FEATURE_NAMES}
+        for j, (a, b) in enumerate(self.bounds["pairs"]):
+            part = self.store.read("pairs", j)
+            for n in FEATURE_NAMES:
+                swap[n].append(part[n])
+            self.fd.stats["real"].update(fd_real[tgt_rows[a:b]])
+            self.fd.stats["fake"].update(part["fd_fake"])
+            self.fd.input_sizes["fake"].add(int(part["size"]))
+        return Features(**{n: np.concatenate(v) for n, v in swap.items()})
+
+    @torch.no_grad()
+    def _pair_grid(self, keep: int) -> GridImages:
+        """The first ``keep`` pairs' images for the grids, made again in the batches the pass made them in."""
+        grid = GridImages(keep)
+        with ImageReader(self.pattern, self.res) as reader:
+            for a, b in self.bounds["pairs"]:
+                if a >= keep:
+                    break
+                rows = self.pairs.iloc[a:b]
+                x_src = reader.read(rows.source_key, rows.source_path).to(self.device)
+                x_tgt = reader.read(rows.target_key, rows.target_path).to(self.device)
+                images = {"source": x_src, "target": x_tgt, "swap": self.model.swap(x_src, x_tgt),
+                          "self_swap": self.model.reconstruct(x_tgt),
+                          "self_swap_without_style_maps": swap_without_style_maps(self.model, x_tgt, x_tgt)}
+                for name, x in images.items():
+                    grid.add(name, x.float())
+        return grid
+
+    @torch.no_grad()
+    def _triplet_grid(self, keep: int) -> GridImages:
+        grid = GridImages(keep)
+        with ImageReader(self.pattern, self.res) as reader:
+            for a, b in self.bounds["triplets"]:
+                if a >= keep:
+                    break
+                rows = self.triplets.iloc[a:b]
+                t_tgt, t_gb, t_lc = (reader.read(rows[f"{c}_key"], rows[f"{c}_path"]).to(self.device)
+                                     for c in ("target", "global", "local"))
+                for name, x in (("global", t_gb), ("local", t_lc), ("target", t_tgt),
+                                ("mix", self.model.mix(t_tgt, t_gb, t_lc))):
+                    grid.add(name, x.float())
+        return grid
