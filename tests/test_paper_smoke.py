@@ -155,7 +155,7 @@ def smoke_params(weights: dict[str, Path], ffhq: Path, ffpp: Path, celebahq: Pat
     p["warmstart"].update(regression_steps=1, recon_steps=1, batch_size=1, log_every=1)
     p["train"].update(steps=1, batch_size=1, checkpoint_every=1000, sample_every=1000, log_every=1, workers=0,
                       sample_pairs=2)
-    p["evaluate"].update(batch_size=2, bootstrap=10)
+    p["evaluate"].update(batch_size=2, bootstrap=10, workers=1)  # the worker path, one process: CI has 2 cores
     p["evaluate"]["fid"]["inception_checkpoint"] = str(weights["inception"])
     return p
 
