@@ -228,6 +228,13 @@ def train_plan(sizes: Sizes) -> list[tuple[str, dict, int]]:
                    ("cudnn_benchmark+tf32", {"cudnn_benchmark": True, "tf32": True}, one), ("compile", comp, one)]
 
 
+def fresh_compile_caches() -> None:
+    """Dynamo keeps compiled code per function, guarded on the module instance, up to a small limit; every variant
+    compiles fresh deep copies, so without a reset a late variant would silently fall back to eager once the limit
+    is reached. (Inductor's on-disk FX graph cache survives the reset: a graph compiled before is reused.)"""
+    torch._dynamo.reset()
+
+
 def encoder_grad(trainer) -> torch.Tensor:
     return torch.cat([p.grad.detach().float().flatten() for p in trainer.model.encoder.parameters()
                       if p.grad is not None])
@@ -238,6 +245,7 @@ def time_train(name: str, speed: dict, batch: int, pristine, params: dict, devic
     from mfim.training.trainer import TrainConfig, Trainer
 
     row = {"variant": name, "batch": batch, **{f"opt.{k}": v for k, v in speed.items()}}
+    fresh_compile_caches()
     model, objective = (copy.deepcopy(m) for m in pristine)
     trainer = Trainer(model, objective, TrainConfig.from_params(params["train"]), device)
     apply_speed_options(trainer, SpeedOptions.from_params(speed))
@@ -293,6 +301,7 @@ def time_inference(pristine, device, sizes: Sizes, budget: Budget) -> list[dict]
             rows.append({"variant": name, "skipped": "time budget"})
             continue
         try:
+            fresh_compile_caches()
             model = copy.deepcopy(pristine[0]).eval()
             if cl:
                 to_channels_last(model.encoder)
