@@ -6,6 +6,8 @@ benchmarks/gpu_check.py --smoke and on the GPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from mfim.training.objective import LossWeights, MFIMObjective
 from mfim.training.speed import SPEED_KEYS, SpeedOptions, apply_speed_options, fused_adam
 from mfim.training.trainer import TrainConfig, Trainer
 from tests.stubs import Stub3DMM, StubEmbedder
+
+REPO = Path(__file__).resolve().parents[1]
 
 RES = 32
 LR = 2e-3
@@ -120,6 +124,16 @@ def test_all_options_together(baseline):
     assert_same_step(run_steps(opts), baseline, tol=5e-5)
 
 
+def test_channels_last_leaves_the_generator_contiguous():
+    """NHWC for the encoder, D and the loss networks; the generator's weights stay as they were (speed.py: the CPU's
+    grouped 1x1 conv gave ToRGB a wrong weight gradient with NHWC weights)."""
+    tr = small_trainer()
+    apply_speed_options(tr, SpeedOptions(channels_last=True))
+    convs = lambda m: [p for p in m.parameters() if p.ndim == 4 and p.shape[-1] > 1]  # noqa: E731 (1x1: ambiguous)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs(tr.model.encoder) + convs(tr.D))
+    assert all(p.is_contiguous() for p in tr.model.generator.parameters())
+
+
 def test_fused_adam_keeps_moments_and_groups():
     """A fused copy of an Adam that already stepped continues exactly where the plain one would."""
     import copy
@@ -145,8 +159,6 @@ def test_fused_adam_keeps_moments_and_groups():
 
 def test_params_parse_and_are_listed_in_both_param_files():
     import yaml
-
-    from tests.test_paper_smoke import REPO
 
     for name in ("params.yaml", "configs/paper.yaml"):
         train = yaml.safe_load((REPO / name).read_text())["train"]
