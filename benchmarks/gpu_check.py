@@ -15,7 +15,7 @@ budget ``--budget-s`` would be exceeded):
    today, with bf16 autocast, and with bf16 + channels_last + torch.compile.
 3. Times the full training step (eq. (6), Adam on the encoder, D update) at batch 4 / 8 / 16: today's settings
    (configs/paper.yaml's train.bf16 autocast, no speed option) and with all speed options (mfim.training.speed), and
-   each option alone at batch 8. Per row: img/s (lazy R1 amortised over r1_every steps), ms per step, peak memory,
+   each option alone at batch 8, and the float32 step (bf16 off) at batch 8. Per row: img/s (lazy R1 amortised over r1_every steps), ms per step, peak memory,
    and the first step's losses and encoder gradient against today's at the same batch (relative difference; bf16
    noise is ~1e-2, a wrong kernel is ~1).
 4. Profiles two steps of the fastest configuration at the largest batch that fitted: the top ops by GPU time and the
@@ -126,7 +126,8 @@ def write_official_files(root: Path, sizes: Sizes) -> dict[str, Path]:
     write_deca_tar(paths["deca"])
     stats = root / "data" / "threedmm" / "stats.json"
     stats.parent.mkdir(parents=True)
-    stats.write_text(json.dumps({"encoder": "deca", "shape_mean": [0.0] * FLAME_N_SHAPE, "shape_std": [1.0] * FLAME_N_SHAPE,
+    stats.write_text(json.dumps({"encoder": "deca",
+                                 "shape_mean": [0.0] * FLAME_N_SHAPE, "shape_std": [1.0] * FLAME_N_SHAPE,
                                  "exp_mean": [0.0] * FLAME_N_EXP, "exp_std": [0.5] * FLAME_N_EXP}))
     return paths
 
@@ -224,6 +225,9 @@ def train_plan(sizes: Sizes) -> list[tuple[str, dict, int]]:
     if sizes.smoke:  # the single options run the same code paths as all_options
         return plan
     one = sizes.single_option_batch
+    # bf16 off: the float32 step, and its gradient against today's bf16 one -- the bf16 noise level that the other
+    # rows' grad_rel_diff is read against
+    plan.insert(4, ("fp32 (bf16 off)", {"bf16": False}, one))
     return plan + [("channels_last", {"channels_last": True}, one), ("fused_adam", {"fused_adam": True}, one),
                    ("cudnn_benchmark+tf32", {"cudnn_benchmark": True, "tf32": True}, one), ("compile", comp, one)]
 
@@ -247,7 +251,8 @@ def time_train(name: str, speed: dict, batch: int, pristine, params: dict, devic
     row = {"variant": name, "batch": batch, **{f"opt.{k}": v for k, v in speed.items()}}
     fresh_compile_caches()
     model, objective = (copy.deepcopy(m) for m in pristine)
-    trainer = Trainer(model, objective, TrainConfig.from_params(params["train"]), device)
+    cfg = TrainConfig.from_params({**params["train"], **{k: v for k, v in speed.items() if k == "bf16"}})
+    trainer = Trainer(model, objective, cfg, device)
     apply_speed_options(trainer, SpeedOptions.from_params(speed))
     data = random_batch(batch, sizes.data_resolution, device, seed=batch)
     r1_every = objective.w.r1_every
@@ -360,8 +365,10 @@ def profile_step(best: dict, pristine, params, device, sizes: Sizes) -> dict:
     from mfim.training.trainer import TrainConfig, Trainer
 
     speed = {k[4:]: v for k, v in best.items() if k.startswith("opt.")}
+    fresh_compile_caches()
     model, objective = (copy.deepcopy(m) for m in pristine)
-    trainer = Trainer(model, objective, TrainConfig.from_params(params["train"]), device)
+    cfg = TrainConfig.from_params({**params["train"], **{k: v for k, v in speed.items() if k == "bf16"}})
+    trainer = Trainer(model, objective, cfg, device)
     apply_speed_options(trainer, SpeedOptions.from_params(speed))
     data = random_batch(best["batch"], sizes.data_resolution, device)
     trainer.step = 1
@@ -555,7 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = travel_bytes()
         print({k: f"{v / 2**20:.1f} MiB" for k, v in sizes.items()})
         if sizes["total"] >= TRAVEL_LIMIT:
-            raise SystemExit("over the device tool's 64 MiB: take checkpoints/*.pt out of the index (benchmarks/README.md)")
+            raise SystemExit("over the device tool's 64 MiB: take checkpoints/*.pt out of the index "
+                             "(benchmarks/README.md)")
         return sizes
     if a.smoke:
         torch.set_num_threads(1)  # tiny ops: one thread is as fast, and immune to spin-waiting on shared cores

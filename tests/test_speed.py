@@ -75,7 +75,7 @@ def assert_same_step(got, ref, tol: float) -> None:
         assert worst <= tol, f"gradient differs by {worst:.2e} (relative)"
         # a near-zero gradient component can still flip Adam's ~lr x sign step: updates are compared against lr
         worst = max(float((w - r).abs().max()) for w, r in zip(weights, rweights))
-        assert worst <= (tol > 0) * 0.05 * LR, f"weights after the update differ by {worst:.2e} ({worst / LR:.1%} of lr)"
+        assert worst <= (tol > 0) * 0.05 * LR, f"updates differ by {worst:.2e} ({worst / LR:.1%} of lr)"
 
 
 @pytest.fixture(scope="module")
