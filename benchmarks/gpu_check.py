@@ -325,8 +325,11 @@ def time_inference(pristine, device, sizes: Sizes, budget: Budget) -> list[dict]
                     with torch.no_grad(), amp:
                         reset_peak(device)
                         t0 = time.monotonic()
-                        fn()
+                        fn()  # compiles, picks cuDNN algorithms
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
                         first = time.monotonic() - t0
+                        fn()  # warm
                         s = clock.time(fn, sizes.swap_repeats)
                     rows.append({"what": what, "variant": name, "batch": batch, "first_call_s": round(first, 2),
                                  "ms_per_batch": round(s * 1000, 2), "ms_per_image": round(s * 1000 / batch, 2),
