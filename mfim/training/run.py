@@ -25,10 +25,11 @@ import torch
 from mfim.config import lookup
 from mfim.runtime import configure_threads, pick_device
 from mfim.training.presets import apply_preset
+from mfim.training.speed import SPEED_KEYS
 
 TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
 # do not change what is learned
-BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", "workers", "keep_checkpoint"}
+BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", "workers", "keep_checkpoint"} | SPEED_KEYS
 
 
 def train_seed(params: dict) -> int:
@@ -163,6 +164,9 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     if not resumed and init_path is not None:
         init_encoder(trainer, init_path)
         print(f"encoder initialised from {init_path}")
+    from mfim.training.speed import SpeedOptions, apply_speed_options
+
+    apply_speed_options(trainer, SpeedOptions.from_params(tr))  # after any resume loaded the optimisers' state
 
     batch_size = int(tr.get("batch_size", 8))
     batches = pair_batches(
