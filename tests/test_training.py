@@ -216,6 +216,71 @@ def test_stale_part_files_of_a_killed_write_are_removed_at_start(tmp_path, caplo
     assert load_checkpoint(path)["step"] == 1  # the last complete checkpoint is still there
 
 
+def test_background_checkpoint_is_the_state_at_save_time(tmp_path, monkeypatch):
+    """save(background=True) returns while the write is still under way; training goes on meanwhile, and the file
+    holds the state of the step it was saved at, not the weights the later steps made."""
+    import threading
+
+    from mfim.training import trainer as trainer_module
+
+    tr = build(FULL)
+    tr.train_step([fixed_batch()])
+    at_save = {k: v.clone() for k, v in tr.model.encoder.state_dict().items()}
+    release, writing = threading.Event(), threading.Event()
+    real_save = trainer_module.atomic_torch_save
+
+    def held_save(state, path):  # the writer starts serialising only after the next step changed the weights
+        writing.set()
+        assert release.wait(60)
+        return real_save(state, path)
+
+    monkeypatch.setattr(trainer_module, "atomic_torch_save", held_save)
+    path = tmp_path / "ck.pt"
+    assert tr.save(path, data_state={"pos": 1}, background=True) == path
+    assert writing.wait(60) and not path.exists()  # returned mid-write
+    tr.train_step([fixed_batch(1)])  # the live weights move on
+    release.set()
+    tr.wait_for_save()
+    ck = load_checkpoint(path)
+    assert ck["step"] == 1 and ck["data"] == {"pos": 1}
+    for k, v in at_save.items():
+        assert torch.equal(ck["encoder"][k], v)
+    assert any(not torch.equal(v, tr.model.encoder.state_dict()[k]) for k, v in at_save.items())
+
+
+BACKGROUND_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    sys.path.insert(0, os.getcwd())
+    from tests.test_training import build, fixed_batch, FULL
+    path = sys.argv[1]
+    tr = build(FULL)
+    tr.train_step([fixed_batch()])
+    tr.save(path)
+    def slow_fsync(fd):
+        print("writing", flush=True)
+        time.sleep(60)
+    os.fsync = slow_fsync
+    tr.train_step([fixed_batch(1)])
+    tr.save(path, background=True)
+    print("returned", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_killed_during_a_background_checkpoint_write_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "ck.pt"
+    proc = subprocess.Popen([sys.executable, "-c", BACKGROUND_KILL_SCRIPT, str(path)], stdout=subprocess.PIPE,
+                            text=True, cwd=os.getcwd(), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    said = {proc.stdout.readline().strip(), proc.stdout.readline().strip()}
+    assert said == {"writing", "returned"}  # the training thread went on while the writer was mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert load_checkpoint(path)["step"] == 1
+    assert any(p.name.endswith(".part") for p in tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("bad", [b"", b"PK\x03\x04 truncated zip", "truncated", "not_a_dict"])
 def test_corrupt_checkpoint_is_moved_aside_and_training_starts_over(tmp_path, caplog, bad):
     from mfim.training.checkpoint import load_resumable
