@@ -116,3 +116,16 @@ def test_sample_grid_is_capped_at_a_browser_size():
     assert max(image_grid(big).shape[:2]) == 6 * 1024 + 7 * 2  # uncapped: 6,158 px
     assert grid_tile_size(big, 0) is None
     assert np.asarray(grid).dtype == np.uint8
+
+
+def test_the_training_index_keeps_no_json_and_reads_the_same_samples(tmp_path):
+    from mfim.data import shards as S
+    from tests.test_shards import make_fixture_shards
+
+    make_fixture_shards(tmp_path)
+    pattern = str(tmp_path / "train-*.tar")
+    full, lean = S.ShardIndex(pattern), S.ShardIndex(pattern, keep_metas=False)
+    assert lean.metas is None and lean.keys == full.keys and np.array_equal(lean.identities, full.identities)
+    for i in (0, len(full) - 1):
+        a, b = full.read(i), lean.read(i)
+        assert a.key == b.key and np.array_equal(a.image, b.image) and a.meta == b.meta
