@@ -91,6 +91,21 @@ def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def same_start(dist, step: int, ck_path: Path) -> None:
+    """Every rank resumed at the same step (each reads the checkpoint itself), else a one-line error: across
+    machines, a rank that found no checkpoint would train from step 0 beside ranks at step N."""
+    if dist.world <= 1:
+        return
+    import torch.distributed as tdist
+
+    steps: list = [None] * dist.world
+    tdist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        odd = next(r for r, s in enumerate(steps) if s != steps[0])
+        raise RuntimeError(f"rank {odd} starts at step {steps[odd]}, rank 0 at step {steps[0]}: every machine must "
+                           f"see the same {ck_path} (put {ck_path.parent} on a shared filesystem, or delete it)")
+
+
 def grid_tile_size(columns: list[torch.Tensor], max_px: int, pad: int = 2) -> int | None:
     """The tile size that keeps a sample grid's longer side within ``max_px`` (mfim.evaluation.grids.image_grid's
     layout: a row per example, a column per kind, ``pad`` px between); None (native size) when it fits or max_px
@@ -218,6 +233,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
                 f" (saved by {saved_world} processes, continuing with {dist.world} at the same global batch)"
                 if saved_world != dist.world else ""))
     del state  # the memory map's pages are dropped with the last reference
+    same_start(dist, trainer.step, ck_path)
     if not resumed and init_path is not None:
         if dist.is_main:  # one read of the (3 GB at paper scale) file; the other ranks receive it
             init_encoder(trainer, init_path)
