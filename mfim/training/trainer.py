@@ -126,7 +126,8 @@ class _FiniteWatch:
         step, names, values = pending[int(bad.nonzero()[0])]
         values = values.cpu()
         where = [j for j, v in enumerate(values.tolist()) if not math.isfinite(v)]
-        what = f"loss term {names[where[0]]!r} became {values[where[0]].item()}" if where else "a loss term of another rank"
+        what = (f"loss term {names[where[0]]!r} became {values[where[0]].item()}" if where
+                else "a loss term of another rank")
         raise TrainingDiverged(
             f"{what} at step {step}; stopping. The last good checkpoint is kept. "
             "Lower train.lr or the loss weights, or check the inputs."
