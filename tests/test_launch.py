@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,44 @@ def test_the_training_index_keeps_no_json_and_reads_the_same_samples(tmp_path):
     for i in (0, len(full) - 1):
         a, b = full.read(i), lean.read(i)
         assert a.key == b.key and np.array_equal(a.image, b.image) and a.meta == b.meta
+
+
+ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import os, time, torch
+    from mfim.training.distributed import init_from_env
+    init_from_env(torch.device("cpu"))
+    print("worker", os.getpid(), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_torchrun_workers_end_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL reaches the launcher (torchrun's agent) only; its workers must not train on beside the next run."""
+    import signal
+    import time
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": "cpu"}}))
+    (tmp_path / "script.py").write_text(ORPHAN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), PET_NNODES="1", PET_RDZV_BACKEND="c10d",
+               PET_RDZV_ENDPOINT="127.0.0.1:0", PET_RDZV_ID="mfim-orphan")
+    proc = subprocess.Popen([sys.executable, "-m", "mfim.launch", "script.py"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    line = ""
+    while not line.startswith("worker"):
+        line = proc.stdout.readline()
+        assert line, "the launcher ended before its worker started"
+    worker = int(line.split()[1])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    for _ in range(100):
+        try:  # gone, or a zombie nobody reaped yet (in a container, PID 1 may not)
+            if "\nState:\tZ" in (Path("/proc") / str(worker) / "status").read_text():
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its launcher")

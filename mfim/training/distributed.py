@@ -12,12 +12,14 @@ of the step shape how it is used (mfim.training.trainer):
 Batch norm (the paper's IR-SE50 body) is synchronised across ranks, so every rank normalises with the statistics of
 the global batch and the update equals one process's on the global batch: torch.nn.SyncBatchNorm on GPUs; on CPU
 (gloo), where torch's kernels for it do not exist, :class:`GlooSyncBatchNorm` computes the same statistics with two
-differentiable all-reduces (torch.distributed.nn). GroupNorm (the embedded default's small body) needs none.
+differentiable all-reduces (torch's functional collectives). GroupNorm (the embedded default's small body) needs none.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,8 @@ class DistInfo:
 
 def init_from_env(device: torch.device) -> DistInfo:
     """Join the process group torchrun set up (WORLD_SIZE > 1); otherwise single process."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        exit_with_parent()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -46,6 +50,21 @@ def init_from_env(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process when its parent (torchrun's agent) is gone. A SIGKILL of the stage (dvc, a scheduler) reaches
+    the agent only; its workers run in their own sessions and would otherwise go on training -- and writing the
+    checkpoint and outputs -- beside the run that the next `dvc repro` starts. Checkpoint writes are atomic, so
+    ending at any point is safe."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
@@ -59,7 +78,7 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
 class GlooSyncBatchNorm(_BatchNorm):
     """Batch norm synchronised across the ranks of a CPU (gloo) run, where torch.nn.SyncBatchNorm has no kernels
     (and DDP refuses it on CPU modules): in training it normalises with the global batch's mean and biased variance
-    (two passes, each one differentiable all-reduce of per-channel sums, torch.distributed.nn) and updates the running
+    (two passes, each one differentiable all-reduce of per-channel sums) and updates the running
     statistics with the unbiased variance and momentum, as torch's kernels do. Same parameters and buffers as the
     BatchNorm it replaces."""
 
@@ -71,15 +90,19 @@ class GlooSyncBatchNorm(_BatchNorm):
         group = self.process_group if getattr(self, "process_group", None) is not None else dist.group.WORLD
         if not (self.training and dist.is_initialized() and dist.get_world_size(group) > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        # differentiable (its backward all-reduces the gradient): torch's functional collectives
+        from torch.distributed._functional_collectives import all_reduce as functional_all_reduce
+
+        def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+            return functional_all_reduce(t, "sum", group)
 
         self._check_input_dim(x)
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype), group=group)
-        mean = all_reduce(x.sum(dims), group=group) / count
+        count = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype), group)
+        mean = all_reduce(x.sum(dims), group) / count
         centred = x - mean.view(shape)
-        var = all_reduce(centred.square().sum(dims), group=group) / count
+        var = all_reduce(centred.square().sum(dims), group) / count
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -104,15 +127,15 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 def wrap_ddp(module: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """``module`` under DistributedDataParallel (world > 1), else itself. Buffers are not broadcast each forward:
-    synchronised batch norm keeps its running statistics equal on every rank, and the frozen generator's are
-    constants."""
+    """``module`` under DistributedDataParallel (world > 1), else itself. Buffers are synced once, at construction,
+    not at each forward: synchronised batch norm keeps its running statistics equal on every rank, and the frozen
+    generator's are constants."""
     if info.world <= 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
