@@ -1,9 +1,10 @@
-"""Run a stage script on every GPU of the machine: ``python -m mfim.launch pipelines/train.py [args...]``.
+"""Run a stage script on every GPU of the machine: ``python -m mfim.launch [--gpus-key KEY] SCRIPT [args...]``.
 
 The `train` stage's command (dvc.yaml), so that ``dvc repro`` itself trains across GPUs and the run it records is
-the run that was made. How many processes: ``project.gpus`` from the params file (MFIM_PARAMS, else params.yaml)
-when the stage runs on CUDA (``project.device`` auto with a GPU present, or cuda): ``auto`` = every visible GPU
-(torch.cuda.device_count(), so CUDA_VISIBLE_DEVICES narrows it), an integer = that many; on CPU always one process.
+the run that was made. How many processes: the param KEY (default ``train.gpus``; a key of the stage's own group, so
+that no other stage's params change with it) from the params file (MFIM_PARAMS, else params.yaml) when the stage runs
+on CUDA (``project.device`` auto with a GPU present, or cuda): ``auto`` = every visible GPU (torch.cuda.device_count(),
+so CUDA_VISIBLE_DEVICES narrows it), an integer = that many; on CPU always one process.
 
 * more than one: torch.distributed.run (torchrun) starts them, one per GPU, ``--standalone`` (a local rendezvous) on
   one machine. Across machines, torchrun's own environment variables configure it instead (PET_NNODES,
@@ -24,6 +25,7 @@ import sys
 from mfim.config import lookup
 
 MULTI_NODE_ENV = ("PET_NNODES", "PET_RDZV_ENDPOINT")
+GPUS_KEY = "train.gpus"
 
 
 def uses_cuda(params: dict) -> bool:
@@ -35,22 +37,22 @@ def uses_cuda(params: dict) -> bool:
     return device.startswith("cuda")
 
 
-def process_count(params: dict) -> int:
-    """Processes on this machine: 1 on CPU, else project.gpus (auto: the visible GPUs)."""
+def process_count(params: dict, key: str = GPUS_KEY) -> int:
+    """Processes on this machine: 1 on CPU, else the param ``key`` (auto: the visible GPUs)."""
     if not uses_cuda(params):
         return 1
     import torch
 
     visible = torch.cuda.device_count()
-    value = lookup(params, "project.gpus", "auto")
+    value = lookup(params, key, "auto")
     if value in (None, "auto"):
         return max(visible, 1)
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"project.gpus must be auto or a positive integer, not {value!r}") from None
+        raise ValueError(f"{key} must be auto or a positive integer, not {value!r}") from None
     if not 1 <= n <= visible:
-        raise ValueError(f"project.gpus is {n} but this machine has {visible} visible GPUs; set project.gpus: auto")
+        raise ValueError(f"{key} is {n} but this machine has {visible} visible GPUs; set {key}: auto")
     return n
 
 
@@ -61,13 +63,16 @@ def torchrun_args(n: int, script: str, args: list[str], env: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    key = GPUS_KEY
+    if argv[:1] == ["--gpus-key"] and len(argv) > 1:
+        key, argv = argv[1], argv[2:]
     if not argv:
-        raise SystemExit("usage: python -m mfim.launch SCRIPT [ARGS...]")
+        raise SystemExit("usage: python -m mfim.launch [--gpus-key KEY] SCRIPT [ARGS...]")
     script, args = argv[0], argv[1:]
     from mfim.config import load_params
 
     params = load_params(os.environ.get("MFIM_PARAMS", "params.yaml"))
-    n = process_count(params)
+    n = process_count(params, key)
     multi_node = any(os.environ.get(k) for k in MULTI_NODE_ENV)
     env = dict(os.environ, MFIM_NO_REEXEC="1")  # the tunables are decided here, not re-decided by the script
     if n > 1 or multi_node:

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _launch(tmp_path, device: str, extra_env: dict) -> str:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": device, "gpus": "auto"}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": device}, "train": {"gpus": "auto"}}))
     (tmp_path / "script.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MFIM_NO_REEXEC", "PET_NNODES")}
     env.update(PYTHONPATH=os.getcwd(), **extra_env)
@@ -51,15 +51,16 @@ def test_torchrun_starts_the_script_when_a_multi_node_rendezvous_is_configured(t
 
 
 def test_process_count_and_torchrun_flags(monkeypatch):
-    assert process_count({"project": {"device": "cpu", "gpus": 8}}) == 1  # CPU: one process whatever gpus says
+    assert process_count({"project": {"device": "cpu"}, "train": {"gpus": 8}}) == 1  # CPU: one process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert process_count({"project": {"device": "auto", "gpus": "auto"}}) == 4
-    assert process_count({"project": {"device": "cuda", "gpus": 2}}) == 2
-    with pytest.raises(ValueError, match="project.gpus is 8 but this machine has 4 visible GPUs"):
-        process_count({"project": {"gpus": 8}})
-    with pytest.raises(ValueError, match="project.gpus must be auto or a positive integer"):
-        process_count({"project": {"gpus": "all"}})
+    assert process_count({"project": {"device": "auto"}, "train": {"gpus": "auto"}}) == 4
+    assert process_count({"project": {"device": "cuda"}, "train": {"gpus": 2}}) == 2
+    assert process_count({"warmstart": {"gpus": 3}}, "warmstart.gpus") == 3
+    with pytest.raises(ValueError, match="train.gpus is 8 but this machine has 4 visible GPUs"):
+        process_count({"train": {"gpus": 8}})
+    with pytest.raises(ValueError, match="train.gpus must be auto or a positive integer"):
+        process_count({"train": {"gpus": "all"}})
     assert torchrun_args(4, "s.py", ["a"], {}) == ["--standalone", "--nproc-per-node=4", "s.py", "a"]
     assert torchrun_args(4, "s.py", [], {"PET_NNODES": "2"}) == ["--nproc-per-node=4", "s.py"]
 

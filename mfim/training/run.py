@@ -1,6 +1,6 @@
 """The `train` stage: build everything from params.yaml, train (resuming when possible), export, report.
 
-The stage command ``python -m mfim.launch pipelines/train.py`` runs one process per GPU (torchrun; project.gpus) or
+The stage command ``python -m mfim.launch pipelines/train.py`` runs one process per GPU (torchrun; train.gpus) or
 one process on CPU; each rank reads a disjoint part of every epoch and DistributedDataParallel averages gradients.
 ``train.batch_size`` is the global batch of a micro-step (every process together loads it; each its 1/world share),
 so a run means the same with any process count; ``train.steps`` is counted at ``train.schedule_batch`` samples a step
@@ -32,7 +32,7 @@ from mfim.training.presets import apply_preset
 TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
 # do not change what is learned
 BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", "workers", "keep_checkpoint",
-               "sample_max_px"}
+               "sample_max_px", "gpus"}  # gpus: the global batch is a param, so a resume may change the count
 
 
 def per_process(tr: dict, key: str, world: int, default: int) -> int:
@@ -40,7 +40,7 @@ def per_process(tr: dict, key: str, world: int, default: int) -> int:
     total = int(tr.get(key, default) or 0)
     if total % world:
         raise ValueError(f"train.{key} {total} is global (all processes together) and does not split over {world} "
-                         f"processes: make it a multiple of {world}, or set project.gpus")
+                         f"processes: make it a multiple of {world}, or set train.gpus")
     return total // world
 
 
