@@ -34,10 +34,10 @@ def batch_norm_instead_of_group_norm(module: torch.nn.Module) -> None:
             batch_norm_instead_of_group_norm(child)
 
 
-def build(weights: LossWeights, seed=0, dist_info=None, norm="group", scramble=False, **cfg):
+def build(weights: LossWeights, seed=0, dist_info=None, norm="group", scramble=False, style_maps=True, **cfg):
     torch.manual_seed(seed)
     model = MFIM(StubGenerator(RES, channels=8, w_dim=8), EncoderConfig(input_size=RES, width=8,
-                 style_map_resolutions=(8,)), coarse_max_res=4)
+                 style_map_resolutions=(8,), style_maps=style_maps), coarse_max_res=4)
     if norm == "batch":
         batch_norm_instead_of_group_norm(model.encoder)
     torch.manual_seed(seed + 1)
@@ -313,11 +313,13 @@ DDP_SCRIPT = textwrap.dedent(
     from tests.test_training import build, fixed_batch, FULL
     from mfim.training.distributed import DistInfo
     rank, world, out, norm, accum = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+    maps = sys.argv[6] == "maps"
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method="file://" + out + ".rdv", rank=rank, world_size=world)
     # rank 1 starts from other trainable weights (the frozen nets come from files): DDP must start from rank 0's
-    tr = build(FULL, dist_info=DistInfo(rank, world, rank), norm=norm, scramble=rank > 0, grad_accum=accum)
+    tr = build(FULL, dist_info=DistInfo(rank, world, rank), norm=norm, scramble=rank > 0, grad_accum=accum,
+               style_maps=maps)
     for step in range(3):
         b = fixed_batch(step, n=8)
         size = 8 // accum  # micro-batch m is rows [m * size, (m + 1) * size) of the global batch, split over ranks
@@ -334,18 +336,19 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-# the small backbone's norm; the paper IR-SE50's, with gradient accumulation (DDP's no_sync on the first micro-batch)
-@pytest.mark.parametrize("norm,accum", [("group", 1), ("batch", 2)])
-def test_two_process_gloo_matches_one_process(tmp_path, norm, accum):
+# the small backbone's norm, as configuration A (no style maps: encoder parameters no step uses); the paper IR-SE50's,
+# with style maps and gradient accumulation (DDP's no_sync on the first micro-batch)
+@pytest.mark.parametrize("norm,accum,maps", [("group", 1, "no_maps"), ("batch", 2, "maps")])
+def test_two_process_gloo_matches_one_process(tmp_path, norm, accum, maps):
     """DDP on 2 processes (half of each micro-batch each, different initial weights) = 1 process on the global
     batch: the encoder (with batch norm: synchronised statistics and running buffers), its EMA, D (R1 at steps 0,
     2) and the logged terms."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tmp_path / "one.pt"
-    subprocess.run([sys.executable, "-c", DDP_SCRIPT, "0", "1", str(one), norm, str(accum)], check=True, env=env,
+    subprocess.run([sys.executable, "-c", DDP_SCRIPT, "0", "1", str(one), norm, str(accum), maps], check=True, env=env,
                    timeout=300)
     two = tmp_path / "two.pt"
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), "2", str(two), norm, str(accum)], env=env)
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), "2", str(two), norm, str(accum), maps], env=env)
              for r in (0, 1)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)

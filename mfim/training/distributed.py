@@ -126,16 +126,18 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
-def wrap_ddp(module: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+def wrap_ddp(module: nn.Module, device: torch.device, info: DistInfo, static_graph: bool = False) -> nn.Module:
     """``module`` under DistributedDataParallel (world > 1), else itself. Buffers are synced once, at construction,
     not at each forward: synchronised batch norm keeps its running statistics equal on every rank, and the frozen
-    generator's are constants."""
+    generator's are constants. ``static_graph``: the same parameters take part in every step (DDP then finds the
+    ones a configuration never uses, e.g. configuration A's unused map lateral, in the first step instead of
+    failing at the second, and does not search the graph each step as find_unused_parameters would)."""
     if info.world <= 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False, static_graph=static_graph)
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -161,8 +161,9 @@ class Trainer:
         if self.dist.world > 1:
             convert_sync_batchnorm(self.model.encoder, device)
         # DDP over the whole swapper: both encoder passes (source, target) are one forward; its construction
-        # broadcasts rank 0's weights, and the EMA follows them
-        self.swapper = wrap_ddp(self.model, device, self.dist)
+        # broadcasts rank 0's weights, and the EMA follows them. Static graph: a configuration's unused encoder
+        # parameters (configuration A's map lateral) are found once
+        self.swapper = wrap_ddp(self.model, device, self.dist, static_graph=True)
         broadcast_parameters(self.ema.encoder, self.dist)
         self.d_parallel = wrap_ddp(self.D, device, self.dist) if self.D is not None else None
         trainable = [p for p in self.model.encoder.parameters() if p.requires_grad]
@@ -217,13 +218,13 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             x_src = batch["src"].to(self.device, non_blocking=True)
             x_tgt = batch["tgt"].to(self.device, non_blocking=True)
-            with self._sync_unless_accumulating(self.swapper, i == n - 1):
-                with self._autocast():
-                    x_swap = self.swapper(x_src, x_tgt)
-                    total, terms = self.objective.encoder_terms(x_swap.float(), x_src, x_tgt,
-                                                                batch.get("same_identity"), batch.get("gt"),
-                                                                batch.get("has_gt"))
-                (total / n).backward()
+            # the swapper's DDP has a static graph, which allows no no_sync in its first step, so it all-reduces every
+            # micro-batch (the same sum of averages; grad_accum is 1 at paper scale)
+            with self._autocast():
+                x_swap = self.swapper(x_src, x_tgt)
+                total, terms = self.objective.encoder_terms(x_swap.float(), x_src, x_tgt, batch.get("same_identity"),
+                                                            batch.get("gt"), batch.get("has_gt"))
+            (total / n).backward()
             add({**terms, "loss": total})
             swaps.append((x_swap.detach().float(), x_tgt))
         self.opt_e.step()
