@@ -153,8 +153,8 @@ def smoke_params(weights: dict[str, Path], ffhq: Path, ffpp: Path, celebahq: Pat
                           channel_max=32)
     p["encoder"].update(backbone_checkpoint=str(weights["ir_se50"]), latent_channels=32, code_channels=32)
     p["warmstart"].update(regression_steps=1, recon_steps=1, batch_size=1, log_every=1)
-    p["train"].update(steps=1, batch_size=1, checkpoint_every=1000, sample_every=1000, log_every=1, workers=0,
-                      sample_pairs=2)
+    p["train"].update(steps=1, batch_size=1, schedule_batch=1, checkpoint_every=1000, sample_every=1000, log_every=1,
+                      workers=0, sample_pairs=2)
     p["evaluate"].update(batch_size=2, bootstrap=10, workers=1)  # the worker path, one process: CI has 2 cores
     p["evaluate"]["fid"]["inception_checkpoint"] = str(weights["inception"])
     return p
@@ -172,11 +172,14 @@ def stage_commands() -> dict[str, str]:
 def run_stage(name: str, cmd: str, cwd: Path, log: dict) -> None:
     """The stage's own command, with this interpreter and this checkout's code, in the smoke workspace."""
     argv = cmd.split()
-    assert argv[0] == "python" and argv[1].startswith("pipelines/"), f"{name}: unexpected command {cmd!r}"
+    launcher = argv[1:3] == ["-m", "mfim.launch"]  # the train stage: one process per GPU (mfim.launch)
+    script = argv[3] if launcher else argv[1]
+    assert argv[0] == "python" and script.startswith("pipelines/"), f"{name}: unexpected command {cmd!r}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ALLOW_FILE_STORE": "true", "TQDM_DISABLE": "1"}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / argv[1]), *argv[2:]], cwd=cwd, env=env, text=True,
-                          capture_output=True)  # fmt: skip
+    prefix = [sys.executable, "-m", "mfim.launch"] if launcher else [sys.executable]
+    proc = subprocess.run([*prefix, str(REPO / script), *argv[(4 if launcher else 2):]], cwd=cwd, env=env,
+                          text=True, capture_output=True)  # fmt: skip
     log[name] = round(time.monotonic() - t0, 1)
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, f"stage {name} failed ({proc.returncode}):\n{tail}"

@@ -25,14 +25,30 @@ from tests.stubs import Stub3DMM, StubDiscriminator, StubEmbedder, StubGenerator
 RES = 16
 
 
-def build(weights: LossWeights, seed=0, **cfg):
+def batch_norm_instead_of_group_norm(module: torch.nn.Module) -> None:
+    """The paper's IR-SE50 norm (BatchNorm) in the small backbone, which has GroupNorm."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.GroupNorm):
+            setattr(module, name, torch.nn.BatchNorm2d(child.num_channels))
+        else:
+            batch_norm_instead_of_group_norm(child)
+
+
+def build(weights: LossWeights, seed=0, dist_info=None, norm="group", scramble=False, style_maps=True, **cfg):
     torch.manual_seed(seed)
     model = MFIM(StubGenerator(RES, channels=8, w_dim=8), EncoderConfig(input_size=RES, width=8,
-                 style_map_resolutions=(8,)), coarse_max_res=4)
+                 style_map_resolutions=(8,), style_maps=style_maps), coarse_max_res=4)
+    if norm == "batch":
+        batch_norm_instead_of_group_norm(model.encoder)
     torch.manual_seed(seed + 1)
     objective = MFIMObjective(weights, id_loss=IDLoss(StubEmbedder()), recon=ReconLoss(None),
                               threedmm=ThreeDMMLoss(Stub3DMM()), discriminator=StubDiscriminator())
-    return Trainer(model, objective, TrainConfig(lr=2e-3, d_lr=2e-3, log_every=1, **cfg), torch.device("cpu"))
+    if scramble:  # other trainable weights, the same frozen networks
+        with torch.no_grad():
+            for p in list(model.encoder.parameters()) + list(objective.discriminator.parameters()):
+                p.add_(torch.randn_like(p))
+    return Trainer(model, objective, TrainConfig(lr=2e-3, d_lr=2e-3, log_every=1, **cfg), torch.device("cpu"),
+                   dist_info)
 
 
 def fixed_batch(seed=0, n=4):
@@ -200,6 +216,71 @@ def test_stale_part_files_of_a_killed_write_are_removed_at_start(tmp_path, caplo
     assert load_checkpoint(path)["step"] == 1  # the last complete checkpoint is still there
 
 
+def test_background_checkpoint_is_the_state_at_save_time(tmp_path, monkeypatch):
+    """save(background=True) returns while the write is still under way; training goes on meanwhile, and the file
+    holds the state of the step it was saved at, not the weights the later steps made."""
+    import threading
+
+    from mfim.training import trainer as trainer_module
+
+    tr = build(FULL)
+    tr.train_step([fixed_batch()])
+    at_save = {k: v.clone() for k, v in tr.model.encoder.state_dict().items()}
+    release, writing = threading.Event(), threading.Event()
+    real_save = trainer_module.atomic_torch_save
+
+    def held_save(state, path):  # the writer starts serialising only after the next step changed the weights
+        writing.set()
+        assert release.wait(60)
+        return real_save(state, path)
+
+    monkeypatch.setattr(trainer_module, "atomic_torch_save", held_save)
+    path = tmp_path / "ck.pt"
+    assert tr.save(path, data_state={"pos": 1}, background=True) == path
+    assert writing.wait(60) and not path.exists()  # returned mid-write
+    tr.train_step([fixed_batch(1)])  # the live weights move on
+    release.set()
+    tr.wait_for_save()
+    ck = load_checkpoint(path)
+    assert ck["step"] == 1 and ck["data"] == {"pos": 1}
+    for k, v in at_save.items():
+        assert torch.equal(ck["encoder"][k], v)
+    assert any(not torch.equal(v, tr.model.encoder.state_dict()[k]) for k, v in at_save.items())
+
+
+BACKGROUND_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    sys.path.insert(0, os.getcwd())
+    from tests.test_training import build, fixed_batch, FULL
+    path = sys.argv[1]
+    tr = build(FULL)
+    tr.train_step([fixed_batch()])
+    tr.save(path)
+    def slow_fsync(fd):
+        print("writing", flush=True)
+        time.sleep(60)
+    os.fsync = slow_fsync
+    tr.train_step([fixed_batch(1)])
+    tr.save(path, background=True)
+    print("returned", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_killed_during_a_background_checkpoint_write_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "ck.pt"
+    proc = subprocess.Popen([sys.executable, "-c", BACKGROUND_KILL_SCRIPT, str(path)], stdout=subprocess.PIPE,
+                            text=True, cwd=os.getcwd(), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    said = {proc.stdout.readline().strip(), proc.stdout.readline().strip()}
+    assert said == {"writing", "returned"}  # the training thread went on while the writer was mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert load_checkpoint(path)["step"] == 1
+    assert any(p.name.endswith(".part") for p in tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("bad", [b"", b"PK\x03\x04 truncated zip", "truncated", "not_a_dict"])
 def test_corrupt_checkpoint_is_moved_aside_and_training_starts_over(tmp_path, caplog, bad):
     from mfim.training.checkpoint import load_resumable
@@ -231,35 +312,55 @@ DDP_SCRIPT = textwrap.dedent(
     sys.path.insert(0, os.getcwd())
     from tests.test_training import build, fixed_batch, FULL
     from mfim.training.distributed import DistInfo
-    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    rank, world, out, norm, accum = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+    maps = sys.argv[6] == "maps"
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method="file://" + out + ".rdv", rank=rank, world_size=world)
-    tr = build(FULL)
-    tr.dist = DistInfo(rank, world, rank)
+    # rank 1 starts from other trainable weights (the frozen nets come from files): DDP must start from rank 0's
+    tr = build(FULL, dist_info=DistInfo(rank, world, rank), norm=norm, scramble=rank > 0, grad_accum=accum,
+               style_maps=maps)
     for step in range(3):
-        b = fixed_batch(step, n=4)
-        per = 4 // world
-        mine = {k: v[rank * per:(rank + 1) * per] for k, v in b.items()}
-        tr.train_step([mine])
+        b = fixed_batch(step, n=8)
+        size = 8 // accum  # micro-batch m is rows [m * size, (m + 1) * size) of the global batch, split over ranks
+        per = size // world
+        mine = [{k: v[m * size + rank * per:m * size + (rank + 1) * per] for k, v in b.items()} for m in range(accum)]
+        logs = tr.train_step(mine)
+    means = tr._reduce_window(logs, {k: 1 for k in logs})
     if rank == 0:
-        torch.save({k: v for k, v in tr.model.encoder.state_dict().items()}, out)
+        torch.save({"encoder": tr.model.encoder.state_dict(), "ema": tr.ema.encoder.state_dict(),
+                    "D": tr.D.state_dict(), "logs": means}, out)
     if world > 1:
         dist.destroy_process_group()
     """
 )
 
 
-def test_two_process_gloo_matches_one_process(tmp_path):
+# the small backbone's norm, as configuration A (no style maps: encoder parameters no step uses); the paper IR-SE50's,
+# with style maps and gradient accumulation (DDP's no_sync on the first micro-batch)
+@pytest.mark.parametrize("norm,accum,maps", [("group", 1, "no_maps"), ("batch", 2, "maps")])
+def test_two_process_gloo_matches_one_process(tmp_path, norm, accum, maps):
+    """DDP on 2 processes (half of each micro-batch each, different initial weights) = 1 process on the global
+    batch: the encoder (with batch norm: synchronised statistics and running buffers), its EMA, D (R1 at steps 0,
+    2) and the logged terms."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tmp_path / "one.pt"
-    subprocess.run([sys.executable, "-c", DDP_SCRIPT, "0", "1", str(one)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-c", DDP_SCRIPT, "0", "1", str(one), norm, str(accum), maps], check=True, env=env,
+                   timeout=300)
     two = tmp_path / "two.pt"
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), "2", str(two)], env=env) for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), "2", str(two), norm, str(accum), maps], env=env)
+             for r in (0, 1)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    if norm == "batch":
+        assert any(k.endswith("running_var") for k in a["encoder"])
+    for part in ("encoder", "ema", "D"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+    assert a["logs"].keys() == b["logs"].keys()
+    for k in a["logs"]:  # the last step's terms, averaged over the 2 ranks = the 1-process terms (means of a batch)
+        assert b["logs"][k] == pytest.approx(a["logs"][k], rel=1e-4, abs=1e-6), k
 
 
 def test_cross_identity_pairs_weigh_less_in_reconstruction():

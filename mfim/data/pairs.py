@@ -162,7 +162,7 @@ def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch
     from mfim.data.augment import FaceAugment
     from mfim.data.threedmm_table import load_threedmm_arrays
 
-    index = ShardIndex(pattern)
+    index = ShardIndex(pattern, keep_metas=False)  # pairs need keys, identities and offsets, not the JSON
     labels = load_threedmm_arrays(threedmm_table, threedmm_columns) if threedmm_table else None
     augmenter = FaceAugment(flip_probability=flip_probability) if augment else None
     source = PairItems(index, EpochPlan(len(index), seed, rank, world), resolution, same_identity_fraction,

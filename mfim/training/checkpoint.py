@@ -2,7 +2,9 @@
 previous complete checkpoint or the new complete one, never a truncated file under the final name.
 
 Loading uses torch.load(weights_only=True): checkpoints hold only tensors and plain Python containers (RNG states are
-stored as tensors / ints for that reason).
+stored as tensors / ints for that reason). It memory-maps the file (mmap=True): the ranks of a node that resume from
+one checkpoint share its pages in the page cache instead of each reading a private copy into RAM (6.4 GB each at
+paper scale), and nothing is read that is not used.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 def remove_stale_parts(*paths: str | Path) -> list[Path]:

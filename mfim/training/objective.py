@@ -165,15 +165,17 @@ class MFIMObjective(nn.Module):
         total = sum(getattr(w, k) * v for k, v in terms.items())
         return total, terms
 
-    def discriminator_terms(self, x_real: torch.Tensor, x_fake: torch.Tensor, with_r1: bool):
-        """Non-saturating D loss; lazy R1 every ``r1_every`` steps, scaled by r1_every as in StyleGAN2."""
+    def discriminator_terms(self, x_real: torch.Tensor, x_fake: torch.Tensor, with_r1: bool, discriminator=None):
+        """Non-saturating D loss; lazy R1 every ``r1_every`` steps, scaled by r1_every as in StyleGAN2.
+        ``discriminator``: what to call instead of ``self.discriminator`` (its DistributedDataParallel wrapper)."""
+        D = discriminator if discriminator is not None else self.discriminator
         terms = {}
         fake = match_size(x_fake.detach(), x_real)
         if self.w.adv > 0:
-            terms["d_adv"] = discriminator_loss(self.discriminator(x_real), self.discriminator(fake))
+            terms["d_adv"] = discriminator_loss(D(x_real), D(fake))
         total = terms.get("d_adv", torch.zeros((), device=x_real.device))
         if with_r1 and self.w.r1 > 0:
             real = x_real.detach().requires_grad_(True)
-            terms["r1"] = r1_penalty(real, self.discriminator(real))
+            terms["r1"] = r1_penalty(real, D(real))
             total = total + self.w.r1 * 0.5 * self.w.r1_every * terms["r1"]
         return total, terms

@@ -1,7 +1,10 @@
 """The `train` stage: build everything from params.yaml, train (resuming when possible), export, report.
 
-Single process: ``python pipelines/train.py``. Several processes / GPUs: ``torchrun --nproc_per_node=N
-pipelines/train.py`` (each rank reads a disjoint part of every epoch; gradients are averaged).
+The stage command ``python -m mfim.launch pipelines/train.py`` runs one process per GPU (torchrun; train.gpus) or
+one process on CPU; each rank reads a disjoint part of every epoch and DistributedDataParallel averages gradients.
+``train.batch_size`` is the global batch of a micro-step (every process together loads it; each its 1/world share),
+so a run means the same with any process count; ``train.steps`` is counted at ``train.schedule_batch`` samples a step
+(null: at the global batch) and becomes the same number of samples at this run's global batch.
 
 Outputs: data/train/checkpoint.pt (resumable state while the run is under way, only resumed when the params it was
 made with are the current ones; not a DVC output, and deleted once the run finished unless train.keep_checkpoint),
@@ -29,7 +32,44 @@ from mfim.training.speed import SPEED_KEYS
 
 TRAIN_GROUPS = ["data", "generator", "nets", "encoder", "loss", "train"]
 # do not change what is learned
-BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", "workers", "keep_checkpoint"} | SPEED_KEYS
+BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", "workers", "keep_checkpoint",
+               "sample_max_px", "gpus"} | SPEED_KEYS  # gpus: the global batch is a param, so a resume may change the count
+
+
+def per_process(tr: dict, key: str, world: int, default: int) -> int:
+    """Each process's share of a global per-batch count (``train.batch_size``, ``train.gt_swap_pairs``)."""
+    total = int(tr.get(key, default) or 0)
+    if total % world:
+        raise ValueError(f"train.{key} {total} is global (all processes together) and does not split over {world} "
+                         f"processes: make it a multiple of {world}, or set train.gpus")
+    return total // world
+
+
+def scheduled_steps(tr: dict) -> int:
+    """``train.steps`` counted at ``train.schedule_batch`` samples a step, as steps of this run's global batch
+    (batch_size x grad_accum): the same number of samples, rounded up. schedule_batch null: steps as given."""
+    steps = int(tr.get("steps", 600))
+    at = tr.get("schedule_batch")
+    if not at:
+        return steps
+    step_batch = int(tr.get("batch_size", 8)) * int(tr.get("grad_accum", 1))
+    return -(-steps * int(at) // step_batch)
+
+
+def position_for_world(position: dict | None, saved_world: int, world: int, samples: int) -> dict | None:
+    """Rank 0's data position saved by a run of ``saved_world`` processes, for a run of ``world``.
+
+    Rank r of W reads positions r, r + W, r + 2W, ... of each epoch's permutation (mfim.data.shards.EpochPlan), so
+    when every rank is at ``offset`` the run has read the permutation's first W x offset samples. The new run
+    continues after the same ones: offset' = W x offset / W' (exact when the global batch splits over both counts;
+    rounded down otherwise), and an epoch's tail that W' ranks no longer split evenly starts the next epoch.
+    """
+    if position is None or saved_world == world:
+        return position
+    epoch, offset = int(position["epoch"]), int(position["offset"]) * saved_world // world
+    if offset >= samples // world:
+        epoch, offset = epoch + 1, 0
+    return {"epoch": epoch, "offset": offset}
 
 
 def train_seed(params: dict) -> int:
@@ -50,6 +90,32 @@ def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
     scoped["seed"] = train_seed(params)
     scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def same_start(dist, step: int, ck_path: Path) -> None:
+    """Every rank resumed at the same step (each reads the checkpoint itself), else a one-line error: across
+    machines, a rank that found no checkpoint would train from step 0 beside ranks at step N."""
+    if dist.world <= 1:
+        return
+    import torch.distributed as tdist
+
+    steps: list = [None] * dist.world
+    tdist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        odd = next(r for r, s in enumerate(steps) if s != steps[0])
+        raise RuntimeError(f"rank {odd} starts at step {steps[odd]}, rank 0 at step {steps[0]}: every machine must "
+                           f"see the same {ck_path} (put {ck_path.parent} on a shared filesystem, or delete it)")
+
+
+def grid_tile_size(columns: list[torch.Tensor], max_px: int, pad: int = 2) -> int | None:
+    """The tile size that keeps a sample grid's longer side within ``max_px`` (mfim.evaluation.grids.image_grid's
+    layout: a row per example, a column per kind, ``pad`` px between); None (native size) when it fits or max_px
+    is 0. A 1024 px generator's 6 x 4 grid is 6,158 px tall and ~76 MB as PNG; at 2,048 px about a ninth of that."""
+    native = max(int(c.shape[-1]) for c in columns)
+    n = max(len(columns), int(columns[0].shape[0]))
+    if max_px <= 0 or n * native + (n + 1) * pad <= max_px:
+        return None
+    return max(1, (max_px - (n + 1) * pad) // n)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -126,11 +192,13 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     model = build_model(params, G).to(device)
     objective = build_objective(params, G, device)
     cfg = TrainConfig.from_params(tr)
+    cfg.steps = scheduled_steps(tr)
+    batch_size = per_process(tr, "batch_size", dist.world, 8)
     ck_path = out_dir / "checkpoint.pt"
     trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
     init = str(tr.get("init_checkpoint", "") or "")
     init_path = Path(init) if init else None
-    gt_pairs = int(tr.get("gt_swap_pairs", 0) or 0)  # rows of each batch that are ground-truth swap triples
+    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world, 0)  # rows of each batch that are ground-truth triples
     gt_set = Path(gt_swaps_path)
     fingerprint = params_fingerprint(
         params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
@@ -146,7 +214,8 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
     if dist.is_main:  # leftovers of writes killed in earlier runs; only rank 0 writes these files
         remove_stale_parts(ck_path, out_dir / "mfim.pt")
-    state = load_resumable(ck_path, map_location="cpu")
+    saved_world, saved_samples = dist.world, None
+    state = load_resumable(ck_path, map_location="cpu")  # memory-mapped: a node's ranks share one copy
     if state is not None:
         data = state.get("data") or {}
         if data.get("fingerprint") != fingerprint:
@@ -159,17 +228,23 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             gt_drawn = int(data.get("gt_drawn", 0))
             history = list(data.get("history") or [])
             resumed_run = data.get("mlflow_run_id")
+            saved_world, saved_samples = int(data.get("world", 1)), data.get("samples")
             resumed = True
-            print(f"resuming from {ck_path} at step {trainer.step}")
+            print(f"resuming from {ck_path} at step {trainer.step}" + (
+                f" (saved by {saved_world} processes, continuing with {dist.world} at the same global batch)"
+                if saved_world != dist.world else ""))
+    del state  # the memory map's pages are dropped with the last reference
+    same_start(dist, trainer.step, ck_path)
     if not resumed and init_path is not None:
-        init_encoder(trainer, init_path)
-        print(f"encoder initialised from {init_path}")
+        if dist.is_main:  # one read of the (3 GB at paper scale) file; the other ranks receive it
+            init_encoder(trainer, init_path)
+            print(f"encoder initialised from {init_path}")
+        trainer.broadcast_from_main()
     from mfim.training.speed import SpeedOptions, apply_speed_options
 
     apply_speed_options(trainer, SpeedOptions.from_params(tr))  # after any resume loaded the optimisers' state
 
-    batch_size = int(tr.get("batch_size", 8))
-    batches = pair_batches(
+    pairs = pair_batches(
         split_pattern(shards_dir, "train"),
         None,
         batch_size,
@@ -180,9 +255,12 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         self_pair_fraction=float(tr.get("self_pair_fraction", 0.0)),
         augment=bool(tr.get("augment", True)),
         workers=int(tr.get("workers", 0)),
-        position=position,
+        position=position if saved_world == dist.world else position_for_world(
+            position, saved_world, dist.world, int(saved_samples or 0)),
         resolution=int(lookup(params, "data.resolution", G.resolution)),
     )
+    samples = pairs.source.plan.n  # the training split's size (the same when resumed: the fingerprint has it)
+    batches = pairs
     if gt_pairs > 0:  # synthetic data: rendered (source, target, exact swap) triples join every batch
         from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
 
@@ -190,7 +268,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 or loss.gt_swap_id_target: true (what "
                              "the triples are for)")
         gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=gt_drawn)
-        batches = BatchesWithGtRows(batches, gt_rows)
+        batches = BatchesWithGtRows(pairs, gt_rows)
     sample = next(
         iter(
             pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)), seed + 99,
@@ -211,12 +289,15 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=step)
 
+    max_px = int(tr.get("sample_max_px", 2048) or 0)
+
     def on_sample(step: int) -> None:
         with torch.no_grad():
             swap = trainer.ema.swap(x_src, x_tgt)
             mix = trainer.ema.mix(x_tgt, x_src, x_other)
         path = reports_dir / "grids" / "train_samples.png"
-        save_grid(path, [x_src, x_tgt, swap, mix])
+        columns = [x_src, x_tgt, swap, mix]
+        save_grid(path, columns, size=grid_tile_size(columns, max_px))
         if mlflow_on:
             import mlflow
 
@@ -225,7 +306,8 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     run_ids: list[str] = []  # this run's MLflow id once started, saved in checkpoints so a resume can link to it
 
     def data_state() -> dict:
-        state = {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history}
+        state = {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history,
+                 "world": dist.world, "samples": samples}
         if gt_pairs > 0:
             state["gt_drawn"] = gt_rows.drawn
         if run_ids:
@@ -246,7 +328,9 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
             run_ids.append(active.info.run_id)
 
-            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint})
+            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint,
+                             "train.world_size": dist.world, "train.steps_run": cfg.steps,
+                             "train.global_batch": batch_size * dist.world * cfg.grad_accum})
         last = trainer.fit(batches, on_log=on_log, on_sample=on_sample, data_state=data_state)
         seconds = time.perf_counter() - t0
         if dist.is_main:
@@ -267,6 +351,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
                 "steps": trainer.step,
                 "seconds": round(seconds, 1),
                 "world_size": dist.world,
+                "global_batch": batch_size * dist.world * cfg.grad_accum,
                 "device": str(device),
                 **{k: float(v) for k, v in last.items()},
                 "peak_memory_mb": peak_memory_mb(device),
