@@ -54,7 +54,7 @@ def run_steps(opts: SpeedOptions, steps: int = 2):
         tr = small_trainer()
         apply_speed_options(tr, opts)
         tr.step = k  # step 0 runs lazy R1 (r1_every 2), step 1 does not
-        logs = tr.train_step([batch(k)])
+        logs = {k: float(v) for k, v in tr.train_step([batch(k)]).items()}  # the step keeps its logs on the device
         params = list(tr.model.encoder.parameters()) + list(tr.D.parameters())
         out.append((logs, [p.grad.clone() for p in params if p.grad is not None], [p.detach().clone() for p in params]))
     return out
