@@ -140,3 +140,109 @@ def test_config_rejects_unknown_keys():
     with pytest.raises(KeyError, match="unknown"):
         WarmStartConfig.from_params({"regresion_steps": 3})
     assert WarmStartConfig.from_params({"regression_steps": "5", "lr": "0.01"}).steps == 5 + 200
+
+
+# --- checkpoint / resume ------------------------------------------------------------------------------------------
+
+
+class PositionedBatches:
+    """Real batches that are a function of their position, resumable as mfim.data.shards.BatchIterator."""
+
+    def __init__(self, position=None):
+        self.n = int((position or {}).get("n", 0))
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(1000 + self.n)
+        self.n += 1
+        x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+        return {"src": x[:2], "tgt": x[2:]}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+
+class Killed(Exception):
+    pass
+
+
+RESUME_CFG = WarmStartConfig(regression_steps=3, recon_steps=2, refine_steps=3, batch_size=4, log_every=1,
+                             ema_decay=0.5, lr=1e-3, refine_lr=1e-3, checkpoint_every=2)
+
+
+def warm_start(tmp_path, resume=None, kill_at=None, on_step=None):
+    """The three phases on a fresh tiny model with a refiner (checkpoint every 2 steps to tmp_path/checkpoint.pt)."""
+    from mfim.criteria.recon_loss import ReconLoss
+    from mfim.training.warmstart import Checkpointing, resume_position
+
+    def on_log(step, row):
+        if step == kill_at:
+            raise Killed(step)
+        if on_step is not None:
+            on_step(step)
+
+    m = make("direct", refine_iterations=1)
+    ck = Checkpointing(tmp_path / "checkpoint.pt", RESUME_CFG.checkpoint_every, "fp")
+    return run_warmstart(m, RESUME_CFG, PositionedBatches(resume_position(resume)), ReconLoss(None), seed=3,
+                         progress=False, on_log=on_log, checkpoint=ck, resume=resume)
+
+
+def assert_same_states(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return warm_start(tmp_path_factory.mktemp("whole"))
+
+
+# killed before any checkpoint; resumed inside phase 1 (generator samples: the RNG state), 2 (data position), 3
+@pytest.mark.parametrize("kill_at", [1, 3, 5, 7])
+def test_a_run_killed_part_way_resumes_to_the_uninterrupted_result(tmp_path, kill_at, uninterrupted):
+    from mfim.training.checkpoint import load_checkpoint
+
+    whole, whole_ema, whole_rows = uninterrupted
+    with pytest.raises(Killed):
+        warm_start(tmp_path, kill_at=kill_at)
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path) if path.is_file() else None
+    assert (state is None) == (kill_at < RESUME_CFG.checkpoint_every)
+    if state is not None:
+        assert state["step"] == kill_at - 1 and state["fingerprint"] == "fp"
+    resumed, resumed_ema, resumed_rows = warm_start(tmp_path, resume=state)
+    assert_same_states(whole, resumed)
+    assert_same_states(whole_ema, resumed_ema)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed_rows) == drop(whole_rows)
+    assert any(not torch.equal(whole[k], make("direct", refine_iterations=1).encoder.state_dict()[k]) for k in whole
+               if k.startswith("refiner."))  # phase 3 trained the refiner
+
+
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
+    """A real SIGKILL of the process right after step 5 (a checkpoint at 4), then the resume in this process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mfim.training.checkpoint import load_checkpoint
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import test_warmstart as t\n"
+        "t.warm_start(Path(sys.argv[2]), on_step=lambda s: s == 5 and os.kill(os.getpid(), signal.SIGKILL))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 4
+    resumed, resumed_ema, _ = warm_start(tmp_path, resume=state)
+    whole, whole_ema, _ = uninterrupted
+    assert_same_states(whole, resumed)
+    assert_same_states(whole_ema, resumed_ema)
