@@ -404,3 +404,29 @@ def test_the_stage_killed_by_sigkill_and_run_again_gives_the_uninterrupted_outpu
     assert_same_states(a["encoder_ema"], b["encoder_ema"])
     ra, rb = (json.loads((w / "reports" / "warmstart.json").read_text()) for w in (whole, work))
     assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+
+
+def test_release_free_memory_returns_what_the_tunables_keep():
+    """Under GLIBC_TUNABLES' 16 GB trim threshold a freed 200 MB stays resident; malloc_trim(0) returns it."""
+    import subprocess
+    import sys
+
+    from mfim.runtime import GLIBC_TUNABLES
+
+    script = (
+        "import torch\n"
+        "from mfim.runtime import release_free_memory\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "x = [torch.ones(512, 512, 3, 3) for _ in range(21)]\n"
+        "held = rss()\n"
+        "del x\n"
+        "freed = rss()\n"
+        "release_free_memory()\n"
+        "print(held - freed, held - rss())\n"
+    )
+    env = {"GLIBC_TUNABLES": GLIBC_TUNABLES, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    kept_free, after_trim = map(float, out.stdout.split())
+    assert kept_free < 20 and after_trim > 180, out.stdout + out.stderr[-2000:]

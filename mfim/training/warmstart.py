@@ -496,6 +496,7 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
     from mfim.config import lookup
     from mfim.data.pairs import pair_batches
     from mfim.data.shards import split_pattern
+    from mfim.runtime import release_free_memory
     from mfim.tracking import start_run
     from mfim.training.build import build_model, generator_path, load_frozen_generator
     from mfim.training.checkpoint import remove_stale_parts
@@ -522,6 +523,8 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
     p = {**params, "encoder": {**params.get("encoder", {}), "style_maps": True}}
     model = build_model(p, G).to(device)
     recon, id_loss = _losses(params, cfg, model, device)
+    # the loading copies of the networks are freed now; under GLIBC_TUNABLES glibc would keep them resident for good
+    release_free_memory()
     real = None
     if recon is not None:
         # workers start in a fresh process (mfim.data.shards), so they hold none of the models built above
