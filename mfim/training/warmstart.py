@@ -22,6 +22,12 @@ mean something:
 
 Phases 1-2 train all M2C and M2M heads, so source and target codes are meaningful before the swap objective
 starts. The result is an encoder state dict plus its EMA (``save_warmstart``) that the ``train`` stage starts from.
+
+A run saves its whole state every ``checkpoint_every`` steps (``WarmStart.save``: weights, EMA, optimisers, step, log
+window, each rank's RNG states and data position) and the stage resumes it when the params and inputs are the same
+(``warmstart_fingerprint``): on CPU a killed and resumed run ends bit for bit where an uninterrupted one does. Under
+torchrun the encoder is wrapped in DDP, each rank drawing its own samples and images; rank 0 writes
+(docs/paper-scale/warmstart.md).
 """
 
 from __future__ import annotations
