@@ -31,3 +31,18 @@ def pick_device(name: str = "auto") -> torch.device:
 def configure_threads(n: int | None) -> None:
     if n and n > 0:
         torch.set_num_threads(int(n))
+
+
+def release_free_memory() -> bool:
+    """Give the pages glibc holds free back to the OS (``malloc_trim(0)``, every arena, also from the middle of the
+    heap). With GLIBC_TUNABLES' trim threshold (16 GB) nothing freed is ever returned on its own, so a stage calls
+    this once after building its networks, when the loading copies are gone (benchmarks/bench_memory.py). No-op
+    (False) off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

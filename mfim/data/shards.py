@@ -528,6 +528,15 @@ def _stack_items(items: list[dict], positions: list[int], end: int) -> dict:
     return chunk
 
 
+# How DataLoader workers start: "spawn", a fresh interpreter that holds only the reader. A fork made after the caller
+# built its models (train and warmstart start their readers then) shares every page of them copy-on-write, and each
+# page the trainer then writes (weights, EMA, Adam moments, activations reusing freed heap) is copied for the writer
+# while the worker keeps the old one: each worker ends up holding a snapshot of the whole training process (7 GB at
+# paper scale, issue 36; benchmarks/bench_memory.py). Not "forkserver": its workers are the server's children, so
+# they never see the trainer die and outlive a SIGKILL; a spawned worker's watchdog sees its parent gone and exits.
+WORKER_CONTEXT = "spawn"
+
+
 def _worker_init(_):
     # Decoding is the work; one intra-op thread per worker keeps 2 workers on 2 cores from oversubscribing.
     torch.set_num_threads(1)
@@ -547,7 +556,7 @@ class BatchIterator:
         stream = _ChunkStream(source, start, batch_size)
         if workers > 0:
             loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
-                                prefetch_factor=4, persistent_workers=False)
+                                prefetch_factor=4, persistent_workers=False, multiprocessing_context=WORKER_CONTEXT)
             self._chunks = iter(loader)
         else:
             self._chunks = (_to_tensors(c) for c in stream)
