@@ -152,7 +152,7 @@ def smoke_params(weights: dict[str, Path], ffhq: Path, ffpp: Path, celebahq: Pat
     p["generator"].update(checkpoint=str(weights["generator"]), style_dim=64, n_mlp=2, channel_base=2048,
                           channel_max=32)
     p["encoder"].update(backbone_checkpoint=str(weights["ir_se50"]), latent_channels=32, code_channels=32)
-    p["warmstart"].update(regression_steps=1, recon_steps=1, batch_size=1, log_every=1)
+    p["warmstart"].update(regression_steps=1, recon_steps=1, batch_size=1, log_every=1, workers=0)  # spawned loaders: tests/test_warmstart.py
     p["train"].update(steps=1, batch_size=1, schedule_batch=1, checkpoint_every=1000, sample_every=1000, log_every=1,
                       workers=0, sample_pairs=2)
     p["evaluate"].update(batch_size=2, bootstrap=10, workers=1)  # the worker path, one process: CI has 2 cores

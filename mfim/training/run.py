@@ -243,6 +243,9 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     from mfim.training.speed import SpeedOptions, apply_speed_options
 
     apply_speed_options(trainer, SpeedOptions.from_params(tr))  # after any resume loaded the optimisers' state
+    from mfim.runtime import release_free_memory
+
+    release_free_memory()  # the checkpoint / init copies just freed would stay resident under the CPU tunables
 
     pairs = pair_batches(
         split_pattern(shards_dir, "train"),
