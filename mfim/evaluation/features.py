@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mfim.evaluation.evaluators import Features
 from mfim.evaluation.grids import from_uint8
+from mfim.tracking import log_progress
 
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global
 
@@ -190,6 +191,7 @@ def stream_pairs(model, pairs: pd.DataFrame, reader: ImageReader, evaluators, lp
                             ("self_swap_without_style_maps", x_rec_nomaps)):
                 grid.add(name, x)
             bar.update(len(rows))
+            log_progress(i + len(rows), {"progress.pairs": i + len(rows), **{f"progress.{k}": float(v.mean()) for k, v in errors.items()}})  # noqa: E501
     return PairFeatures(feats["source"].features(), feats["target"].features(), feats["swap"].features(),
                         recon.result(), fd.report(), grid)
 
