@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 RESUMED_FROM_TAG = "mfim.resumed_from"  # on a run that continues an interrupted one: that run's id
 PIPELINE_TAG = "mfim.pipeline_id"  # on the parent run of one `dvc repro` and on each of its stage runs
-# The MLflow UI (3.x) reads the experiment's kind from this tag: without it, an experiment with no runs yet, or
-# only runs, opens on the GenAI overview (traces); "custom_model_development" opens it on its training runs.
-# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, read from the tag "mlflow.experimentKind")
+# What the experiment is for, in MLflow's own tag (its UI's ExperimentKind "custom_model_development": training runs,
+# not GenAI traces). MLflow 3.17's UI reads it only when its GenAI / Model training switch is off, and in the open
+# source build that switch is always on: the page shown then follows the switch, whose default is GenAI and which a
+# link sets with ?workflowType=machine_learning (kept in the browser afterwards). So both: the tag, and ui_url().
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # What counts as code for the dirty flag: the pipeline's own outputs (reports/, dvc.lock, data/) are tracked files
@@ -91,6 +92,15 @@ def configure(params: dict) -> str:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(name)
     return uri
+
+
+def ui_url(params: dict, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's address of the experiment's training runs (`make ui` serves ``base``)."""
+    import mlflow
+
+    configure(params)
+    exp = mlflow.get_experiment_by_name(lookup(params, "project.mlflow.experiment", "mfim"))
+    return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
 
 
 def pipeline_id() -> str | None:

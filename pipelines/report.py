@@ -44,3 +44,6 @@ if __name__ == "__main__":
         print(path)
     if MODEL.is_file():
         register(params)
+    from mfim.tracking import ui_url
+
+    print(f"MLflow training runs (`make ui`): {ui_url(params)}")
