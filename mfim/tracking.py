@@ -135,6 +135,30 @@ def pipeline_run(pid: str, tags: dict, experiment_id: str) -> str:
     return run.info.run_id
 
 
+def close_dead_pipelines(experiment_id: str) -> list[str]:
+    """Mark parent runs left RUNNING by a `dvc` process of this host that is gone (a stage killed outright never
+    ends its parent) as KILLED; returns their ids."""
+    import mlflow
+    import psutil
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([experiment_id], filter_string="tags.`mfim.stage` = 'pipeline' and "
+                              "attributes.status = 'RUNNING'")  # fmt: skip
+    closed = []
+    for r in runs:
+        host, pid, started = (r.data.tags.get(PIPELINE_TAG, "").rsplit(":", 2) + ["", "", ""])[:3]
+        if host != socket.gethostname() or not pid.isdigit():
+            continue
+        try:
+            alive = int(psutil.Process(int(pid)).create_time()) == int(started or -1)
+        except psutil.Error:
+            alive = False
+        if not alive:
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 def stage_inputs(stage: str, root: Path) -> dict | None:
     """The stage's deps and params as DVC hashes them for dvc.lock (md5 per dep, value per param) at stage start,
     before DVC writes the lock (it does after the command); None when DVC cannot say."""
@@ -255,7 +279,7 @@ def _log_inputs(stage: str) -> None:
 
     import mlflow
 
-    inputs = stage_inputs(stage, repo_root())
+    inputs = stage_inputs(stage, Path.cwd())  # a `dvc exp run --queue` copy hashes its own files
     if inputs is None:
         return
     text = json.dumps(inputs, sort_keys=True, default=str)
@@ -294,7 +318,9 @@ def start_run(stage: str, params: dict, groups: list[str] | None = None, run_nam
     pid = pipeline_id()
     if pid:
         parent_tags = {k: v for k, v in tags.items() if k not in ("mfim.stage", "dvc.params_groups", "mfim.pid")}
-        parent = pipeline_run(pid, parent_tags, mlflow.get_experiment_by_name(experiment).experiment_id)
+        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+        close_dead_pipelines(experiment_id)
+        parent = pipeline_run(pid, parent_tags, experiment_id)
         tags[PIPELINE_TAG] = pid
         mlflow.MlflowClient().update_run(parent, status="RUNNING")
     name = run_name or stage

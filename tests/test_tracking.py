@@ -264,3 +264,25 @@ def test_stage_run_is_tagged_with_its_dvc_lock_inputs(tmp_path, monkeypatch):
     expected = {d["path"]: d["md5"] for d in lock["deps"]} | {f"params.{k}": v for k, v in lock["params"]["params.yaml"].items()}
     tags = mlflow.get_run(run.info.run_id).data.tags
     assert tags["dvc.inputs_sha256"] == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()
+
+
+def test_a_parent_run_whose_dvc_process_is_gone_is_marked_killed(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    params = _params(tmp_path)
+    monkeypatch.setenv("MFIM_PIPELINE_ID", f"{socket.gethostname()}:{gone.pid}:1")
+    with start_run("train", params, groups=[]) as first:
+        old_parent = first.data.tags["mlflow.parentRunId"]
+        mlflow.MlflowClient().update_run(old_parent, status="RUNNING")
+    mlflow.MlflowClient().update_run(old_parent, status="RUNNING")  # as a SIGKILLed stage leaves it
+    monkeypatch.setenv("MFIM_PIPELINE_ID", "otherhost:1:1")  # the next `dvc repro`
+    with start_run("train", params, groups=[]) as second:
+        assert second.data.tags["mlflow.parentRunId"] != old_parent
+    assert mlflow.get_run(old_parent).info.status == "KILLED"
