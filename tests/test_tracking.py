@@ -286,3 +286,53 @@ def test_a_parent_run_whose_dvc_process_is_gone_is_marked_killed(tmp_path, monke
     with start_run("train", params, groups=[]) as second:
         assert second.data.tags["mlflow.parentRunId"] != old_parent
     assert mlflow.get_run(old_parent).info.status == "KILLED"
+
+
+_TOY_STAGE = """
+import sys
+from mfim.tracking import log_progress, start_run
+params = {"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t", "artifact_root": sys.argv[2]}}}
+with start_run(sys.argv[3], params, groups=[]):
+    log_progress(1, {"x": 1.0})
+open(sys.argv[3] + ".out", "w").write("done")
+"""
+
+
+def test_a_real_dvc_repro_makes_one_parent_with_its_stages_as_children(tmp_path, monkeypatch):
+    """The real process tree (dvc -> stage command) and DVC's lock held while the stages hash their inputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "stage.py").write_text(_TOY_STAGE)
+    uri, art = f"sqlite:///{tmp_path}/t.db", str(tmp_path / "art")
+    cmd = f"{sys.executable} stage.py {uri} {art}"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "first": {"cmd": f"{cmd} first", "deps": ["stage.py"], "outs": ["first.out"]},
+        "second": {"cmd": f"{cmd} second", "deps": ["stage.py", "first.out"], "outs": ["second.out"]}}}))
+    _git(tmp_path, "init", "-q")
+    env = {k: v for k, v in os.environ.items() if k != "MFIM_PIPELINE_ID"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
+    r = subprocess.run(["dvc", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["t"], output_format="list")
+    parents = [x for x in runs if x.data.tags["mfim.stage"] == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = {x.data.tags["mfim.stage"]: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(kids) == {"first", "second"}
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]["second"]
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=kids["second"].info.run_id, artifact_path="dvc_inputs.json")).read_text())
+    assert logged == {d["path"]: d["md5"] for d in lock["deps"]}  # what DVC then wrote into dvc.lock
+    r = subprocess.run(["dvc", "repro", "-f"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0
+    parents = [x for x in mlflow.search_runs(experiment_names=["t"], output_format="list")
+               if x.data.tags["mfim.stage"] == "pipeline"]
+    assert len(parents) == 2  # another `dvc repro`, another parent
