@@ -181,13 +181,15 @@ def stage_inputs(stage: str, root: Path) -> dict | None:
 
 def log_progress(step: int, metrics: dict, prefix: str = "") -> None:
     """Metrics of a stage under way at ``step`` (e.g. batches done, partial means), in the active run; nothing
-    without one. A failing store is logged, not raised: a day of evaluation is not lost to a tracking hiccup."""
+    without one. An array value is logged as its mean. A failing store is logged, not raised: a day of evaluation
+    is not lost to a tracking hiccup."""
     import mlflow
+    import numpy as np
 
     if mlflow.active_run() is None:
         return
     try:
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=int(step))
+        mlflow.log_metrics({f"{prefix}{k}": float(np.mean(v)) for k, v in metrics.items()}, step=int(step))
     except Exception:  # noqa: BLE001
         log.warning("MLflow: could not log progress at step %s", step, exc_info=True)
 

@@ -261,7 +261,8 @@ def test_stage_run_is_tagged_with_its_dvc_lock_inputs(tmp_path, monkeypatch):
     import yaml
 
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]["s"]
-    expected = {d["path"]: d["md5"] for d in lock["deps"]} | {f"params.{k}": v for k, v in lock["params"]["params.yaml"].items()}
+    expected = {d["path"]: d["md5"] for d in lock["deps"]}
+    expected |= {f"params.{k}": v for k, v in lock["params"]["params.yaml"].items()}
     tags = mlflow.get_run(run.info.run_id).data.tags
     assert tags["dvc.inputs_sha256"] == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()
 
@@ -325,7 +326,8 @@ def test_a_real_dvc_repro_makes_one_parent_with_its_stages_as_children(tmp_path,
     runs = mlflow.search_runs(experiment_names=["t"], output_format="list")
     parents = [x for x in runs if x.data.tags["mfim.stage"] == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    kids = {x.data.tags["mfim.stage"]: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    parent_id = parents[0].info.run_id
+    kids = {x.data.tags["mfim.stage"]: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent_id}
     assert set(kids) == {"first", "second"}
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]["second"]
     logged = json.loads(Path(mlflow.artifacts.download_artifacts(

@@ -5,7 +5,8 @@ from tests.test_evaluate_stream import checkpoint  # noqa: F401 - the fixture
 from tests.stubs import stub_evaluation_networks, write_evalsets
 
 
-def test_evaluate_logs_progress_while_it_runs_into_its_one_run(tmp_path, checkpoint, monkeypatch, one_thread):  # noqa: F811
+def test_evaluate_logs_progress_while_it_runs_into_its_one_run(tmp_path, checkpoint, monkeypatch,  # noqa: F811
+                                                               one_thread):
     import mlflow
 
     from mfim.evaluation.evaluate import run_evaluation

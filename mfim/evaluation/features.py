@@ -191,7 +191,7 @@ def stream_pairs(model, pairs: pd.DataFrame, reader: ImageReader, evaluators, lp
                             ("self_swap_without_style_maps", x_rec_nomaps)):
                 grid.add(name, x)
             bar.update(len(rows))
-            log_progress(i + len(rows), {"progress.pairs": i + len(rows), **{f"progress.{k}": float(v.mean()) for k, v in errors.items()}})  # noqa: E501
+            log_progress(i + len(rows), {"pairs": i + len(rows), **errors}, prefix="progress.")  # the batch's means
     return PairFeatures(feats["source"].features(), feats["target"].features(), feats["swap"].features(),
                         recon.result(), fd.report(), grid)
 
