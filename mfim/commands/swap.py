@@ -65,6 +65,7 @@ def register(sub) -> None:
 def _add_common(p) -> None:
     p.add_argument("--output", "-o", required=True, help="output file (single target) or folder")
     p.add_argument("--checkpoint", default=None, help="trained MFIM checkpoint (default: data/train/mfim.pt)")
+    p.add_argument("--model", default=None, help="an MLflow model instead of --checkpoint, e.g. models:/mfim@champion")
     p.add_argument("--roi", action="store_true", help="paste the face back into the original target photo (E+)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     # The paper's feed-forward swap by default: it works with any checkpoint and no other file (the anchor needs
@@ -221,6 +222,20 @@ def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> Non
 
 
 # -------------------------------------------------------------------------------------------------------- running
+
+
+def model_checkpoint(uri: str, checkpoint: str | None) -> str:
+    """The local file of an MLflow model URI (models:/mfim@champion), fetched from the store params.yaml names."""
+    if checkpoint:
+        raise UsageError("give --model or --checkpoint, not both")
+    from mlflow.exceptions import MlflowException
+
+    from mfim.mlflow_model import resolve_checkpoint
+
+    try:
+        return str(resolve_checkpoint(uri))
+    except (MlflowException, OSError) as e:
+        raise UsageError(f"--model {uri}: {str(e).splitlines()[0]}") from None
 
 
 def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0, fit_exp: float = 0.0):
@@ -478,6 +493,8 @@ def execute(operation: str, target, sources: dict, args) -> int:
             raise UsageError(f"--fit-exp must be >= 0 and needs --fit-steps > 0, got {fit_exp} with {fit_steps} steps")
         the_plan = plan(target, sources, args.output)
         check_outputs(the_plan, target, sources, overwrite)
+        if getattr(args, "model", None):
+            args.checkpoint = model_checkpoint(args.model, args.checkpoint)
         swapper = load_swapper(args.checkpoint, args.device, fit_steps, fit_exp)
         announce_model(operation, swapper, args.checkpoint, fit_steps, fit_exp)
         runner = Runner(

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mfim.evaluation.evaluators import Features
 from mfim.evaluation.grids import from_uint8, to_uint8
+from mfim.tracking import log_progress
 
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global
 
@@ -353,12 +354,18 @@ class Streamer:
         dlib = kind == "images" and self.workers > 0 and getattr(self.evaluators, "dlib", None) is not None
         reader = BatchReader(self.pattern, self.res, self._columns(kind), bounds, todo, dlib=dlib)
         loader = DataLoader(reader, batch_size=None, num_workers=self.workers, collate_fn=_as_is)
+        done = 0
         with _progress(sum(bounds[j][1] - bounds[j][0] for j in todo), kind[:-1]) as bar:
             try:
                 for item in loader:
-                    self.store.write(kind, item["index"], compute(item))
+                    part = compute(item)
+                    self.store.write(kind, item["index"], part)
                     a, b = bounds[item["index"]]
+                    done += b - a
                     bar.update(b - a)
+                    # MLflow sees the stage move (a day at paper scale): rows done, the batch's self-swap errors
+                    partial = {k: v for k, v in part.items() if k.startswith("self_swap_")}
+                    log_progress(done, {kind: done, **partial}, prefix="progress.")
             finally:
                 reader.close()
 

@@ -353,3 +353,47 @@ def write_reports(params: dict, reports_dir="reports") -> list[Path]:
     ablation = reports_dir / "ablation.md"
     ablation.write_text(ablation_table(params, current, metrics) + "\n\n" + note + "\n")
     return [tables, ablation]
+
+
+PAPER_COLUMNS = {"identity": "Identity", "shape": "Shape", "expression": "Expression", "pose": "Pose",
+                 "pose_hn": "Pose-HN", "id_retrieval": "ID retrieval"}
+
+
+def paper_metrics(metrics: dict) -> dict:
+    """The paper's columns (Tables 2-3) under its names, for `dvc metrics diff` between experiments."""
+    out = {name: metrics["swap"].get(key) for key, name in PAPER_COLUMNS.items()}
+    fd = metrics.get("fd", {})
+    out["FID" if fd.get("name") == "fid" else f"FD ({fd.get('name')})"] = fd.get("value")
+    out["Self-swap LPIPS"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
+    return out
+
+
+def write_plot_data(params: dict, reports_dir: str | Path = "reports", metrics: dict | None = None,
+                    detail: dict | None = None) -> list[Path]:
+    """What `dvc plots` draws besides the training losses (dvc.yaml `plots:`), and the paper's columns as a metrics
+    file: reports/plots/ablation.csv (one row per configuration and seed, the rows of reports/ablation.md),
+    evaluator_accuracy.csv (each evaluator's check on real images), metric_intervals.csv (means with their 95%
+    bootstrap interval), reports/paper_metrics.json."""
+    import pandas as pd
+
+    reports_dir = Path(reports_dir)
+    metrics = metrics if metrics is not None else json.loads((reports_dir / "metrics.json").read_text())
+    if detail is None:
+        detail_path = reports_dir / "metrics_detail.json"
+        detail = json.loads(detail_path.read_text()) if detail_path.is_file() else {}
+    plots = reports_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    rows = [{"config": cfg, "seed": str(r.get("seed", "?")), **{c: r.get(c) for c in ABLATION_COLS}}
+            for cfg, runs in sorted(merged_ablation_rows(params).items()) for r in runs]
+    ablation = plots / "ablation.csv"
+    pd.DataFrame(rows, columns=["config", "seed", *ABLATION_COLS]).to_csv(ablation, index=False)
+    accuracy = plots / "evaluator_accuracy.csv"
+    pd.DataFrame(sorted(metrics.get("evaluators_on_real_images", {}).items()),
+                 columns=["evaluator_check", "value"]).to_csv(accuracy, index=False)
+    intervals = plots / "metric_intervals.csv"
+    pd.DataFrame([{"metric": k, "mean": v["mean"], "ci_low": v["ci_low"], "ci_high": v["ci_high"]}
+                  for k, v in detail.get("swap", {}).items() if isinstance(v, dict) and "ci_low" in v],
+                 columns=["metric", "mean", "ci_low", "ci_high"]).to_csv(intervals, index=False)
+    paper = reports_dir / "paper_metrics.json"
+    paper.write_text(json.dumps(paper_metrics(metrics), indent=2) + "\n")
+    return [ablation, accuracy, intervals, paper]
