@@ -100,8 +100,8 @@ def write_stylegan2_pkl(path: Path, resolution: int = 1024, style_dim: int = 512
                         channel_base: int = 32768, channel_max: int = 512, seed: int = 0) -> nn.Module:
     """An NVIDIA stylegan2-ada-pytorch snapshot (``G``, ``D``, ``G_ema`` persistent records) of a randomly initialised
     generator; the defaults are the FFHQ-1024 architecture, smaller widths keep CPU runs short."""
-    from mfim.weights import write_nvidia_pickle
     from mfim.models.stylegan2 import Generator, discriminator_for
+    from tests.nvidia_writer import write_nvidia_pickle
 
     torch.manual_seed(seed)
     G = Generator(resolution=resolution, style_dim=style_dim, n_mlp=n_mlp, channel_base=channel_base,
