@@ -25,7 +25,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mfim.data.augment import FaceAugment
 from mfim.data.shard_meta import shard_landmarks
 from mfim.data.shards import (
     BatchIterator,
@@ -152,6 +151,9 @@ def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch
     ``threedmm_columns``: 'estimate' (the precomputed encoder output) or 'ground_truth' (synthetic data only).
     ``flip_probability`` > 0 adds the label-flipping horizontal flip to the augmentation (needs ``augment``).
     """
+    # here, not at the top: albumentations only when augmenting (the GPU check's machine does not carry it)
+    from mfim.data.augment import FaceAugment
+
     index = ShardIndex(pattern)
     labels = load_threedmm_arrays(threedmm_table, threedmm_columns) if threedmm_table else None
     augmenter = FaceAugment(flip_probability=flip_probability) if augment else None
