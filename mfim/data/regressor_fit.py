@@ -115,6 +115,40 @@ def predict(model: ThreeDMMRegressor, images: np.ndarray, batch_size: int = 256,
     return {name: torch.cat([getattr(o, name) for o in outs]).cpu().numpy() for name in ("shape", "exp", "pose")}
 
 
+def _starting_model(model_config: RegressorConfig, y_train: torch.Tensor,
+                    init: ThreeDMMRegressor | None) -> ThreeDMMRegressor:
+    """``init``'s weights and normalisation (a fine-tune), else this set's mean/std and, for ``mobilenet_v1``,
+    3DDFA_V2's weights."""
+    if init is not None:
+        if asdict(init.config) != asdict(model_config):
+            raise ValueError(f"init regressor's config {asdict(init.config)} differs from {asdict(model_config)}")
+        model = ThreeDMMRegressor(model_config, init.mean.detach().cpu(), init.std.detach().cpu())
+        model.load_state_dict(init.state_dict())
+        return model
+    model = ThreeDMMRegressor(model_config, y_train.mean(0), y_train.std(0).clamp_min(1e-6))
+    if model_config.backbone == "mobilenet_v1":
+        init_from_tddfa(model)
+    return model
+
+
+def _group_loss(c: RegressorConfig, fit: FitConfig, device):
+    """loss(pred, target), both B×n_out normalised: the groups' (weighted) mean squared errors, mixed by
+    ``fit.group_weights``."""
+    bounds = [(0, c.n_shape), (c.n_shape, c.n_shape + c.n_exp), (c.n_shape + c.n_exp, c.n_out)]
+    weight = torch.ones(c.n_out, device=device)
+    weight[min(fit.shape_lead, c.n_shape) : c.n_shape] = fit.shape_tail_weight
+
+    def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if fit.shape_tail_weight == 1.0:
+            per_group = [F.mse_loss(pred[:, lo:hi], target[:, lo:hi]) for lo, hi in bounds]
+        else:  # the same, each group a weighted mean
+            err = (pred - target).pow(2) * weight
+            per_group = [err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds]
+        return sum(w * g for w, g in zip(fit.group_weights, per_group)) / sum(fit.group_weights)
+
+    return loss
+
+
 def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_config: RegressorConfig,
                   fit: FitConfig, log=print, val: dict | None = None,
                   init: ThreeDMMRegressor | None = None) -> tuple[ThreeDMMRegressor, dict]:
@@ -141,23 +175,9 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
         train_idx = np.arange(len(images))
         val_images = val["images"]
         gt_val = {k: np.asarray(val[k]) for k in ("shape", "exp", "pose")}
-    y_train = torch.from_numpy(y_all[train_idx])
-    if init is not None:
-        if asdict(init.config) != asdict(model_config):
-            raise ValueError(f"init regressor's config {asdict(init.config)} differs from {asdict(model_config)}")
-        mean, std = init.mean.detach().cpu(), init.std.detach().cpu()
-        model = ThreeDMMRegressor(model_config, mean, std)
-        model.load_state_dict(init.state_dict())
-    else:
-        mean, std = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
-        model = ThreeDMMRegressor(model_config, mean, std)
-        if model_config.backbone == "mobilenet_v1":
-            init_from_tddfa(model)
-    model.to(device)
-    c = model_config
-    bounds = [(0, c.n_shape), (c.n_shape, c.n_shape + c.n_exp), (c.n_shape + c.n_exp, c.n_out)]
-    weight = torch.ones(c.n_out, device=device)
-    weight[min(fit.shape_lead, c.n_shape) : c.n_shape] = fit.shape_tail_weight
+    model = _starting_model(model_config, torch.from_numpy(y_all[train_idx]), init).to(device)
+    mean, std = model.mean.cpu(), model.std.cpu()
+    loss_of = _group_loss(model_config, fit, device)
     opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=1e-4)
     steps = fit.epochs * math.ceil(len(train_idx) / fit.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=max(steps, 1), pct_start=0.15)
@@ -174,13 +194,7 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
             sel = torch.from_numpy(order[start : start + fit.batch_size]).to(device)
             if len(sel) < 2:  # BatchNorm needs two samples
                 continue
-            pred = model.forward_normalized(_to_input(batch, device))
-            if fit.shape_tail_weight == 1.0:
-                per_group = [F.mse_loss(pred[:, lo:hi], y_norm[sel, lo:hi]) for lo, hi in bounds]
-            else:  # the same, each group a weighted mean
-                err = (pred - y_norm[sel]).pow(2) * weight
-                per_group = [err[:, lo:hi].sum(1).mean() / weight[lo:hi].sum() for lo, hi in bounds]
-            loss = sum(w * g for w, g in zip(fit.group_weights, per_group)) / sum(fit.group_weights)
+            loss = loss_of(model.forward_normalized(_to_input(batch, device)), y_norm[sel])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
