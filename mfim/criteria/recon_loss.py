@@ -39,7 +39,7 @@ class ReconLoss(nn.Module):
         return {k: (v * w).sum() / w.sum().clamp_min(1e-8) for k, v in per.items()}
 
 
-# --- not in the paper ------------------------------------------------------------------------------------------------
+# --- not in the paper -----------------------------------------------------------------------------------------------
 
 
 class BackgroundL1(nn.Module):

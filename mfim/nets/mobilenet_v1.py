@@ -85,7 +85,7 @@ def tddfa_state(onnx_path: str | os.PathLike | None = None) -> dict[str, torch.T
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# --- 3DDFA_V2's input and output conventions --------------------------------------------------------------------------
+# --- 3DDFA_V2's input and output conventions ------------------------------------------------------------------------
 
 TDDFA_INPUT_SIZE = 120
 # 62 = pose matrix (12) + shape (40) + expression (10)
