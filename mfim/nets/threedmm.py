@@ -48,7 +48,7 @@ from mfim.nets.mobilenet_v1 import (
 from mfim.nets.onnx_utils import FrozenModule, freeze, onnx_to_torch
 from mfim.nets.rotation import matrix_to_angles, normalize_pose_matrix
 from mfim.nets.threedmm_regressor import load_fitted_regressor
-from mfim.nets.types import N_EXP, N_SHAPE, ThreeDMMParams
+from mfim.nets.types import ThreeDMMParams
 
 def read_stats(path: str | os.PathLike) -> dict:
     """The ``threedmm`` stage's ``stats.json`` (written beside the 3DMM table by mfim.data.threedmm_table)."""
