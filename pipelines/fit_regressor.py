@@ -30,8 +30,8 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
     from mfim.config import lookup
     from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
     from mfim.data.synth import SynthConfig
-    from mfim.nets.threedmm_regressor import (FitConfig, RegressorConfig, fit_from_render_set, fit_from_table,
-                                              use_shipped_regressor)
+    from mfim.data.regressor_fit import FitConfig, fit_from_render_set, fit_from_table, use_shipped_regressor
+    from mfim.nets.threedmm_regressor import RegressorConfig
 
     group = lookup(params, f"threedmm.{name}")
     model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),

@@ -5,6 +5,13 @@ Each writer builds the network with the key names and serialisation its project 
 ``backbone.pth``, DECA ``deca_model.tar``, Hopenet ``.pkl`` in the PyTorch 0.2 era, pytorch-fid Inception ``.pth``,
 pSp ``model_ir_se50.pth``, an NVIDIA stylegan2-ada-pytorch snapshot ``.pkl``) and returns the in-memory network, so a
 test can compare what our loader makes of the file against it.
+
+What they are not: the official networks. Except the FID Inception (assembled from pytorch_fid's own blocks), every
+writer builds the network from this project's modules, so a test "write here -> load with our loader" is a round trip
+of our writer against our reader (named ``test_*_round_trip``): it checks renaming, serialisation and preprocessing,
+and cannot catch an architecture difference from the official code. Facts that can -- key lists written out
+independently, published parameter counts -- are separate tests (tests/test_official_formats.py,
+tests/test_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -100,8 +107,8 @@ def write_stylegan2_pkl(path: Path, resolution: int = 1024, style_dim: int = 512
                         channel_base: int = 32768, channel_max: int = 512, seed: int = 0) -> nn.Module:
     """An NVIDIA stylegan2-ada-pytorch snapshot (``G``, ``D``, ``G_ema`` persistent records) of a randomly initialised
     generator; the defaults are the FFHQ-1024 architecture, smaller widths keep CPU runs short."""
-    from mfim.weights import write_nvidia_pickle
     from mfim.models.stylegan2 import Generator, discriminator_for
+    from tests.nvidia_writer import write_nvidia_pickle
 
     torch.manual_seed(seed)
     G = Generator(resolution=resolution, style_dim=style_dim, n_mlp=n_mlp, channel_base=channel_base,

@@ -21,12 +21,12 @@ from mfim.weights import (
     load_generator,
     read_checkpoint,
     save_checkpoint,
-    write_nvidia_pickle,
     write_rosinality_checkpoint,
 )
 from mfim.models.layers import make_fir_kernel
 from mfim.models.stylegan2 import Discriminator, Generator
 from mfim.weights.nvidia import _RestrictedUnpickler as RestrictedUnpickler
+from tests.nvidia_writer import write_nvidia_pickle
 
 # Official stylegan2-ada-pytorch networks at img_resolution=16, z_dim=w_dim=64, 2 mapping layers, channel_base=256,
 # channel_max=32: every state_dict entry in order, as their code produces it.
@@ -279,7 +279,7 @@ def test_restricted_unpickler_never_runs_pickled_code(tmp_path):
 
 
 def test_unknown_types_outside_the_networks_are_ignored_not_run(tmp_path):
-    from mfim.weights.nvidia_writer import _GlobalRef, _nvidia_generator_record, _OfficialPickler, _Reduce
+    from tests.nvidia_writer import _GlobalRef, _nvidia_generator_record, _OfficialPickler, _Reduce
 
     G, _ = nvidia_pair(0)
     augment = _Reduce(_GlobalRef.of("training.augment", "AugmentPipe"), (1, 2))  # a class we do not know

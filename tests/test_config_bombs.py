@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from mfim.models.stylegan2 import Generator
-from mfim.weights import FORMAT, nvidia_writer
+from mfim.weights import FORMAT
+from tests import nvidia_writer
 
 HUGE = 65536  # 2 noise buffers of 65536² floats: 34 GB at this resolution alone
 

@@ -53,7 +53,8 @@ def test_distilling_a_flame_width_table_gives_a_flame_width_regressor(tmp_path, 
     """`target: estimate` on DECA's table: the head is as wide as FLAME (100 / 50), not BFM's 40 / 10. (The paper
     smoke checked this through the stage, which the paper configuration now skips.)"""
     from mfim.data import threedmm_table as T
-    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_table, load_fitted_regressor
+    from mfim.data.regressor_fit import FitConfig, fit_from_table
+    from mfim.nets.threedmm_regressor import RegressorConfig, load_fitted_regressor
     from tests.test_shards import make_fixture_shards
     from tests.test_threedmm_table import FlameWidthEncoder
 

@@ -181,7 +181,8 @@ def test_self_swap_shortcut_equals_the_two_pass_swap():
 
 
 def test_ir_se50_file_without_num_batches_tracked_loads(tmp_path):
-    # files written by older PyTorch lack BatchNorm's num_batches_tracked; pSp loads them, so must we
+    # files written by older PyTorch lack BatchNorm's num_batches_tracked; pSp loads them, so must we. A round trip
+    # (our writer of pSp's layout -> our loader): it checks the loader, not that IR-SE50 matches pSp's code
     from mfim.models.encoder import load_ir_se50
     from tests.official_files import write_psp_ir_se50
 

@@ -1,5 +1,14 @@
-"""Official checkpoint formats, by path: each test writes a checkpoint in the official key layout from a randomly
-initialised network, loads it through our loader, and gets identical outputs. Missing files give one clear error.
+"""Official checkpoint formats, by path. Two kinds of test, named for what each can catch:
+
+* ``test_*_keys_*`` / ``test_*_published_*``: our network's key names, shapes or size against facts of the official
+  project written out here independently of our modules (key lists, published parameter counts, code widths). These
+  can catch an architecture that differs from the official one.
+* ``test_*_round_trip``: our writer of the official layout (tests/official_files.py, built from our own modules) ->
+  our loader -> identical outputs. They check the loader's renaming, serialisation quirks (legacy files, prefixes,
+  skipped heads) and preprocessing; they cannot catch an architecture difference from the official code, since the
+  file and the reader come from the same network definition.
+
+Missing files give one clear error.
 
 Formats: insightface arcface_torch iresnet ``backbone.pth``; DECA ``deca_model.tar`` (``E_flame``); Hopenet
 ``hopenet_robust_alpha1.pkl`` (PyTorch 0.2 era: legacy serialisation, no BatchNorm ``num_batches_tracked``);
@@ -65,10 +74,28 @@ def aligned_batch(n: int = 2, size: int = 128) -> torch.Tensor:
 # --- insightface arcface_torch iresnet -------------------------------------------------------------------------
 
 
-def test_iresnet_backbone_pth_roundtrip(tmp_path):
-    from mfim.nets.iresnet import IRESNET_LAYERS, IResNet, load_iresnet
+def test_iresnet_keys_are_arcface_torchs():
+    from mfim.nets.iresnet import IRESNET_LAYERS, IResNet
 
     assert list(IResNet(IRESNET_LAYERS[50]).state_dict()) == iresnet_keys(IRESNET_LAYERS[50])
+
+
+def test_iresnet100_has_the_published_parameter_count():
+    """insightface's ResNet100 ArcFace (LResNet100E-IR, the architecture arcface_torch's r100 ports) is listed at
+    65.1320 M parameters (OpenVINO open_model_zoo, face-recognition-resnet100-arcface-onnx); ours has 65.156 M. The
+    0.05 M margin is below the smallest architectural change (one more or one fewer first-stage block: 0.074 M); a
+    wrong stage depth or width moves the count by millions."""
+    from mfim.nets.iresnet import IRESNET_LAYERS, IResNet
+
+    n_params = sum(p.numel() for p in IResNet(IRESNET_LAYERS[100]).parameters())
+    assert abs(n_params - 65.132e6) < 0.05e6, n_params
+
+
+def test_iresnet_backbone_pth_round_trip(tmp_path):
+    """Our writer of arcface_torch's ``backbone.pth`` -> load_iresnet: same embeddings (cannot catch an architecture
+    difference from arcface_torch: the keys tests above do that)."""
+    from mfim.nets.iresnet import IRESNET_LAYERS, load_iresnet
+
     # the round trip on r18 (same block and key structure, a quarter of the compute)
     path = tmp_path / "backbone.pth"
     net = write_iresnet_backbone(path, depth=18)
@@ -110,7 +137,17 @@ def test_wrong_checkpoint_names_the_file(tmp_path):
 # --- DECA deca_model.tar ---------------------------------------------------------------------------------------
 
 
-def test_deca_model_tar_roundtrip(tmp_path):
+def test_deca_code_width_is_decas_parameter_list():
+    from mfim.nets.deca import DECA_CODE_SIZE
+
+    # DECA's config: n_shape 100, n_tex 50, n_exp 50, n_pose 6, n_cam 3, n_light 27, in that order in E_flame's output
+    assert DECA_CODE_SIZE == 100 + 50 + 50 + 6 + 3 + 27
+
+
+def test_deca_model_tar_round_trip(tmp_path):
+    """Our writer of ``deca_model.tar`` -> DECAEncoder: the same code. The key list is checked against DECA's layout
+    written out here (ResNet-50 ``encoder.*`` + ``layers.0`` / ``layers.2``); the round trip itself cannot catch an
+    architecture difference from DECA's code."""
     from mfim.nets.deca import DECA_CODE_SIZE, DECAEncoder, FLAMEParams
 
     path = tmp_path / "deca_model.tar"
@@ -140,7 +177,10 @@ def test_deca_model_tar_roundtrip(tmp_path):
 # --- Hopenet hopenet_robust_alpha1.pkl ------------------------------------------------------------------------
 
 
-def test_hopenet_pkl_roundtrip(tmp_path):
+def test_hopenet_pkl_round_trip(tmp_path):
+    """Our writer of the 2017 ``.pkl`` -> HopenetResNet50: same outputs. Our module's keys are checked against a
+    torchvision ResNet-50 + Hopenet's four heads written out here; the round trip cannot catch an architecture
+    difference from Hopenet's code."""
     from mfim.nets.headpose import HopenetResNet50
 
     path = tmp_path / "hopenet_robust_alpha1.pkl"
@@ -172,7 +212,9 @@ def _reference_pool3(net: nn.Module, images01: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
-def test_fid_inception_pth_roundtrip(tmp_path):
+def test_fid_inception_pth_round_trip(tmp_path):
+    """pytorch-fid's own network (imported from pytorch_fid, not ours) -> its state dict -> our loader and feature
+    path: the same pool3 features. The one round trip here whose reference is the official code."""
     from mfim.nets.fid import InceptionFeatures, load_fid_inception
 
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"

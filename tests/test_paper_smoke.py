@@ -231,6 +231,8 @@ def test_every_stage_ran_and_wrote_its_outputs(smoke):
 
 
 def test_the_paper_networks_came_from_the_official_files(smoke):
+    # "official files": files in the released layouts, written from our modules by tests/official_files.py (what
+    # reads them is checked here; that the architectures match the official code is not -- see that module)
     work = smoke["work"]
     pretrain = read_json(work / "reports" / "pretrain.json")
     assert pretrain["mode"] == "imported" and pretrain["source_format"] == "nvidia"

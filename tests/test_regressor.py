@@ -6,17 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfim.nets.threedmm_regressor import (
-    FitConfig,
-    RegressorConfig,
-    ThreeDMMRegressor,
-    fit_regressor,
-    load_fitted_regressor,
-    predict,
-    save_regressor,
-    split_by_group,
-    use_shipped_regressor,
-)
+from mfim.data.regressor_fit import FitConfig, fit_regressor, predict, split_by_group, use_shipped_regressor
+from mfim.nets.threedmm_regressor import RegressorConfig, ThreeDMMRegressor, load_fitted_regressor, save_regressor
 from mfim.nets.types import ThreeDMMParams
 
 

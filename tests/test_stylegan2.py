@@ -4,7 +4,6 @@ discriminator against an independent slow path (per-sample, non-fused, explicit 
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -158,17 +157,15 @@ def test_style_and_noise_layers(resolution, n_styles, n_conv):
 
 
 def test_official_config_1024_builds_and_runs():
+    """Size and output only; its speed (one forward under 30 s on CPU) is benchmarks/bench_generator_1024.py."""
     torch.set_num_threads(2)  # a real workload (restored by the fixture)
     torch.manual_seed(0)
     G = Generator(resolution=1024, style_dim=512, n_mlp=8, channel_base=32768, channel_max=512).eval()
     n_params = sum(p.numel() for p in G.parameters())
     assert 30.3e6 < n_params < 30.5e6  # official config F: 30.37 M
-    t0 = time.perf_counter()
     with torch.no_grad():
         img = G(torch.randn(1, 512))
-    elapsed = time.perf_counter() - t0
     assert img.shape == (1, 3, 1024, 1024) and torch.isfinite(img).all()
-    assert elapsed < 30, f"1024 forward took {elapsed:.1f}s"
 
 
 def test_s_space_forward_equals_w_plus_forward():

@@ -35,7 +35,8 @@ def test_evaluate_logs_progress_while_it_runs_into_its_one_run(tmp_path, checkpo
     partial = client.get_metric_history(run.info.run_id, "progress.self_swap_lpips")
     values = [m.value for m in images]
     assert values == sorted(values) and values[-1] == 6.0  # rows done after each batch; 6 distinct images
-    assert len(partial) == len(images) and max(m.timestamp for m in partial) <= min(m.timestamp for m in done)
+    # an image batch of sources only has no self-swap error to log
+    assert 1 <= len(partial) <= len(images) and max(m.timestamp for m in partial) <= min(m.timestamp for m in done)
     runs = mlflow.search_runs(experiment_names=["t"], output_format="list")
     assert [r.info.run_id for r in runs] == [run.info.run_id]  # the end-of-stage logging went into the same run
     final = runs[0].data.metrics["swap.identity"]

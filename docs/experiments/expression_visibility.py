@@ -53,7 +53,8 @@ def main() -> None:
     from mfim.config import load_params
     from mfim.data.synth import SynthConfig
     from mfim.data.threedmm_table import pearson_per_column
-    from mfim.nets.threedmm_regressor import load_fitted_regressor, predict
+    from mfim.data.regressor_fit import predict
+    from mfim.nets.threedmm_regressor import load_fitted_regressor
 
     torch.set_num_threads(2)
     synth = SynthConfig.from_params(load_params()["synthesize"])

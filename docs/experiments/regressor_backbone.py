@@ -17,7 +17,8 @@ import numpy as np
 from mfim.config import load_params
 from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
 from mfim.data.synth import SynthConfig
-from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, fit_from_render_set
+from mfim.data.regressor_fit import FitConfig, fit_from_render_set
+from mfim.nets.threedmm_regressor import RegressorConfig
 from mfim.runtime import configure_threads
 
 

@@ -50,7 +50,7 @@ def render(synth, first: int, people: int, renders: int, workers: int, cache: Pa
 
 def per_coefficient_r(model, val: dict) -> dict:
     from mfim.data.threedmm_table import group_errors, pearson_per_column
-    from mfim.nets.threedmm_regressor import predict
+    from mfim.data.regressor_fit import predict
 
     pred = predict(model, val["images"])
     out = {"val_error": group_errors(pred, val)}
@@ -77,7 +77,8 @@ def main() -> None:
 
     from mfim.config import load_params
     from mfim.data.synth import SynthConfig
-    from mfim.nets.threedmm_regressor import FitConfig, fit_regressor, load_fitted_regressor, save_regressor
+    from mfim.data.regressor_fit import FitConfig, fit_regressor
+    from mfim.nets.threedmm_regressor import load_fitted_regressor, save_regressor
 
     torch.set_num_threads(2)
     if args.first_id + args.people > VAL_OFFSET:

@@ -148,8 +148,9 @@ def main() -> None:
         mb.tddfa_state = lambda onnx_path=None: torch.load(state, map_location="cpu", weights_only=True)
     from mfim.config import load_params
     from mfim.data.synth import SynthConfig
-    from mfim.nets.threedmm_regressor import FitConfig, RegressorConfig, save_regressor
-    from mfim.nets.threedmm_regressor import fit_regressor as library_fit
+    from mfim.data.regressor_fit import FitConfig
+    from mfim.nets.threedmm_regressor import RegressorConfig, save_regressor
+    from mfim.data.regressor_fit import fit_regressor as library_fit
 
     import cv2
 

@@ -2,6 +2,9 @@
 
 When the generator's output is larger than the target (paper: 1024 vs 256) the swap is area-downsampled to the
 target's size first, as pSp's face_pool does.
+
+Not in the paper (both off by default, i.e. eq. (2) as written): ``ReconLoss``'s per-pair ``weight`` (what
+``loss.recon_cross_identity`` < 1 uses) and :class:`BackgroundL1` (``loss.background_l1``), below the marker.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class ReconLoss(nn.Module):
 
     def forward(self, x_swap: torch.Tensor, x_tgt: torch.Tensor,
                 weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Batch means; ``weight`` (B, optional) weighs each pair's terms (a weighted mean over the batch)."""
+        """Batch means; ``weight`` (B, optional; not in the paper) weighs each pair's terms (a weighted mean over the
+        batch)."""
         x = match_size(x_swap, x_tgt)
         per = {"l1": (x - x_tgt).abs().flatten(1).mean(1)}
         if self.lpips is not None:
@@ -33,6 +37,9 @@ class ReconLoss(nn.Module):
             return {k: v.mean() for k, v in per.items()}
         w = weight.to(x.dtype)
         return {k: (v * w).sum() / w.sum().clamp_min(1e-8) for k, v in per.items()}
+
+
+# --- not in the paper -----------------------------------------------------------------------------------------------
 
 
 class BackgroundL1(nn.Module):

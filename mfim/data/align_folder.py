@@ -401,6 +401,8 @@ def landmark_error_report(rows: list[dict], ground_truth: pd.DataFrame, input_ke
 # --- the folder run ---------------------------------------------------------------------------------------------------
 
 
+# long: the align stage's run in its order (scan, plan, resume from the journal, align in workers, tables, summary);
+# the steps with logic of their own are the helpers above, and the rest shares one set of local tables.
 def align_folder(
     in_dir: str | Path,
     out_dir: str | Path,

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mfim.data.shard_meta import shard_landmarks
 from mfim.data.shards import (
     BatchIterator,
     CorruptSample,
@@ -34,6 +35,7 @@ from mfim.data.shards import (
     ShardIndex,
     sample_rng,
 )
+from mfim.data.threedmm_table import load_threedmm_arrays
 from mfim.nets.types import ThreeDMMParams
 
 _TRIES = 64  # rejection sampling for a different identity: P(64 misses) is nil unless one identity dominates
@@ -124,16 +126,6 @@ class PairItems(ItemSource):
         return item
 
 
-def shard_landmarks(meta: dict, size: int) -> np.ndarray | None:
-    """A sample's 68 landmarks (float32, pixel indices) in its image as read at side ``size``; None when the shard
-    has none or does not say at which side it holds them (``resolution``, written beside them by build_shards)."""
-    points, written = meta.get("landmarks"), meta.get("resolution")
-    if points is None or not written:
-        return None
-    lm = np.asarray(points, np.float64).reshape(68, 2)
-    return ((lm + 0.5) * (size / written) - 0.5).astype(np.float32)  # pixel centres scale about the image edge
-
-
 def _finish(batch: dict) -> dict:
     out = {"src": batch["src"], "tgt": batch["tgt"],
            "src_key": list(batch["src_key"]), "tgt_key": list(batch["tgt_key"]),
@@ -159,8 +151,8 @@ def pair_batches(pattern: str | Sequence[str], threedmm_table: str | None, batch
     ``threedmm_columns``: 'estimate' (the precomputed encoder output) or 'ground_truth' (synthetic data only).
     ``flip_probability`` > 0 adds the label-flipping horizontal flip to the augmentation (needs ``augment``).
     """
+    # here, not at the top: albumentations only when augmenting (the GPU check's machine does not carry it)
     from mfim.data.augment import FaceAugment
-    from mfim.data.threedmm_table import load_threedmm_arrays
 
     index = ShardIndex(pattern, keep_metas=False)  # pairs need keys, identities and offsets, not the JSON
     labels = load_threedmm_arrays(threedmm_table, threedmm_columns) if threedmm_table else None

@@ -38,9 +38,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mfim.data.pairs import shard_landmarks
+from mfim.data.shard_meta import shard_landmarks
 from mfim.data.shards import CorruptSample, ShardSample, decode_sample, expand_shards, iter_samples, scan_members
+from mfim.nets.face_crops import from_uint8
 from mfim.nets.threedmm import encode as encode_3dmm
+from mfim.nets.threedmm import read_stats  # noqa: F401  (the stats file's reader, beside its writer's module)
 from mfim.nets.types import N_EXP, N_SHAPE, POSE_NAMES, ThreeDMMParams
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,7 @@ def _batches(samples: Iterable[ShardSample], size: int) -> Iterable[list[ShardSa
 
 def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
     """N×H×W×3 uint8 -> N×3×H×W float32 in [-1, 1]."""
-    arr = torch.from_numpy(np.ascontiguousarray(np.stack(images)))
-    return arr.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return from_uint8(np.stack(images))
 
 
 def batch_landmarks(batch: Sequence[ShardSample]) -> np.ndarray | None:
@@ -253,14 +254,6 @@ def write_stats(stats: dict, path: str | Path) -> Path:
     from mfim.atomic import atomic_write
 
     return atomic_write(path, lambda f: f.write(json.dumps(stats, indent=1).encode()))
-
-
-def read_stats(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"3DMM coefficient statistics not found at {path} (written beside the table by the "
-                                "`threedmm` stage: `dvc repro threedmm`)")
-    return json.loads(path.read_text())
 
 
 # ------------------------------------------------------------------------------------- parallel, resumable precompute

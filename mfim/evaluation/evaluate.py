@@ -108,6 +108,8 @@ def run_evaluation(
     return _run_evaluation(params, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, progress_dir)
 
 
+# long: the evaluate stage in order (set-up, the streaming pass of features.py, the tables of tables.py, the two
+# report files written side by side so their keys stay in step); the computing is in those modules.
 def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir, reports_dir, progress_dir) -> dict:
     from mfim.data.shards import split_pattern
     from mfim.evaluation.evaluators import Evaluators

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mfim.evaluation.evaluators import Features
-from mfim.evaluation.grids import from_uint8, to_uint8
+from mfim.nets.face_crops import from_uint8, to_uint8
 from mfim.tracking import log_progress
 
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global

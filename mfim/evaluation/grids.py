@@ -9,20 +9,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """B×3×H×W in [-1, 1] -> B×H×W×3 uint8."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    """B×H×W×3 (or H×W×3) uint8 -> B×3×H×W float in [-1, 1]."""
-    a = np.asarray(images)
-    if a.ndim == 3:
-        a = a[None]
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+from mfim.imageio import ImageRejected, read_rgb
+from mfim.inference import FaceSwapper
+from mfim.models.roi import roi_blend, roi_masks
+from mfim.nets.align import canonical_landmarks
+from mfim.nets.face_crops import from_uint8, to_uint8  # noqa: F401  (from_uint8: imported from here too)
+from mfim.provenance import provenance_record, save_image
 
 
 def image_grid(columns: list[torch.Tensor], size: int | None = None, pad: int = 2) -> np.ndarray:
@@ -43,8 +37,6 @@ def image_grid(columns: list[torch.Tensor], size: int | None = None, pad: int = 
 
 
 def save_grid(path: str | Path, columns: list[torch.Tensor], record: dict | None = None, size: int | None = None):
-    from mfim.provenance import provenance_record, save_image
-
     return save_image(path, image_grid(columns, size=size), record or provenance_record("synthetic"))
 
 
@@ -71,10 +63,6 @@ def write_grids(model, meta: dict, out_dir: Path, pair_images, triplet_images, p
 
 def notice_image(path: Path, text: str, width: int = 480, height: int = 48) -> Path:
     """A plain image with one line of text, where a grid has nothing to show (the file is a declared output)."""
-    from PIL import Image, ImageDraw
-
-    from mfim.provenance import provenance_record, save_image
-
     img = Image.new("RGB", (width, height), (255, 255, 255))
     ImageDraw.Draw(img).text((8, height // 2 - 6), text, fill=(0, 0, 0))
     return save_image(path, np.asarray(img), provenance_record("synthetic", note=text))
@@ -83,9 +71,6 @@ def notice_image(path: Path, text: str, width: int = 480, height: int = 48) -> P
 def roi_swaps(x_swap: torch.Tensor, x_tgt: torch.Tensor) -> torch.Tensor:
     """E+ in aligned space, with the canonical FFHQ face mask (the aligned target's own landmarks are used when
     pasting into photos, see paste_back_examples)."""
-    from mfim.models.roi import roi_blend, roi_masks
-    from mfim.nets.align import canonical_landmarks
-
     size = x_swap.shape[-1]
     masks = roi_masks(np.repeat(canonical_landmarks(size)[None], len(x_swap), axis=0), size)
     return roi_blend(x_swap, x_tgt, masks)
@@ -96,10 +81,6 @@ def paste_back_examples(model, meta: dict, pairs: pd.DataFrame, raw_dir, device,
     """E+ on the unaligned raw photos: detect + align the raw target and source, swap, paste back; one row per pair
     (raw target | result). Without raw photos (real-data protocols keep only aligned frames) the aligned-space E+
     column stands in, so the file always exists."""
-    from mfim.imageio import ImageRejected, read_rgb
-    from mfim.inference import FaceSwapper
-    from mfim.provenance import provenance_record, save_image
-
     raw_dir = Path(raw_dir)
     rows = []
     if raw_dir.is_dir():

@@ -203,13 +203,27 @@ def aligned_from_template(size: int, template: np.ndarray) -> np.ndarray:
 # --- numpy <-> torch images -------------------------------------------------------------------------------------
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """B×3×H×W in [-1, 1] -> B×H×W×3 uint8 RGB (clamped, rounded half to even): the project's one conversion from
+    the torch image convention to the NumPy one (docs/CONVENTIONS.md)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """B×H×W×3 (or H×W×3) uint8 RGB -> B×3×H×W float in [-1, 1]: the one conversion the other way."""
+    a = np.asarray(images)
+    if a.ndim == 3:
+        a = a[None]
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def image_to_tensor(image: np.ndarray, device=None) -> torch.Tensor:
     """H×W×3 uint8 RGB -> 1×3×H×W float in [-1, 1]."""
-    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float()
-    return (t / 127.5 - 1.0).to(device) if device is not None else t / 127.5 - 1.0
+    t = from_uint8(np.array(image, dtype=np.uint8, copy=True))  # a copy: read-only inputs (np.frombuffer) are fine
+    return t.to(device) if device is not None else t
 
 
 def tensor_to_images(images: torch.Tensor) -> list[np.ndarray]:
     """B×3×H×W in [-1, 1] -> list of H×W×3 uint8 RGB."""
-    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return [a for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+    return list(to_uint8(images))

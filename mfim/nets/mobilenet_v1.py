@@ -4,14 +4,23 @@ The registry carries 3DDFA_V2's regressor only as ONNX (``tddfa_mb1_onnx``); onn
 that runs but is awkward to fine-tune, save and reload without the ONNX file. This is the same network as plain torch
 layers, so a 3DMM regressor can start from 3DDFA_V2's weights (features trained on 300W-LP faces to predict these very
 BFM coefficients) and be fitted on renders (mfim.nets.threedmm_regressor, ``backbone: mobilenet_v1``).
+
+What this network reads and predicts is here too, for both users (the ONNX encoder mfim.nets.threedmm.TDDFAEncoder
+and the regressor): its 120 px roi of a face, its input scaling, and the statistics of its 62 outputs.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
+
+from mfim.assets import resolve
+from mfim.nets.face_crops import box_transform, canonical_landmark_box, square_box, warp
+from mfim.nets.onnx_utils import load_numpy_pickle, onnx_to_torch
+from mfim.nets.types import N_EXP, N_SHAPE
 
 # (output channels, stride) of the 13 depthwise-separable blocks after the 3x3 stride-2 stem (32 channels)
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
@@ -58,9 +67,6 @@ class MobileNetV1(nn.Module):
 def tddfa_state(onnx_path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """3DDFA_V2's weights (``tddfa_mb1_onnx`` from the asset cache, or ``onnx_path``) as a :class:`MobileNetV1`
     state dict. Raises ValueError naming the file when its layers are not this network's."""
-    from mfim.assets import resolve
-    from mfim.nets.onnx_utils import onnx_to_torch
-
     path = resolve("tddfa_mb1_onnx", onnx_path)
     graph = onnx_to_torch(path)
     convs = [m for m in graph.modules() if isinstance(m, nn.Conv2d)]
@@ -77,3 +83,45 @@ def tddfa_state(onnx_path: str | os.PathLike | None = None) -> dict[str, torch.T
         model.fc.weight.copy_(linears[0].weight)
         model.fc.bias.copy_(linears[0].bias)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- 3DDFA_V2's input and output conventions ------------------------------------------------------------------------
+
+TDDFA_INPUT_SIZE = 120
+# 62 = pose matrix (12) + shape (40) + expression (10)
+TDDFA_POSE = slice(0, 12)
+TDDFA_SHAPE = slice(12, 12 + N_SHAPE)
+TDDFA_EXP = slice(12 + N_SHAPE, 12 + N_SHAPE + N_EXP)
+
+
+def roi_box_from_landmark_box(box) -> np.ndarray:
+    """3DDFA_V2's roi from landmarks: the bounding square of the points, grown to its own diagonal, same centre."""
+    x0, y0, x1, y1 = [float(v) for v in box]
+    side = max(x1 - x0, y1 - y0) * np.sqrt(2.0)
+    return square_box(((x0 + x1) / 2, (y0 + y1) / 2), side)
+
+
+def roi_box_from_face_box(box) -> np.ndarray:
+    """3DDFA_V2's roi from a detector box: side 1.58 x mean box size, centre moved down by 0.14 x that size."""
+    x0, y0, x1, y1 = [float(v) for v in box]
+    size = (x1 - x0 + y1 - y0) / 2
+    return square_box(((x0 + x1) / 2, (y0 + y1) / 2 + 0.14 * size), int(size * 1.58))
+
+
+def tddfa_crop(aligned: torch.Tensor) -> torch.Tensor:
+    """FFHQ-aligned B×3×H×W in [-1, 1] -> B×3×120×120 RGB 3DDFA_V2 roi in [-1, 1] (black outside the image): the
+    canonical 68-landmark box grown to its diagonal."""
+    roi = roi_box_from_landmark_box(canonical_landmark_box(aligned.shape[-1]))
+    return warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
+
+
+def tddfa_network_input(crops: torch.Tensor) -> torch.Tensor:
+    """RGB [-1, 1] crops -> what 3DDFA_V2's network was trained on: BGR, (x - 127.5) / 128."""
+    pixels = (crops.flip(1) + 1.0) * 127.5
+    return (pixels - 127.5) / 128.0
+
+
+def load_tddfa_stats(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (62,) float32, of 3DDFA_V2's normalised regressor output."""
+    stats = load_numpy_pickle(resolve("tddfa_param_stats", path))
+    return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)

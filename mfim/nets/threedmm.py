@@ -15,7 +15,9 @@ regressor by name, plus the normaliser the losses use.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,52 +31,32 @@ from mfim.nets.face_crops import (
     canonical_landmark_box,
     image_to_tensor,
     landmark_box,
-    square_box,
     to_continuous,
     warp,
 )
-from mfim.nets.onnx_utils import FrozenModule, freeze, load_numpy_pickle, onnx_to_torch
+from mfim.nets.mobilenet_v1 import (
+    TDDFA_EXP,
+    TDDFA_INPUT_SIZE,
+    TDDFA_POSE,
+    TDDFA_SHAPE,
+    load_tddfa_stats,
+    roi_box_from_face_box,
+    roi_box_from_landmark_box,
+    tddfa_crop,
+    tddfa_network_input,
+)
+from mfim.nets.onnx_utils import FrozenModule, freeze, onnx_to_torch
 from mfim.nets.rotation import matrix_to_angles, normalize_pose_matrix
-from mfim.nets.types import N_EXP, N_SHAPE, ThreeDMMParams
+from mfim.nets.threedmm_regressor import load_fitted_regressor
+from mfim.nets.types import ThreeDMMParams
 
-TDDFA_INPUT_SIZE = 120
-# 62 = pose matrix (12) + shape (40) + expression (10)
-TDDFA_POSE = slice(0, 12)
-TDDFA_SHAPE = slice(12, 12 + N_SHAPE)
-TDDFA_EXP = slice(12 + N_SHAPE, 12 + N_SHAPE + N_EXP)
-
-
-def roi_box_from_landmark_box(box) -> np.ndarray:
-    """3DDFA_V2's roi from landmarks: the bounding square of the points, grown to its own diagonal, same centre."""
-    x0, y0, x1, y1 = [float(v) for v in box]
-    side = max(x1 - x0, y1 - y0) * np.sqrt(2.0)
-    return square_box(((x0 + x1) / 2, (y0 + y1) / 2), side)
-
-
-def roi_box_from_face_box(box) -> np.ndarray:
-    """3DDFA_V2's roi from a detector box: side 1.58 x mean box size, centre moved down by 0.14 x that size."""
-    x0, y0, x1, y1 = [float(v) for v in box]
-    size = (x1 - x0 + y1 - y0) / 2
-    return square_box(((x0 + x1) / 2, (y0 + y1) / 2 + 0.14 * size), int(size * 1.58))
-
-
-def tddfa_crop(aligned: torch.Tensor) -> torch.Tensor:
-    """FFHQ-aligned B×3×H×W in [-1, 1] -> B×3×120×120 RGB 3DDFA_V2 roi in [-1, 1] (black outside the image): the
-    canonical 68-landmark box grown to its diagonal."""
-    roi = roi_box_from_landmark_box(canonical_landmark_box(aligned.shape[-1]))
-    return warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
-
-
-def tddfa_network_input(crops: torch.Tensor) -> torch.Tensor:
-    """RGB [-1, 1] crops -> what 3DDFA_V2's network was trained on: BGR, (x - 127.5) / 128."""
-    pixels = (crops.flip(1) + 1.0) * 127.5
-    return (pixels - 127.5) / 128.0
-
-
-def load_tddfa_stats(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std), each (62,) float32, of 3DDFA_V2's normalised regressor output."""
-    stats = load_numpy_pickle(resolve("tddfa_param_stats", path))
-    return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+def read_stats(path: str | os.PathLike) -> dict:
+    """The ``threedmm`` stage's ``stats.json`` (written beside the 3DMM table by mfim.data.threedmm_table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"3DMM coefficient statistics not found at {path} (written beside the table by the "
+                                "`threedmm` stage: `dvc repro threedmm`)")
+    return json.loads(path.read_text())
 
 
 class ThreeDMMNormalizer(nn.Module):
@@ -228,8 +210,6 @@ def build_threedmm_encoder(
                 "3DMM encoder 'fitted' needs the fitted regressor checkpoint (the `threedmm` stage's output); "
                 "pass checkpoint=PATH"
             )
-        from mfim.nets.threedmm_regressor import load_fitted_regressor
-
         return freeze(load_fitted_regressor(checkpoint, device=device))
     raise ValueError(f"unknown 3DMM encoder {name!r}; choose one of {', '.join(THREEDMM_ENCODERS)}")
 
@@ -243,8 +223,6 @@ def build_threedmm_normalizer(name: str, stats_path: str | os.PathLike | None = 
     if name == "deca":
         if stats_path is None:
             return ThreeDMMNormalizer.identity(FLAME_N_SHAPE, FLAME_N_EXP)
-        from mfim.data.threedmm_table import read_stats
-
         stats = read_stats(stats_path)
         widths = (len(stats.get("shape_std", ())), len(stats.get("exp_std", ())))
         if stats.get("encoder") != "deca" or widths != (FLAME_N_SHAPE, FLAME_N_EXP):

@@ -6,7 +6,7 @@ themselves by executing it. We never do that: a restricted unpickler resolves on
 of its parameters, buffers, sub-modules and init kwargs, from which the tensors are read. Anything else is refused.
 The networks' configs are inferred from the records (block names ``b<res>``, tensor shapes, init kwargs).
 
-Writing these pickles is nvidia_writer.py.
+Writing these pickles (for the tests: only tests need it) is tests/nvidia_writer.py.
 """
 
 from __future__ import annotations
