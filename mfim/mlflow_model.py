@@ -148,21 +148,3 @@ def set_champion(version, holds: bool, name: str = REGISTERED_NAME) -> bool:
     if holds:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return holds
-
-
-def resolve_checkpoint(uri: str) -> Path:
-    """The local checkpoint file of a model URI (``models:/mfim@champion``, ``models:/mfim/3``, ``runs:/...``),
-    downloaded through MLflow (the store params.yaml names unless MLFLOW_TRACKING_URI is set)."""
-    import os
-
-    if not os.environ.get("MLFLOW_TRACKING_URI") and Path("params.yaml").is_file():
-        from mfim.config import load_params, lookup
-        from mfim.tracking import _anchored, repo_root
-
-        uri_store = lookup(load_params(), "project.mlflow.tracking_uri", "sqlite:///mlflow.db")
-        mlflow.set_tracking_uri(_anchored(uri_store, repo_root()))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    found = sorted((local / "artifacts").glob("*.pt"))
-    if not found:
-        raise FileNotFoundError(f"{uri}: no checkpoint (*.pt) among the model's artifacts")
-    return found[0]

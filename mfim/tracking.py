@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-from mfim.config import flatten, lookup
+from mfim.config import flatten, load_params, lookup
 
 log = logging.getLogger(__name__)
 
@@ -346,3 +346,18 @@ def _log_params(flat: dict) -> None:
     items = list(flat.items())
     for i in range(0, len(items), 100):  # MLflow limits one log_params batch to 100 entries
         mlflow.log_params(dict(items[i : i + 100]))
+
+
+def resolve_checkpoint(uri: str) -> Path:
+    """The local checkpoint file of a model URI (``models:/mfim@champion``, ``models:/mfim/3``, ``runs:/...``),
+    downloaded through MLflow (the store params.yaml names unless MLFLOW_TRACKING_URI is set)."""
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and Path("params.yaml").is_file():
+        uri_store = lookup(load_params(), "project.mlflow.tracking_uri", "sqlite:///mlflow.db")
+        mlflow.set_tracking_uri(_anchored(uri_store, repo_root()))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    found = sorted((local / "artifacts").glob("*.pt"))
+    if not found:
+        raise FileNotFoundError(f"{uri}: no checkpoint (*.pt) among the model's artifacts")
+    return found[0]

@@ -230,7 +230,7 @@ def model_checkpoint(uri: str, checkpoint: str | None) -> str:
         raise UsageError("give --model or --checkpoint, not both")
     from mlflow.exceptions import MlflowException
 
-    from mfim.mlflow_model import resolve_checkpoint
+    from mfim.tracking import resolve_checkpoint
 
     try:
         return str(resolve_checkpoint(uri))
