@@ -29,6 +29,7 @@ generator) and when the swap settings differ from the ones reports/ were made wi
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +155,14 @@ def _same_name(folder: Path, rel: Path) -> Path | None:
     """The image in `folder` with the relative path `rel` up to its suffix."""
     from mfim.imageio import IMAGE_SUFFIXES
 
-    for p in sorted((folder / rel.parent).glob(rel.stem + ".*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+    # names are compared as data: a glob of the stem would read [, ], *, ? in a user's file name as a pattern
+    try:
+        names = sorted(os.listdir(folder / rel.parent))
+    except OSError:
+        return None
+    for name in names:
+        p = folder / rel.parent / name
+        if p.stem == rel.stem and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             return p
     return None
 
@@ -190,6 +197,10 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
     jobs, used = [], set()
     scan = scan_media(target, exclude=output)  # an output folder inside the target folder holds no inputs
     rejects = list(scan.rejects)
+    # with --overwrite into an input folder, a.jpg's output a.png must not replace the input a.png (read later)
+    inputs = {os.path.realpath(t) for t in scan.files}
+    for src in sources.values():
+        inputs |= {os.path.realpath(p) for p in media_files(src)} if src.is_dir() else {os.path.realpath(src)}
     for t in scan.files:
         rel = t.relative_to(target)
         paired: dict[str, Path] = {}
@@ -201,7 +212,8 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
             paired[role] = match
         else:
             out_rel = rel if is_video(t) else rel.with_suffix(".png")
-            if out_rel in used:  # a.jpg and a.png in one folder: the second keeps its suffix in the name
+            clobbers = os.path.realpath(output / out_rel) in inputs - {os.path.realpath(t)}
+            if out_rel in used or clobbers:  # a.jpg and a.png in one folder: the second keeps its suffix in the name
                 out_rel = rel.with_name(rel.name + ".png")
             used.add(out_rel)
             jobs.append(Job(t, paired, output / out_rel, str(rel)))
@@ -341,6 +353,8 @@ class Runner:
             raise
         except FileExistsError as e:  # the final no-replace rename lost a race with another run
             self.reject(job.label, f"output {Path(e.filename).name} appeared meanwhile (another run?); not replaced")
+        except OSError as e:  # a full or read-only disk: the atomic write left any earlier file as it was
+            self.reject(job.label, f"could not write {job.output.name} ({e.strerror or e}); nothing was replaced")
         except Exception as e:
             if not self.keep_going:
                 raise
