@@ -20,11 +20,22 @@ from typing import BinaryIO
 def temp_path(path: str | os.PathLike, suffix: str = ".part") -> Path:
     """A fresh, empty temp file beside ``path`` (same folder, so the final rename cannot cross filesystems)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the final file gets the permissions open() would give
     return Path(tmp)
+
+
+def make_folders(folder: Path) -> None:
+    """mkdir -p without recursion: pathlib's and os.makedirs recurse once per level, so an output tree mirroring an
+    input thousands of folders deep would end in a RecursionError."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
 
 
 def _umask() -> int:

@@ -110,3 +110,156 @@ def test_folder_pairing_treats_names_as_data(fake, inputs, tmp_path):
     assert rc == 0
     assert read_record(tmp_path / "o" / "a[b].png")["inputs"]["source"]["file"] == "a[b].jpg"
     assert read_record(tmp_path / "o" / "x*.png")["inputs"]["source"]["file"] == "x*.jpg"
+
+
+def tiny_generator(seed: int = 0):
+    import torch
+
+    from mfim.models.stylegan2 import Generator
+
+    torch.manual_seed(seed)
+    return Generator(resolution=16, style_dim=32, n_mlp=2, channel_base=256, channel_max=16).eval()
+
+
+def test_non_finite_weights_are_refused_at_load_and_nothing_is_written(tmp_path, capsys):
+    import torch
+
+    from mfim.weights import save_checkpoint
+
+    G = tiny_generator()
+    with torch.no_grad():
+        next(G.synthesis.parameters()).view(-1)[3] = float("nan")
+    ckpt = save_checkpoint(tmp_path / "g.pt", G)
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), "--seeds", "0", "--outdir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 3 and "non-finite" in err and not any((tmp_path / "o").glob("*"))
+
+
+def test_generate_refuses_a_non_finite_truncation_and_oversized_values(tmp_path, capsys):
+    from mfim.weights import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "g.pt", tiny_generator())
+    out = tmp_path / "o"
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--seeds", "0", "--outdir", str(out), "--trunc", "nan"]) == 2
+    assert "--trunc must be a finite number" in capsys.readouterr().err and not any(out.glob("*.png"))
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--seeds", "0-200000000", "--outdir", str(out)]) == 2
+    assert "at most 100000" in capsys.readouterr().err
+    # the swapper file (data/train/mfim.pt's format) is what --help promises: its generator is used
+    import torch
+
+    G = tiny_generator(1)
+    swapper = tmp_path / "mfim.pt"
+    torch.save({"format": "mfim-swapper", "generator": {"config": G.config, "state_dict": G.state_dict()}}, swapper)
+    assert cli.main(["generate", "--checkpoint", str(swapper), "--seeds", "0", "--outdir", str(out)]) == 0
+    arr = np.load(out / "images.npy")
+    with torch.no_grad():
+        from mfim.commands.generate import z_for_seed
+
+        assert np.array_equal(arr, G(z_for_seed(0, G.z_dim), noise_mode="const").numpy())
+    import json
+
+    json.loads((out / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the manifest"))
+
+
+def test_a_shipped_checkpoint_that_differs_from_its_record_is_named(tmp_path, capsys):
+    import json
+
+    from mfim.assets import sha256_file
+    from mfim.weights import load_generator, save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "generator_x.pt", tiny_generator())
+    record = tmp_path / "generator_x.json"
+    record.write_text(json.dumps({"output": "checkpoints/generator_x.pt", "output_sha256": sha256_file(ckpt)}))
+    load_generator(ckpt)
+    assert capsys.readouterr().err == ""
+    record.write_text(json.dumps({"output": "checkpoints/generator_x.pt", "output_sha256": "0" * 64}))
+    load_generator(ckpt)
+    assert "does not match its record generator_x.json" in capsys.readouterr().err
+
+
+def test_a_refused_pickle_does_not_advise_running_it(tmp_path, capsys):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, bad)
+    rc = cli.main(["swap", "-s", str(bad), "-t", str(bad), "-o", str(tmp_path / "o.png"), "--checkpoint", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "system" in err and "weights_only" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_usage_error(fake, inputs, tmp_path, capsys):
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(tmp_path / "o.png"),
+                   "--device", "cuda"])
+    assert rc == 2 and "no CUDA GPU is available" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------- memory and time
+
+
+def test_video_frames_over_the_photo_pixel_limit_are_refused_before_decoding(fake, inputs, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setattr(video_mod, "MAX_FRAME_PIXELS", 300 * 200)  # the 400x240 clip stands in for 12000x12000
+    clip = face_clip(inputs, tmp_path / "clip.avi")
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(clip), "-o", str(tmp_path / "o.avi"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "frames too large (240x400 > 60000 pixels" in err and fake.calls["swap"] == 0
+
+
+# ------------------------------------------------------------------------------------- one line, not a traceback
+
+
+def test_awkward_names_and_deep_trees_are_one_line_each(fake, inputs, tmp_path, monkeypatch, capsys):
+    t = tmp_path / "t"
+    t.mkdir()
+    odd = os.fsencode(str(t)) + b"/no\xffface.png"
+    with open(odd, "wb") as f:
+        f.write(inputs["noface"].read_bytes())
+    (t / "b.jpg").write_bytes(inputs["biden"].read_bytes())
+    (t / ("L" * 240 + ".jpg")).write_bytes(inputs["biden"].read_bytes())
+    deep = t
+    # deeper than the recursion limit (lowered, so that pytest's own recursive cleanup of tmp_path still works)
+    import sys
+
+    for _ in range(400):
+        deep = deep / "d"
+        deep.mkdir()
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(350)
+    (deep / "c.jpg").write_bytes(inputs["biden"].read_bytes())
+    out = tmp_path / "o"
+    try:
+        rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(t), "-o", str(out), "-q"])
+    finally:
+        sys.setrecursionlimit(old_limit)
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err
+    rows = (out / "rejects.csv").read_text(encoding="utf-8")
+    assert "no\\xffface.png,no face found" in rows and "output name too long (244 bytes" in rows
+    assert (out / "b.png").is_file() and (out / Path(*["d"] * 400) / "c.png").is_file()
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-q",
+                     "-o", str(tmp_path / ("M" * 240 + ".png"))]) == 2
+    assert "output name too long" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_disk_errors_outside_the_work_are_one_line(fake, inputs, tmp_path, monkeypatch, capsys):
+    from mfim.commands import swap as swap_cmd
+
+    def interrupted(self, job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(swap_cmd.Runner, "run", interrupted)
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_fit_exp_outside_the_repository_is_a_usage_error(fake, inputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(tmp_path / "o.png"),
+                   "--fit-steps", "2", "--fit-exp", "0.1"])
+    assert rc == 2 and "--fit-exp needs the 3DMM network" in capsys.readouterr().err

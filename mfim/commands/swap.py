@@ -168,6 +168,7 @@ def _same_name(folder: Path, rel: Path) -> Path | None:
 
 
 def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path) -> Plan:
+    from mfim.outputs import name_too_long
     from mfim.video import VIDEO_SUFFIXES, is_video
 
     target, output = Path(target), Path(output)
@@ -216,13 +217,18 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
             if out_rel in used or clobbers:  # a.jpg and a.png in one folder: the second keeps its suffix in the name
                 out_rel = rel.with_name(rel.name + ".png")
             used.add(out_rel)
+            longest = output / (out_rel.as_posix() + (".mfim.json" if is_video(t) else ""))  # a video's sidecar
+            too_long = name_too_long(longest)
+            if too_long:  # a reject before the work, not a failed write after it
+                rejects.append((str(rel), too_long))
+                continue
             jobs.append(Job(t, paired, output / out_rel, str(rel)))
     return Plan(jobs, rejects, folder=True, output=output)
 
 
 def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> None:
     """Raises OutputRefused before any work when the run would replace a user's file or cannot write at all."""
-    from mfim.outputs import ensure_writable_folder, refuse_folder_overlap, refuse_replacing
+    from mfim.outputs import ensure_writable_folder, refuse_folder_overlap, refuse_long_names, refuse_replacing
 
     inputs = {f"--{role}": Path(p) for role, p in {"target": target, **sources}.items()}
     if not overwrite:
@@ -230,6 +236,7 @@ def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> Non
             refuse_folder_overlap(the_plan.output, {k: p for k, p in inputs.items() if p.is_dir()})
         refuse_replacing(the_plan.writes(), {k: p for k, p in inputs.items() if not p.is_dir()})
     ensure_writable_folder(the_plan.output if the_plan.folder else the_plan.output.parent)
+    refuse_long_names(the_plan.writes())
 
 
 # -------------------------------------------------------------------------------------------------------- running
@@ -425,7 +432,13 @@ def say(message: str) -> None:
     """A line on stderr that does not tear a running progress bar."""
     from tqdm import tqdm
 
-    tqdm.write(message, file=sys.stderr)
+    tqdm.write(printable(message), file=sys.stderr)
+
+
+def printable(text) -> str:
+    """A file name that is not valid UTF-8 (its odd bytes arrive as surrogates) with those bytes escaped, so that
+    printing it cannot fail whatever the stream's error handler."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def upscale_to(image, min_side: int):
@@ -450,7 +463,9 @@ def write_rejects(path: Path, rejects: list[tuple[str, str]], overwrite: bool = 
     w = csv.writer(text)
     w.writerow(["file", "reason"])
     w.writerows(rejects)
-    return atomic_write(path, lambda f: f.write(text.getvalue().encode()), overwrite=overwrite)
+    # a file name that is not valid UTF-8 is written with its odd bytes escaped (\\xff), the table stays UTF-8
+    data = printable(text.getvalue()).encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
 
 
 def checkpoint_name(checkpoint: str | None) -> str | None:
@@ -490,6 +505,16 @@ def execute(operation: str, target, sources: dict, args) -> int:
         fit_exp = getattr(args, "fit_exp", 0.0)
         if fit_exp < 0 or (fit_exp > 0 and fit_steps == 0):
             raise UsageError(f"--fit-exp must be >= 0 and needs --fit-steps > 0, got {fit_exp} with {fit_steps} steps")
+        if fit_exp > 0:
+            from mfim.training.build import FITTED_REGRESSOR
+
+            if not FITTED_REGRESSOR.is_file():  # a relative path: found only from the repository folder
+                raise UsageError(f"--fit-exp needs the 3DMM network {FITTED_REGRESSOR}, not found under "
+                                 f"{Path.cwd()}; run from the repository folder after `make repro`")
+        from mfim.resources import device_problem
+
+        if device_problem(args.device):
+            raise UsageError(device_problem(args.device))
         the_plan = plan(target, sources, args.output)
         check_outputs(the_plan, target, sources, overwrite)
         swapper = load_swapper(args.checkpoint, args.device, fit_steps, fit_exp)
@@ -527,14 +552,14 @@ def execute(operation: str, target, sources: dict, args) -> int:
             summary = f"wrote {len(runner.written)} of {total} files to {args.output}; {files} rejected"
             if frames:
                 summary += f", and {frames} video frames could not be swapped"
-            print(f"{summary} (see {table})")
+            print(printable(f"{summary} (see {table})"))
     else:
         job = the_plan.jobs[0]
         frame_rejects = [r for r in runner.rejects if r[0].startswith(f"{job.label}#frame")]
         if frame_rejects:
             write_rejects(frame_rejects_path(job.output), frame_rejects, overwrite=overwrite)
         if runner.written and not args.quiet:
-            print(runner.written[0])
+            print(printable(runner.written[0]))
     return 0 if runner.written else 1
 
 
