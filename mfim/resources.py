@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+MAX_CROP = 4096  # aligned crop side (--size): 4x FFHQ's 1024
+MAX_UPSAMPLE = 3  # detector upsampling passes: each quadruples the pixels dlib scans (3: 64x)
+
 
 def available_memory() -> int:
     """Bytes of memory available now (psutil when installed, else the physical total), at least 1 GiB."""
@@ -47,3 +50,31 @@ def device_problem(name: str) -> str | None:
     elif dev.type not in ("cpu", "mps"):
         return f"--device {name}: unsupported device type {dev.type} (use cpu or cuda)"
     return None
+
+
+def bounded_int(lo: int, hi: int, bytes_each=None):
+    """An argparse type: an integer in [lo, hi], and, when ``bytes_each(value)`` is given, one whose allocation
+    fits memory_budget(); the message names the limit (argparse prints it as a usage error, exit status 2)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {lo} to {hi}")
+        if bytes_each is not None:
+            try:
+                refuse_over_budget(f"{value}", bytes_each(value))
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
+
+
+def crop_bytes(size: int) -> int:
+    """Memory one aligned crop of ``size`` px takes while it is made: the supersampled transform (4x the side,
+    float32 RGB) plus the crop and its copies."""
+    return (4 * size) ** 2 * 3 * 4 + 4 * size**2 * 3

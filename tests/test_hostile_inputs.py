@@ -258,8 +258,82 @@ def test_ctrl_c_and_disk_errors_outside_the_work_are_one_line(fake, inputs, tmp_
     assert rc == 130 and "interrupted" in err and len(err.strip().splitlines()) <= 2
 
 
-def test_fit_exp_outside_the_repository_is_a_usage_error(fake, inputs, tmp_path, monkeypatch, capsys):
+def test_fit_exp_outside_the_repository_is_a_usage_error(inputs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(tmp_path / "o.png"),
                    "--fit-steps", "2", "--fit-exp", "0.1"])
     assert rc == 2 and "--fit-exp needs the 3DMM network" in capsys.readouterr().err
+
+
+def test_a_group_photo_says_which_face_was_swapped(fake, inputs, tmp_path, monkeypatch, capsys):
+    real = fake.prepare
+
+    def thirty_faces(img):
+        face = real(img)
+        face.faces_found = 30
+        return face
+
+    monkeypatch.setattr(fake, "prepare", thirty_faces)
+    out = tmp_path / "o.png"
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    note = "30 faces found; only the largest was used (it was swapped, the others were left as they are)"
+    assert f"target biden.jpg: {note}" in err and read_record(out)["inputs"]["target"]["faces"] == note
+    assert "largest was used (its identity is used)" in read_record(out)["inputs"]["source"]["faces"]
+
+
+@pytest.mark.parametrize("argv, limit", [
+    (["analyze", "x.png", "--size", "60000"], "16 to 4096"),
+    (["analyze", "x.png", "--upsample", "6"], "0 to 3"),
+    (["align", "a", "b", "--upsample", "6"], "0 to 3"),
+])
+def test_size_values_are_bounded_before_anything_is_allocated(argv, limit, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and limit in capsys.readouterr().err
+
+
+def test_leftover_temp_files_of_a_killed_run_are_removed_and_named(fake, inputs, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = out / ".biden.png.abcd1234.part"
+    stale.write_bytes(b"half a png")
+    os.utime(stale, (0, 0))
+    fresh = out / ".obama.png.zz99yy88.part"
+    fresh.write_bytes(b"being written")
+    user = out / ".my.notes.part"  # not a name mfim makes
+    user.write_bytes(b"mine")
+    t = tmp_path / "t"
+    t.mkdir()
+    for name in ("biden", "obama"):
+        (t / f"{name}.jpg").write_bytes(inputs[name].read_bytes())
+    assert cli.main(["swap", "-s", str(inputs["obama2"]), "-t", str(t), "-o", str(out), "-q", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert not stale.exists() and fresh.exists() and user.read_bytes() == b"mine"
+    assert "removed 1 hidden .part temp file" in err and "left 1 hidden .part temp file" in err
+
+
+@pytest.mark.skipif(".avif" not in __import__("PIL.Image").Image.registered_extensions(), reason="no AVIF in Pillow")
+def test_avif_is_an_image_in_folders_too(fake, inputs, tmp_path):
+    from PIL import Image
+
+    t = tmp_path / "t"
+    t.mkdir()
+    Image.open(inputs["biden"]).save(t / "b.avif")
+    assert cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(t), "-o", str(tmp_path / "o"), "-q"]) == 0
+    assert read_record(tmp_path / "o" / "b.png")["inputs"]["target"]["file"] == "b.avif"
+
+
+def test_align_redoes_a_crop_when_another_folder_brings_the_same_name(inputs, tmp_path):
+    """mfim align resumes through the journal of source stamps (mfim.data.align_folder), not by file name."""
+    from mfim.assets import sha256_file
+
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    a.mkdir(), b.mkdir()
+    (a / "p.jpg").write_bytes(inputs["obama"].read_bytes())
+    (b / "p.jpg").write_bytes(inputs["biden"].read_bytes())
+    common = ["--size", "64", "--workers", "1", "--quiet"]
+    assert cli.main(["align", str(a), str(out), *common]) == 0
+    assert cli.main(["align", str(b), str(out), *common]) == 0
+    rec = read_record(out / "p.png")
+    assert rec["source_sha256"] == sha256_file(b / "p.jpg")

@@ -250,6 +250,12 @@ def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0, fit_ex
         if e.name != "mfim.inference":
             raise
         raise UsageError("this build has no mfim.inference (the trained model's inference code)") from None
+    if fit_exp > 0:
+        from mfim.training.build import FITTED_REGRESSOR
+
+        if not FITTED_REGRESSOR.is_file():  # a relative path: found only from the repository folder
+            raise UsageError(f"--fit-exp needs the 3DMM network {FITTED_REGRESSOR}, not found under {Path.cwd()}; "
+                             "run from the repository folder after `make repro`")
     return FaceSwapper.from_checkpoint(checkpoint, device=device, fit_steps=fit_steps, fit_exp=fit_exp)
 
 
@@ -284,6 +290,7 @@ class Runner:
             roi=roi,
         )
         self._sources: dict[Path, object] = {}
+        self.target_note = ""  # the last target's faces_note
         self._inputs: dict[Path, dict] = {}
         self.rejects: list[tuple[str, str]] = []
         self.written: list[Path] = []
@@ -330,6 +337,10 @@ class Runner:
         if path not in self._sources:
             try:
                 self._sources[path] = self.swapper.prepare(self.read(role, path))
+                note = faces_note(self._sources[path], "its identity is used")
+                if note:
+                    self._inputs[path]["faces"] = note
+                    say(f"mfim {self.operation}: {role} {path.name}: {note}")
             except ImageRejected as e:
                 self._sources[path] = ImageRejected(f"{role} {path.name}: {e}")
         face = self._sources[path]
@@ -342,6 +353,7 @@ class Runner:
         import numpy as np
 
         tgt = self.swapper.prepare(target_image)
+        self.target_note = faces_note(tgt, "it was swapped, the others were left as they are")
         if self.operation == "swap":
             out = self.swapper.swap(sources["source"], tgt, roi=self.roi)
         else:
@@ -380,7 +392,11 @@ class Runner:
         except ImageRejected as e:
             self.reject(job.label, str(e))
             return
-        self.written.append(save_image(job.output, out, self.input_record(job), overwrite=self.overwrite))
+        record = self.input_record(job)
+        if self.target_note:  # a group photo: say which face changed, in the record and on stderr
+            record["inputs"]["target"] = {**record["inputs"]["target"], "faces": self.target_note}
+            say(f"mfim {self.operation}: target {job.label}: {self.target_note}")
+        self.written.append(save_image(job.output, out, record, overwrite=self.overwrite))
 
     def run_video(self, job: Job, sources: dict) -> None:
         from mfim.imageio import ImageRejected
@@ -426,6 +442,15 @@ class Runner:
             write_rejects(self.rejects_table, self.rejects)
         if echo:
             say(f"mfim {self.operation}: skipped {label}: {reason}")
+
+
+def faces_note(face, what: str) -> str:
+    """'' for a photo with one face; else which face was used (the largest: FaceSwapper.prepare's choice) and that
+    the others were not."""
+    found = getattr(face, "faces_found", 1)
+    if found <= 1:
+        return ""
+    return f"{found} faces found; only the largest was used ({what})"
 
 
 def say(message: str) -> None:
@@ -494,6 +519,18 @@ def announce_model(operation: str, swapper, checkpoint: str | None, fit_steps: i
         say(f"mfim {operation}: {note}")
 
 
+def report_leftover_temps(operation: str, paths: list[Path]) -> None:
+    """Hidden temp files of this run's outputs that a killed run left: removed (stale) or named (fresh)."""
+    from mfim.atomic import STALE_TEMP_SECONDS, clean_leftover_temps
+
+    removed, left = clean_leftover_temps(paths)
+    if removed:
+        say(f"mfim {operation}: removed {removed} hidden .part temp file(s) an interrupted run left beside the outputs")
+    if left:
+        say(f"mfim {operation}: left {left} hidden .part temp file(s) beside the outputs: written in the last "
+            f"{STALE_TEMP_SECONDS // 60} minutes (another run writing?)")
+
+
 def execute(operation: str, target, sources: dict, args) -> int:
     from mfim.outputs import OutputRefused
 
@@ -505,12 +542,6 @@ def execute(operation: str, target, sources: dict, args) -> int:
         fit_exp = getattr(args, "fit_exp", 0.0)
         if fit_exp < 0 or (fit_exp > 0 and fit_steps == 0):
             raise UsageError(f"--fit-exp must be >= 0 and needs --fit-steps > 0, got {fit_exp} with {fit_steps} steps")
-        if fit_exp > 0:
-            from mfim.training.build import FITTED_REGRESSOR
-
-            if not FITTED_REGRESSOR.is_file():  # a relative path: found only from the repository folder
-                raise UsageError(f"--fit-exp needs the 3DMM network {FITTED_REGRESSOR}, not found under "
-                                 f"{Path.cwd()}; run from the repository folder after `make repro`")
         from mfim.resources import device_problem
 
         if device_problem(args.device):
@@ -533,6 +564,7 @@ def execute(operation: str, target, sources: dict, args) -> int:
     except (UsageError, OutputRefused) as e:
         print(f"mfim {operation}: {e}", file=sys.stderr)
         return 2
+    report_leftover_temps(operation, the_plan.writes())
     for label, reason in the_plan.rejects:
         runner.reject(label, reason)
     jobs = the_plan.jobs
