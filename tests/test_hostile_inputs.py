@@ -337,3 +337,42 @@ def test_align_redoes_a_crop_when_another_folder_brings_the_same_name(inputs, tm
     assert cli.main(["align", str(b), str(out), *common]) == 0
     rec = read_record(out / "p.png")
     assert rec["source_sha256"] == sha256_file(b / "p.jpg")
+
+
+def test_roi_photo_too_large_for_this_machine_is_a_reject_naming_the_limit(fake, inputs, tmp_path, monkeypatch,
+                                                                          capsys):
+    import mfim.resources
+
+    h, w = read_rgb(inputs["biden"]).shape[:2]
+    monkeypatch.setattr(mfim.resources, "available_memory", lambda: h * w * 40)  # this photo stands in for 79 MP
+    out = tmp_path / "o.png"
+    rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(out), "--roi", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "photo needs about" in err and "the limit on this machine is" in err and not out.exists()
+
+
+def test_align_rejects_a_name_that_is_not_utf8_and_aligns_the_rest(inputs, tmp_path, capsys):
+    import csv
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    with open(os.fsencode(str(src)) + b"/odd\xff.jpg", "wb") as f:
+        f.write(inputs["obama"].read_bytes())
+    (src / "z.jpg").write_bytes(inputs["obama2"].read_bytes())
+    out = tmp_path / "out"
+    assert cli.main(["align", str(src), str(out), "--size", "64", "--workers", "1", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "rejects.csv", encoding="utf-8")))
+    assert [r["file"] for r in rows] == ["odd\\xff.jpg"] and "not valid UTF-8" in rows[0]["reason"]
+    assert (out / "z.png").is_file()
+
+
+def test_assets_fetch_on_a_full_or_read_only_disk_is_one_line(monkeypatch, capsys):
+    import mfim.assets
+
+    def full(name, progress=True):
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/stylegan2.part")
+
+    monkeypatch.setattr(mfim.assets, "fetch", full)
+    rc = cli.main(["assets", "fetch", "photo_obama", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == "mfim assets: No space left on device (/cache/stylegan2.part)"

@@ -314,6 +314,8 @@ class Runner:
         from mfim.imageio import read_image
 
         image, note = read_image(path)
+        if self.roi and role == "target":
+            check_roi_memory(image)
         if path not in self._inputs:
             self._inputs[path] = {"file": path.name, "sha256": sha256_file(path), **({"note": note} if note else {})}
             if note:
@@ -442,6 +444,21 @@ class Runner:
             write_rejects(self.rejects_table, self.rejects)
         if echo:
             say(f"mfim {self.operation}: skipped {label}: {reason}")
+
+
+ROI_BYTES_PER_PIXEL = 60  # measured: a 79 MP photo took 4.7 GB with --roi (float copies for mask and blend)
+
+
+def check_roi_memory(image) -> None:
+    """ImageRejected, naming the limit, for a photo too large to paste back into on this machine."""
+    from mfim.imageio import ImageRejected
+    from mfim.resources import refuse_over_budget
+
+    h, w = image.shape[:2]
+    try:
+        refuse_over_budget(f"with --roi this {w}x{h} photo", h * w * ROI_BYTES_PER_PIXEL)
+    except ValueError as e:
+        raise ImageRejected(str(e)) from None
 
 
 def faces_note(face, what: str) -> str:
