@@ -376,3 +376,28 @@ def test_assets_fetch_on_a_full_or_read_only_disk_is_one_line(monkeypatch, capsy
     rc = cli.main(["assets", "fetch", "photo_obama", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err == "mfim assets: No space left on device (/cache/stylegan2.part)"
+
+
+@pytest.mark.slow
+def test_full_disk_video_on_a_real_small_tmpfs(fake, inputs, tmp_path, capsys):
+    """The injected truncation above, on a real full disk: a 1 MB tmpfs holding the (small, MPEG-4) input, whose
+    Motion-JPEG output does not fit. Needs root (mount); skipped elsewhere."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        src = face_clip(inputs, tmp_path / "clip.mp4", n=60)
+        clip = disk / "clip.avi"
+        shutil.copy(src, clip)  # an .avi name, so the output is Motion-JPEG: far larger than the MPEG-4 bytes
+        before = clip.read_bytes()
+        rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(clip), "-o", str(clip), "--overwrite", "--roi",
+                       "-q"])
+        err = capsys.readouterr().err
+        assert rc == 1 and clip.read_bytes() == before and "Traceback" not in err
+        assert "incomplete" in err or "empty" in err  # caught after writing, not by the estimate up front
+        assert sorted(p.name for p in disk.iterdir()) == ["clip.avi"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
