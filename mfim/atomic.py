@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,11 +21,52 @@ from typing import BinaryIO
 def temp_path(path: str | os.PathLike, suffix: str = ".part") -> Path:
     """A fresh, empty temp file beside ``path`` (same folder, so the final rename cannot cross filesystems)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the final file gets the permissions open() would give
     return Path(tmp)
+
+
+def make_folders(folder: Path) -> None:
+    """mkdir -p without recursion: pathlib's and os.makedirs recurse once per level, so an output tree mirroring an
+    input thousands of folders deep would end in a RecursionError."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+
+
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.part(\.[A-Za-z0-9]+)?")  # temp_path's names
+STALE_TEMP_SECONDS = 600  # a temp file untouched this long belongs to a killed run, not a live writer
+
+
+def clean_leftover_temps(paths) -> tuple[int, int]:
+    """Temp files that temp_path made for these final paths and a killed run left behind: the stale ones are
+    removed, fresh ones (a run writing now?) are left. Returns (removed, left)."""
+    import time
+
+    wanted: dict[Path, set[str]] = {}
+    for p in paths:
+        wanted.setdefault(Path(p).parent, set()).add(Path(p).name)
+    removed = left = 0
+    for folder, names in wanted.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            m = TEMP_NAME.fullmatch(entry.name)
+            if not m or m.group("name") not in names or not entry.is_file(follow_symlinks=False):
+                continue
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+            else:
+                left += 1
+    return removed, left
 
 
 def _umask() -> int:

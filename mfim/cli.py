@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingAssetError, CheckpointError) as e:
         print(f"mfim: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # every file is written atomically: what is complete stays, nothing is torn
+        print(f"mfim {args.command}: interrupted; files written so far are complete, nothing half-written was "
+              "left under a final name", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full or read-only disk, a name the filesystem refuses: the one line, not a traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"mfim {args.command}: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

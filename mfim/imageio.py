@@ -10,6 +10,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # .gif is read like the others (first frame); multi-frame files say so through read_image's note
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+if ".avif" in Image.registered_extensions():  # Pillow >= 11.3 reads AVIF (a single target always worked)
+    IMAGE_SUFFIXES.add(".avif")
 MIN_SIDE = 32
 MAX_PIXELS = 80_000_000  # 12000×12000 = 144 MP is refused with a reason, not an out-of-memory crash
 

@@ -73,3 +73,30 @@ def ensure_writable_folder(folder: str | Path, flag: str = "--output") -> Path:
     except OSError as e:
         raise OutputRefused(f"{flag}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
     return folder
+
+
+# mfim.atomic.temp_path names a temp file "." + name + "." + 8 random characters + ".part" (+ a video's suffix)
+TEMP_NAME_EXTRA = len("..") + 8 + len(".part") + len(".mp4")
+
+
+def name_too_long(p: Path) -> str | None:
+    """Why the file p cannot be written through a temp name here, or None. A name the filesystem would take but
+    whose hidden temp name it would not fails only after the work. The limit is the filesystem's NAME_MAX (255
+    bytes on most) less what the temp name adds."""
+    folder = next((q for q in (p.parent, *p.parent.parents) if q.exists()), Path("."))
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    size = len(os.fsencode(p.name))
+    if size + TEMP_NAME_EXTRA <= name_max:
+        return None
+    return (f"output name too long ({size} bytes; up to {name_max - TEMP_NAME_EXTRA} can be written here: the "
+            f"filesystem allows {name_max}, the temp name adds {TEMP_NAME_EXTRA})")
+
+
+def refuse_long_names(paths: Iterable[Path], flag: str = "--output") -> None:
+    for p in paths:
+        why = name_too_long(p)
+        if why:
+            raise OutputRefused(f"{flag} {p.name[:40]}...: {why}")

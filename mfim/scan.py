@@ -26,16 +26,23 @@ def scan_folder(root: str | Path, wanted: set[str], kind: str = "an image", excl
     root = Path(root)
     scan = FolderScan()
     skip = os.path.realpath(exclude) if exclude is not None else None
-    _walk(root, root, {os.path.realpath(root): "."}, wanted, kind, skip, scan)
+    # an explicit stack, not recursion: a tree thousands of folders deep is listed, not a RecursionError
+    stack = [(root, {os.path.realpath(root): "."})]
+    while stack:
+        folder, visited = stack.pop()
+        sub = _list(root, folder, visited, wanted, kind, skip, scan)
+        stack.extend(reversed(sub))  # depth first, in sorted order, as a recursive walk would go
     return scan
 
 
-def _walk(root: Path, folder: Path, visited: dict, wanted: set[str], kind: str, skip, scan: FolderScan) -> None:
+def _list(root: Path, folder: Path, visited: dict, wanted: set[str], kind: str, skip, scan: FolderScan) -> list:
+    """Files and rejects of one folder into scan; returns its sub-folders to visit, each with its ancestors."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
         scan.rejects.append((folder.relative_to(root).as_posix(), f"folder not readable ({e.strerror})"))
-        return
+        return []
+    folders = []
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -50,13 +57,14 @@ def _walk(root: Path, folder: Path, visited: dict, wanted: set[str], kind: str, 
             if real in visited:
                 scan.rejects.append((rel, f"symbolic link loop (leads back to {visited[real]})"))
                 continue
-            _walk(root, path, {**visited, real: rel}, wanted, kind, skip, scan)
+            folders.append((path, {**visited, real: rel}))
         elif not entry.is_file():
             scan.rejects.append((rel, "not a regular file"))
         elif path.suffix.lower() in wanted:
             scan.files.append(path)
         elif path.suffix.lower() not in SIDE_FILE_SUFFIXES:
             scan.rejects.append((rel, f"not {kind} file type ({path.suffix or 'no extension'})"))
+    return folders
 
 
 def _dangling_reason(path: Path) -> str:

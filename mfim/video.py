@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov"}
+# the same bound as a photo (mfim.imageio.MAX_PIXELS): a frame is decoded whole, several copies live at once
+MAX_FRAME_PIXELS = 80_000_000
 _FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".avi": "MJPG"}
 
 
@@ -46,6 +48,8 @@ def probe(path: str | Path) -> VideoInfo:
     cap = _open(path)
     try:
         fps = cap.get(cv2.CAP_PROP_FPS)
+        if not np.isfinite(fps):
+            fps = 0.0
         return VideoInfo(
             fps=fps if fps and fps > 0 else 25.0,  # some containers report 0; 25 is the common default
             frame_count=int(cap.get(cv2.CAP_PROP_FRAME_COUNT)),
@@ -57,9 +61,11 @@ def probe(path: str | Path) -> VideoInfo:
 
 
 def read_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Every frame as H×W×3 uint8 RGB, in order."""
+    """Every frame as H×W×3 uint8 RGB, in order; VideoError for frames over MAX_FRAME_PIXELS."""
     cap = _open(path)
     try:
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        check_frame_size(path, VideoInfo(0.0, 0, w, h))
         while True:
             ok, bgr = cap.read()
             if not ok:
@@ -149,6 +155,8 @@ def transform_video(
     from mfim.atomic import move_into_place, temp_path
 
     info = probe(src)
+    check_frame_size(src, info)
+    check_free_space(src, dst)
     result = VideoResult()
     pending_black = 0  # rejected frames that wait for the output size
     if Path(dst).suffix.lower() not in _FOURCC:
@@ -196,5 +204,64 @@ def transform_video(
     if result.frames_processed == 0:
         result.frames_written = 0
     else:
+        try:
+            verify_written(tmp, dst, writer.frames_written)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         move_into_place(tmp, dst, overwrite=overwrite)
     return result
+
+
+def check_frame_size(src: str | Path, info: VideoInfo) -> None:
+    """Frames are decoded whole (and copied by the swap), so a huge frame is refused like a huge photo."""
+    if info.width * info.height > MAX_FRAME_PIXELS:
+        raise VideoError(
+            f"{Path(src).name}: frames too large ({info.width}x{info.height} > {MAX_FRAME_PIXELS} pixels, "
+            "the limit for photos too)"
+        )
+
+
+def check_free_space(src: str | Path, dst: str | Path) -> None:
+    """Refuse before any work when dst's disk has less free space than the source video takes: the re-encoded
+    output is of the same order, and OpenCV's writer does not report a full disk (verify_written catches what
+    this estimate misses)."""
+    import shutil
+
+    need = Path(src).stat().st_size
+    try:
+        free = shutil.disk_usage(Path(dst).parent).free
+    except OSError:
+        return  # cannot be known here; verify_written still checks the result
+    if free < need:
+        raise VideoError(
+            f"not enough free space for {Path(dst).name}: {free / 1e6:.1f} MB free in {Path(dst).parent}, "
+            f"the source video alone is {need / 1e6:.1f} MB"
+        )
+
+
+def verify_written(tmp: Path, dst: str | Path, frames: int) -> None:
+    """OpenCV's VideoWriter swallows write errors (a full disk leaves a truncated file behind a normal return), so
+    the temp file is read back before it may replace anything: it must open and hold every frame written."""
+    name = Path(dst).name
+    size = tmp.stat().st_size if tmp.exists() else 0
+    if size == 0:
+        raise VideoError(f"{name}: the video written is empty (disk full?); nothing was replaced")
+    try:
+        readable = sum(1 for _ in _grab_all(tmp))
+    except VideoError:
+        readable = -1
+    if readable != frames:
+        got = "unreadable" if readable < 0 else f"{readable} of {frames} frames readable"
+        raise VideoError(f"{name}: the video written is incomplete ({got}, {size} bytes; disk full?); "
+                         "nothing was replaced")
+
+
+def _grab_all(path: Path) -> Iterator[None]:
+    """One item per frame the file holds, demuxed and decoded by the same reader that will play it back."""
+    cap = _open(path)
+    try:
+        while cap.grab():
+            yield None
+    finally:
+        cap.release()

@@ -46,6 +46,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def recorded_sha256_mismatch(path: str | os.PathLike) -> str | None:
+    """A shipped file (checkpoints/X.pt) comes with a record (checkpoints/X.json) holding its ``output_sha256``:
+    a one-line warning when the bytes differ from it (a corrupted download, a partial git-lfs checkout, a swapped
+    file), else None. Files without such a record are not checked."""
+    path = Path(path)
+    record = path.with_suffix(".json")
+    try:
+        expected = json.loads(record.read_text()).get("output_sha256") if record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(expected, str):
+        return None
+    actual = sha256_file(path)
+    if actual == expected:
+        return None
+    return (f"warning: {path} does not match its record {record.name} (sha256 {actual[:12]}..., recorded "
+            f"{expected[:12]}...); it is not the file the record describes (corrupt or replaced?)")
+
+
+def warn_if_not_as_recorded(path: str | os.PathLike) -> None:
+    import sys
+
+    message = recorded_sha256_mismatch(path)
+    if message:
+        print(f"mfim: {message}", file=sys.stderr)
+
+
 def cached_path(asset: Asset) -> Path:
     return mfim_home() / "assets" / asset.filename
 

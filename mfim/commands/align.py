@@ -7,6 +7,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from mfim.resources import MAX_CROP, MAX_UPSAMPLE, bounded_int, crop_bytes
+
     p = sub.add_parser(
         "align",
         help="FFHQ-align every photo in a folder (aligned crops + landmark table + rejects table)",
@@ -16,9 +18,11 @@ def register(sub) -> None:
     )
     p.add_argument("in_dir", metavar="IN_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--size", type=int, default=1024, help="aligned crop size in pixels (default 1024, as FFHQ)")
+    p.add_argument("--size", type=bounded_int(16, MAX_CROP, crop_bytes), default=1024,
+                   help=f"aligned crop size in pixels (16 to {MAX_CROP}; default 1024, as FFHQ)")
     p.add_argument("--detector", choices=["hog", "cnn"], default="hog", help="dlib face detector (default hog)")
-    p.add_argument("--upsample", type=int, default=1, help="detector upsampling passes (default 1)")
+    p.add_argument("--upsample", type=bounded_int(0, MAX_UPSAMPLE), default=1,
+                   help=f"detector upsampling passes, each doubles the side (0 to {MAX_UPSAMPLE}; default 1)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument(
         "--transform-size", type=int, default=4096, help="FFHQ quad render size, capped at 4× --size (default 4096)"

@@ -14,12 +14,16 @@ NETWORK_FIELDS = ("identity_mobilefacenet", "identity_dlib", "threedmm", "headpo
 
 
 def register(sub) -> None:
+    from mfim.resources import MAX_CROP, MAX_UPSAMPLE, bounded_int, crop_bytes
+
     p = sub.add_parser("analyze", help="faces, landmarks, identity, 3DMM and head pose of photos")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="print one JSON list (one object per image)")
     p.add_argument("--detector", choices=["hog", "cnn"], default="hog")
-    p.add_argument("--upsample", type=int, default=1)
-    p.add_argument("--size", type=int, default=256, help="aligned crop size the networks see (default 256)")
+    p.add_argument("--upsample", type=bounded_int(0, MAX_UPSAMPLE), default=1,
+                   help=f"detector upsampling passes, each doubles the side (0 to {MAX_UPSAMPLE}; default 1)")
+    p.add_argument("--size", type=bounded_int(16, MAX_CROP, crop_bytes), default=256,
+                   help=f"aligned crop size the networks see (16 to {MAX_CROP}; default 256)")
     p.add_argument("--largest", action="store_true", help="only the largest face of each image")
     p.add_argument("--no-networks", action="store_true", help="detection and landmarks only")
     p.add_argument("--device", default="cpu", help="torch device for the networks (default cpu)")

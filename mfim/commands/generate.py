@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+MAX_SEEDS = 100_000  # each seed is a PNG and a row of images.npy; the memory check after loading is the real bound
+
 
 def parse_seeds(text: str) -> list[int]:
     """'0-3' -> [0, 1, 2, 3]; '1,5-7,10' -> [1, 5, 6, 7, 10] (the official range syntax)."""
@@ -28,6 +30,8 @@ def parse_seeds(text: str) -> list[int]:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f"empty seed range {part!r}")
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise ValueError(f"{part!r} is {hi - lo + 1} seeds; at most {MAX_SEEDS} per run")
             seeds.extend(range(lo, hi + 1))
         elif part.isdigit():
             seeds.append(int(part))
@@ -35,12 +39,15 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"not a seed or seed range: {part!r}")
     if not seeds:
         raise ValueError("no seeds given")
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"{len(seeds)} seeds; at most {MAX_SEEDS} per run")
     return seeds
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample images from a StyleGAN2 checkpoint (official seeds -> z)")
-    p.add_argument("--checkpoint", required=True, help="official .pkl (G_ema), rosinality .pt or MFIM .pt")
+    p.add_argument("--checkpoint", required=True, help="official .pkl (G_ema), rosinality .pt, our StyleGAN2 .pt, or "
+                   "an MFIM swapper (data/train/mfim.pt: its generator is used)")
     p.add_argument("--seeds", required=True, help="e.g. 0-3 or 1,5-7")
     p.add_argument("--outdir", required=True)
     p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (default 1: none)")
@@ -88,6 +95,7 @@ def generate(
     """Library form of the command; returns the manifest it writes. overwrite=False refuses (OutputRefused) before
     loading anything when an output already exists."""
     import json
+    import math
     from pathlib import Path
 
     import numpy as np
@@ -96,13 +104,21 @@ def generate(
     from mfim.assets import sha256_file
     from mfim.atomic import atomic_write
     from mfim.commands.model_notes import announce_synthetic
-    from mfim.weights import load_generator
+    from mfim.weights import CheckpointError, load_generator
     from mfim.provenance import provenance_record, save_image
+    from mfim.resources import device_problem, refuse_over_budget
     from mfim.runtime import pick_device
 
+    problem = device_problem(device) if device != "auto" else None
+    if problem:
+        raise ValueError(problem)
+    if not math.isfinite(truncation_psi):
+        raise ValueError(f"--trunc must be a finite number, got {truncation_psi}")
     check_outdir(checkpoint, seeds, outdir, overwrite)
     dev = pick_device(device)
     G = load_generator(checkpoint, device=dev)
+    # every image is kept for images.npy: refuse a count this machine cannot hold before drawing any
+    refuse_over_budget(f"{len(seeds)} seeds at {G.resolution} px", len(seeds) * 3 * G.resolution**2 * 4)
     announce_synthetic("generate", G, str(checkpoint))
     digest = sha256_file(checkpoint)
     out = Path(outdir)
@@ -112,6 +128,9 @@ def generate(
         for seed in seeds:
             z = z_for_seed(seed, G.z_dim).to(dev)
             img = G(z, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
+            if not bool(torch.isfinite(img).all()):  # 8-bit conversion would make it a plausible black image
+                raise CheckpointError(f"{checkpoint}: the generator gave NaN/Inf pixels for seed {seed}; "
+                                      "nothing is written for it or after it")
             images.append(img.cpu().to(torch.float32))
             # same 8-bit conversion as the official script
             u8 = (img.permute(0, 2, 3, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)[0].cpu().numpy()
@@ -141,7 +160,7 @@ def generate(
         "array": "images.npy",
         "array_shape": list(array.shape),
     }
-    text = json.dumps(manifest, indent=2) + "\n"
+    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
     atomic_write(out / "manifest.json", lambda f: f.write(text.encode()), overwrite=overwrite)
     return manifest
 
@@ -174,5 +193,8 @@ def run(args) -> int:
     except CheckpointError as e:  # a model-file problem: exit 3, as `mfim swap` / `mfim mix` (mfim.cli)
         print(f"mfim generate: {e}", file=sys.stderr)
         return 3
+    except ValueError as e:  # a value out of bounds (--trunc, a seed count this machine cannot hold)
+        print(f"mfim generate: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {len(m['images'])} images and images.npy {tuple(m['array_shape'])} to {args.outdir}")
     return 0

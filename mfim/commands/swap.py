@@ -29,6 +29,7 @@ generator) and when the swap settings differ from the ones reports/ were made wi
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,13 +156,20 @@ def _same_name(folder: Path, rel: Path) -> Path | None:
     """The image in `folder` with the relative path `rel` up to its suffix."""
     from mfim.imageio import IMAGE_SUFFIXES
 
-    for p in sorted((folder / rel.parent).glob(rel.stem + ".*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+    # names are compared as data: a glob of the stem would read [, ], *, ? in a user's file name as a pattern
+    try:
+        names = sorted(os.listdir(folder / rel.parent))
+    except OSError:
+        return None
+    for name in names:
+        p = folder / rel.parent / name
+        if p.stem == rel.stem and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             return p
     return None
 
 
 def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path) -> Plan:
+    from mfim.outputs import name_too_long
     from mfim.video import VIDEO_SUFFIXES, is_video
 
     target, output = Path(target), Path(output)
@@ -191,6 +199,10 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
     jobs, used = [], set()
     scan = scan_media(target, exclude=output)  # an output folder inside the target folder holds no inputs
     rejects = list(scan.rejects)
+    # with --overwrite into an input folder, a.jpg's output a.png must not replace the input a.png (read later)
+    inputs = {os.path.realpath(t) for t in scan.files}
+    for src in sources.values():
+        inputs |= {os.path.realpath(p) for p in media_files(src)} if src.is_dir() else {os.path.realpath(src)}
     for t in scan.files:
         rel = t.relative_to(target)
         paired: dict[str, Path] = {}
@@ -202,16 +214,22 @@ def plan(target: str | Path, sources: dict[str, str | Path], output: str | Path)
             paired[role] = match
         else:
             out_rel = rel if is_video(t) else rel.with_suffix(".png")
-            if out_rel in used:  # a.jpg and a.png in one folder: the second keeps its suffix in the name
+            clobbers = os.path.realpath(output / out_rel) in inputs - {os.path.realpath(t)}
+            if out_rel in used or clobbers:  # a.jpg and a.png in one folder: the second keeps its suffix in the name
                 out_rel = rel.with_name(rel.name + ".png")
             used.add(out_rel)
+            longest = output / (out_rel.as_posix() + (".mfim.json" if is_video(t) else ""))  # a video's sidecar
+            too_long = name_too_long(longest)
+            if too_long:  # a reject before the work, not a failed write after it
+                rejects.append((str(rel), too_long))
+                continue
             jobs.append(Job(t, paired, output / out_rel, str(rel)))
     return Plan(jobs, rejects, folder=True, output=output)
 
 
 def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> None:
     """Raises OutputRefused before any work when the run would replace a user's file or cannot write at all."""
-    from mfim.outputs import ensure_writable_folder, refuse_folder_overlap, refuse_replacing
+    from mfim.outputs import ensure_writable_folder, refuse_folder_overlap, refuse_long_names, refuse_replacing
 
     inputs = {f"--{role}": Path(p) for role, p in {"target": target, **sources}.items()}
     if not overwrite:
@@ -219,6 +237,7 @@ def check_outputs(the_plan: Plan, target, sources: dict, overwrite: bool) -> Non
             refuse_folder_overlap(the_plan.output, {k: p for k, p in inputs.items() if p.is_dir()})
         refuse_replacing(the_plan.writes(), {k: p for k, p in inputs.items() if not p.is_dir()})
     ensure_writable_folder(the_plan.output if the_plan.folder else the_plan.output.parent)
+    refuse_long_names(the_plan.writes())
 
 
 # -------------------------------------------------------------------------------------------------------- running
@@ -246,6 +265,12 @@ def load_swapper(checkpoint: str | None, device: str, fit_steps: int = 0, fit_ex
         if e.name != "mfim.inference":
             raise
         raise UsageError("this build has no mfim.inference (the trained model's inference code)") from None
+    if fit_exp > 0:
+        from mfim.training.build import FITTED_REGRESSOR
+
+        if not FITTED_REGRESSOR.is_file():  # a relative path: found only from the repository folder
+            raise UsageError(f"--fit-exp needs the 3DMM network {FITTED_REGRESSOR}, not found under {Path.cwd()}; "
+                             "run from the repository folder after `make repro`")
     return FaceSwapper.from_checkpoint(checkpoint, device=device, fit_steps=fit_steps, fit_exp=fit_exp)
 
 
@@ -280,6 +305,7 @@ class Runner:
             roi=roi,
         )
         self._sources: dict[Path, object] = {}
+        self.target_note = ""  # the last target's faces_note
         self._inputs: dict[Path, dict] = {}
         self.rejects: list[tuple[str, str]] = []
         self.written: list[Path] = []
@@ -303,6 +329,8 @@ class Runner:
         from mfim.imageio import read_image
 
         image, note = read_image(path)
+        if self.roi and role == "target":
+            check_roi_memory(image)
         if path not in self._inputs:
             self._inputs[path] = {"file": path.name, "sha256": sha256_file(path), **({"note": note} if note else {})}
             if note:
@@ -326,6 +354,10 @@ class Runner:
         if path not in self._sources:
             try:
                 self._sources[path] = self.swapper.prepare(self.read(role, path))
+                note = faces_note(self._sources[path], "its identity is used")
+                if note:
+                    self._inputs[path]["faces"] = note
+                    say(f"mfim {self.operation}: {role} {path.name}: {note}")
             except ImageRejected as e:
                 self._sources[path] = ImageRejected(f"{role} {path.name}: {e}")
         face = self._sources[path]
@@ -338,6 +370,7 @@ class Runner:
         import numpy as np
 
         tgt = self.swapper.prepare(target_image)
+        self.target_note = faces_note(tgt, "it was swapped, the others were left as they are")
         if self.operation == "swap":
             out = self.swapper.swap(sources["source"], tgt, roi=self.roi)
         else:
@@ -356,6 +389,8 @@ class Runner:
             raise
         except FileExistsError as e:  # the final no-replace rename lost a race with another run
             self.reject(job.label, f"output {Path(e.filename).name} appeared meanwhile (another run?); not replaced")
+        except OSError as e:  # a full or read-only disk: the atomic write left any earlier file as it was
+            self.reject(job.label, f"could not write {job.output.name} ({e.strerror or e}); nothing was replaced")
         except Exception as e:
             if not self.keep_going:
                 raise
@@ -374,7 +409,11 @@ class Runner:
         except ImageRejected as e:
             self.reject(job.label, str(e))
             return
-        self.written.append(save_image(job.output, out, self.input_record(job), overwrite=self.overwrite))
+        record = self.input_record(job)
+        if self.target_note:  # a group photo: say which face changed, in the record and on stderr
+            record["inputs"]["target"] = {**record["inputs"]["target"], "faces": self.target_note}
+            say(f"mfim {self.operation}: target {job.label}: {self.target_note}")
+        self.written.append(save_image(job.output, out, record, overwrite=self.overwrite))
 
     def run_video(self, job: Job, sources: dict) -> None:
         from mfim.imageio import ImageRejected
@@ -422,11 +461,41 @@ class Runner:
             say(f"mfim {self.operation}: skipped {label}: {reason}")
 
 
+ROI_BYTES_PER_PIXEL = 60  # measured: a 79 MP photo took 4.7 GB with --roi (float copies for mask and blend)
+
+
+def check_roi_memory(image) -> None:
+    """ImageRejected, naming the limit, for a photo too large to paste back into on this machine."""
+    from mfim.imageio import ImageRejected
+    from mfim.resources import refuse_over_budget
+
+    h, w = image.shape[:2]
+    try:
+        refuse_over_budget(f"with --roi this {w}x{h} photo", h * w * ROI_BYTES_PER_PIXEL)
+    except ValueError as e:
+        raise ImageRejected(str(e)) from None
+
+
+def faces_note(face, what: str) -> str:
+    """'' for a photo with one face; else which face was used (the largest: FaceSwapper.prepare's choice) and that
+    the others were not."""
+    found = getattr(face, "faces_found", 1)
+    if found <= 1:
+        return ""
+    return f"{found} faces found; only the largest was used ({what})"
+
+
 def say(message: str) -> None:
     """A line on stderr that does not tear a running progress bar."""
     from tqdm import tqdm
 
-    tqdm.write(message, file=sys.stderr)
+    tqdm.write(printable(message), file=sys.stderr)
+
+
+def printable(text) -> str:
+    """A file name that is not valid UTF-8 (its odd bytes arrive as surrogates) with those bytes escaped, so that
+    printing it cannot fail whatever the stream's error handler."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def upscale_to(image, min_side: int):
@@ -451,7 +520,9 @@ def write_rejects(path: Path, rejects: list[tuple[str, str]], overwrite: bool = 
     w = csv.writer(text)
     w.writerow(["file", "reason"])
     w.writerows(rejects)
-    return atomic_write(path, lambda f: f.write(text.getvalue().encode()), overwrite=overwrite)
+    # a file name that is not valid UTF-8 is written with its odd bytes escaped (\\xff), the table stays UTF-8
+    data = printable(text.getvalue()).encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
 
 
 def checkpoint_name(checkpoint: str | None) -> str | None:
@@ -480,6 +551,18 @@ def announce_model(operation: str, swapper, checkpoint: str | None, fit_steps: i
         say(f"mfim {operation}: {note}")
 
 
+def report_leftover_temps(operation: str, paths: list[Path]) -> None:
+    """Hidden temp files of this run's outputs that a killed run left: removed (stale) or named (fresh)."""
+    from mfim.atomic import STALE_TEMP_SECONDS, clean_leftover_temps
+
+    removed, left = clean_leftover_temps(paths)
+    if removed:
+        say(f"mfim {operation}: removed {removed} hidden .part temp file(s) an interrupted run left beside the outputs")
+    if left:
+        say(f"mfim {operation}: left {left} hidden .part temp file(s) beside the outputs: written in the last "
+            f"{STALE_TEMP_SECONDS // 60} minutes (another run writing?)")
+
+
 def execute(operation: str, target, sources: dict, args) -> int:
     from mfim.outputs import OutputRefused
 
@@ -491,6 +574,10 @@ def execute(operation: str, target, sources: dict, args) -> int:
         fit_exp = getattr(args, "fit_exp", 0.0)
         if fit_exp < 0 or (fit_exp > 0 and fit_steps == 0):
             raise UsageError(f"--fit-exp must be >= 0 and needs --fit-steps > 0, got {fit_exp} with {fit_steps} steps")
+        from mfim.resources import device_problem
+
+        if device_problem(args.device):
+            raise UsageError(device_problem(args.device))
         the_plan = plan(target, sources, args.output)
         check_outputs(the_plan, target, sources, overwrite)
         if getattr(args, "model", None):
@@ -511,6 +598,7 @@ def execute(operation: str, target, sources: dict, args) -> int:
     except (UsageError, OutputRefused) as e:
         print(f"mfim {operation}: {e}", file=sys.stderr)
         return 2
+    report_leftover_temps(operation, the_plan.writes())
     for label, reason in the_plan.rejects:
         runner.reject(label, reason)
     jobs = the_plan.jobs
@@ -530,14 +618,14 @@ def execute(operation: str, target, sources: dict, args) -> int:
             summary = f"wrote {len(runner.written)} of {total} files to {args.output}; {files} rejected"
             if frames:
                 summary += f", and {frames} video frames could not be swapped"
-            print(f"{summary} (see {table})")
+            print(printable(f"{summary} (see {table})"))
     else:
         job = the_plan.jobs[0]
         frame_rejects = [r for r in runner.rejects if r[0].startswith(f"{job.label}#frame")]
         if frame_rejects:
             write_rejects(frame_rejects_path(job.output), frame_rejects, overwrite=overwrite)
         if runner.written and not args.quiet:
-            print(runner.written[0])
+            print(printable(runner.written[0]))
     return 0 if runner.written else 1
 
 

@@ -261,6 +261,11 @@ _RESULT_VERSION = 1
 _CODE = ("nets/align.py", "nets/landmarks.py", "imageio.py")
 
 
+def _escaped(name: str) -> str:
+    """A file name as UTF-8 text: bytes that are not valid UTF-8 (surrogates in Python's str) written as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def journal_path(table_path: str | Path) -> Path:
     """The progress journal of the align run whose table is ``table_path``: ``<table stem>.journal.jsonl`` beside it."""
     table_path = Path(table_path)
@@ -452,11 +457,17 @@ def align_folder(
 
     # Every entry under in_dir is considered: an unknown type or a broken link is a reject with a reason.
     scan = scan_folder(in_dir, IMAGE_SUFFIXES, "an image", exclude=out_dir)  # an out_dir inside in_dir: no inputs
-    rejects: dict[str, dict] = {rel: {"file": rel, "reason": reason} for rel, reason in scan.rejects}
+    rejects: dict[str, dict] = {}
+    for rel, reason in scan.rejects:
+        rejects[_escaped(rel)] = {"file": _escaped(rel), "reason": reason}
     files = scan.files
     tasks, outputs_seen = [], {}
     for p in files:
         rel = p.relative_to(in_dir).as_posix()
+        if _escaped(rel) != rel:  # parquet / csv tables hold UTF-8 text only: one reject, not a failed run
+            rejects[_escaped(rel)] = {"file": _escaped(rel), "reason": "file name is not valid UTF-8 (its odd bytes "
+                                      "are shown escaped); rename it to align it"}
+            continue
         out_rel = Path(rel).with_suffix(".png").as_posix()
         if out_rel in outputs_seen:
             rejects[rel] = {"file": rel, "reason": f"output name {out_rel} already used by {outputs_seen[out_rel]}"}

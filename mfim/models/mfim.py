@@ -222,17 +222,24 @@ def save_swapper(model: MFIM, path, encoder_state: dict | None = None, meta: dic
 def load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
     """The swapper in ``path``; any problem with the file (unreadable, truncated, refused pickle, wrong kind, weights
     that do not fit the recorded config) is one ``CheckpointError`` naming the file."""
+    from mfim.assets.store import warn_if_not_as_recorded
     from mfim.weights import CheckpointError
 
+    warn_if_not_as_recorded(path)
     try:
         return _load_swapper(path, device)
     except CheckpointError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, AttributeError,
             pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        what = "refused or corrupt pickle" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):
+            from mfim.weights.limits import refused_pickle_reason
+
+            raise CheckpointError(f"{path}: cannot load as an MFIM swapper ({refused_pickle_reason(e)})") from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: cannot load as an MFIM swapper ({what}: {first})") from e
+        if isinstance(e, RuntimeError) and "cuda" in first.lower():
+            raise CheckpointError(f"{path}: the device asked for is not available here ({first})") from None
+        raise CheckpointError(f"{path}: cannot load as an MFIM swapper ({type(e).__name__}: {first})") from e
 
 
 def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
@@ -263,4 +270,7 @@ def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
         source_torgb_max_res=int(state.get("source_torgb_max_res", 0)),  # 0: files from before the option
     )
     model.encoder.load_state_dict(state["encoder"])
+    from mfim.weights.limits import refuse_non_finite
+
+    refuse_non_finite(model, str(path))
     return model.to(device).eval(), state.get("meta", {})

@@ -177,3 +177,25 @@ def validate_encoder_config(config: Any, what: str, generator_resolution: int) -
         raise CheckpointError(f"{what}: refine_map_resolutions {refine_res!r} is not a subset of the style map "
                               f"resolutions {list(resolutions)}")
     return c
+
+
+def refuse_non_finite(net: torch.nn.Module, what: str) -> None:
+    """A NaN or Inf weight or buffer makes every output NaN, which 8-bit conversion turns into a plausible black
+    image; refuse the file at load instead of writing those."""
+    for name, t in [*net.named_parameters(), *net.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{what}: {bad} non-finite values (NaN/Inf) in {name}; the file is corrupt")
+
+
+def refused_pickle_reason(e: BaseException) -> str:
+    """The part of torch's weights_only refusal that names what the file tried to load -- not its advice to retry
+    with weights_only=False, which would run the file's code."""
+    import re
+
+    text = str(e)
+    m = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
+    if m:
+        return f"refused pickle: it calls {m.group(1)}, which is not plain data (it is not loaded)"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+    return f"refused or corrupt pickle: {first[:200]}" if first else "refused or corrupt pickle"

@@ -19,7 +19,7 @@ import torch
 
 from mfim.models.stylegan2 import Discriminator, Generator
 from mfim.weights import mfim_format, nvidia, rosinality
-from mfim.weights.limits import CheckpointError
+from mfim.weights.limits import CheckpointError, refuse_non_finite, refused_pickle_reason
 from mfim.weights.nvidia import PersistentRecord, restricted_load
 
 ASSET_NAME = "stylegan2_ffhq"  # the asset-registry entry whose params key (generator.checkpoint) names user files
@@ -72,6 +72,8 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
         raise CheckpointError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
             ImportError, IndexError, OSError, zipfile.BadZipFile) as e:  # fmt: skip
+        if isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(f"{path}: {refused_pickle_reason(e)}") from None
         raise CheckpointError(f"{path}: cannot read as a StyleGAN2 checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(data, tuple) and len(data) == 3:
         raise CheckpointError(
@@ -81,6 +83,11 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, found {type(data).__name__}")
     notes = [f"ignored (not loaded) global {r}" for r in sorted(refused)]
+    if data.get("format") == "mfim-swapper" and isinstance(data.get("generator"), dict):
+        # the swapper (data/train/mfim.pt) stores its frozen generator in our format's two entries
+        gen = data["generator"]
+        data = {"format": mfim_format.FORMAT, "config": gen.get("config"), "g_ema": gen.get("state_dict")}
+        return RawCheckpoint("mfim", data, path, ["the generator of an MFIM swapper checkpoint"])
     if data.get("format") == mfim_format.FORMAT:
         return RawCheckpoint("mfim", data, path)
     if isinstance(data.get("G_ema"), PersistentRecord):
@@ -99,12 +106,17 @@ def _resolve(path: str | os.PathLike | None) -> Path:
 
 
 def _load_network(path: str | os.PathLike | None, part: str, device: str | torch.device):
-    raw = read_checkpoint(_resolve(path))
+    from mfim.assets.store import warn_if_not_as_recorded
+
+    resolved = _resolve(path)
+    warn_if_not_as_recorded(resolved)
+    raw = read_checkpoint(resolved)
     build = getattr(_FORMATS[raw.format], f"{part}_from")
     try:
         net = build(raw.data, f"{raw.path} ({raw.format})")
     except KeyError as e:
         raise CheckpointError(f"{raw.path} ({raw.format}): missing entry {e}") from None
+    refuse_non_finite(net, f"{raw.path} ({raw.format})")
     return net.eval().to(device)
 
 
