@@ -82,6 +82,21 @@ def z_for_seed(seed: int, z_dim: int):
     return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim))
 
 
+def refuse_bad_request(checkpoint: str, seeds: list[int], outdir: str, overwrite: bool, device: str,
+                       truncation_psi: float) -> None:
+    """Everything that can be refused before the generator is loaded: the device, the truncation, the outputs."""
+    import math
+
+    from mfim.resources import device_problem
+
+    problem = device_problem(device) if device != "auto" else None
+    if problem:
+        raise ValueError(problem)
+    if not math.isfinite(truncation_psi):
+        raise ValueError(f"--trunc must be a finite number, got {truncation_psi}")
+    check_outdir(checkpoint, seeds, outdir, overwrite)
+
+
 def generate(
     checkpoint: str,
     seeds: list[int],
@@ -95,7 +110,6 @@ def generate(
     """Library form of the command; returns the manifest it writes. overwrite=False refuses (OutputRefused) before
     loading anything when an output already exists."""
     import json
-    import math
     from pathlib import Path
 
     import numpy as np
@@ -106,15 +120,10 @@ def generate(
     from mfim.commands.model_notes import announce_synthetic
     from mfim.weights import CheckpointError, load_generator
     from mfim.provenance import provenance_record, save_image
-    from mfim.resources import device_problem, refuse_over_budget
+    from mfim.resources import refuse_over_budget
     from mfim.runtime import pick_device
 
-    problem = device_problem(device) if device != "auto" else None
-    if problem:
-        raise ValueError(problem)
-    if not math.isfinite(truncation_psi):
-        raise ValueError(f"--trunc must be a finite number, got {truncation_psi}")
-    check_outdir(checkpoint, seeds, outdir, overwrite)
+    refuse_bad_request(checkpoint, seeds, outdir, overwrite, device, truncation_psi)
     dev = pick_device(device)
     G = load_generator(checkpoint, device=dev)
     # every image is kept for images.npy: refuse a count this machine cannot hold before drawing any
