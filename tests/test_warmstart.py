@@ -234,12 +234,15 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, uninterru
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
+        "import torch\n"
+        "torch.set_num_threads(int(sys.argv[3]))\n"  # this process's count: another one sums in another order
         "sys.path.insert(0, sys.argv[1])\n"
         "import test_warmstart as t\n"
         "t.warm_start(Path(sys.argv[2]), on_step=lambda s: s == 5 and os.kill(os.getpid(), signal.SIGKILL))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path),
+                           str(torch.get_num_threads())], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     state = load_checkpoint(tmp_path / "checkpoint.pt")
