@@ -33,7 +33,7 @@ repro: assets
 	@echo "  metrics   : reports/metrics.json   (dvc metrics show)"
 	@echo "  tables    : reports/*.md"
 	@echo "  images    : reports/grids/"
-	@echo "  tracking  : make ui   -> http://127.0.0.1:5000  (mlflow ui on $(CURDIR)/mlflow.db)"
+	@echo "  tracking  : make ui   -> http://127.0.0.1:5000  (mlflow ui on $(CURDIR)/mlflow.db; it prints the runs' address)"
 
 # one swap with the shipped 64 px model on two held-out people rendered here: no data set, no `make repro`
 DEMO_CHECKPOINT := checkpoints/mfim_synth64.pt
@@ -59,5 +59,7 @@ test-all: assets
 bench: assets
 	$(BIN)/python benchmarks/run_all.py
 
+# MLflow 3.x opens an experiment on its GenAI overview; this address opens the training runs
 ui: setup
+	@echo "training runs: $$($(BIN)/python -c 'from mfim.config import load_params; from mfim.tracking import ui_url; print(ui_url(load_params()))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
