@@ -161,6 +161,15 @@ def _evaluate(tmp_path, name, checkpoint, evalsets, batch=4, **kw):
     return out, detail, (reports / "eval_pairs.csv").read_text(), (reports / "grids" / "swaps.png").read_bytes()
 
 
+def _assert_same_outputs(got_outputs, want_outputs) -> None:
+    """Two runs' outputs (report dicts and files) equal, one by one."""
+    for got, want in zip(got_outputs, want_outputs):
+        if isinstance(got, dict):
+            _assert_same(got, want)
+        else:
+            assert got == want
+
+
 def _assert_same(a, b, rel=0.0):
     na, nb = _numbers(a), _numbers(b)
     assert na.keys() == nb.keys()
@@ -235,11 +244,7 @@ def test_a_killed_evaluation_resumes_from_its_parts_and_gives_the_uninterrupted_
     redone = written[len(first):]
     pairs_done = sum(kind == "pairs" for kind, _ in first)  # of 5 pair batches (17 pairs, 4 a batch)
     assert redone == [("pairs", j) for j in range(pairs_done, 5)] + [("triplets", j) for j in range(3)]
-    for got, want in zip(resumed, whole):
-        if isinstance(got, dict):
-            _assert_same(got, want)
-        else:
-            assert got == want
+    _assert_same_outputs(resumed, whole)
     assert not progress.exists()
 
 
@@ -324,11 +329,7 @@ def test_a_sigkilled_evaluation_resumes_and_gives_the_uninterrupted_result(tmp_p
     assert len(list(progress.glob("*/*.npz"))) == 3 and list(progress.glob("*/.*.part"))  # 3 parts, one half-written
     resumed = _evaluate(tmp_path, "resumed", checkpoint, evalsets, progress_dir=progress)
     whole = _evaluate(tmp_path, "whole", checkpoint, evalsets)
-    for got, want in zip(resumed, whole):
-        if isinstance(got, dict):
-            _assert_same(got, want)
-        else:
-            assert got == want
+    _assert_same_outputs(resumed, whole)
     assert not progress.exists()
 
 

@@ -4,10 +4,8 @@
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -18,6 +16,7 @@ from mfim import watermark as wm
 from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM, save_swapper
 from mfim.models.stylegan2 import Generator
+from tests.servers import free_port, stop, wait_until_it_answers
 
 
 @pytest.fixture(scope="module")
@@ -104,29 +103,15 @@ def test_cli_swap_takes_a_models_uri(store, photo_paths, tmp_path, monkeypatch):
     assert rc == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(240)
 def test_served_model_answers_a_swap_on_localhost(store, photo_paths):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mfim@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "server did not answer /ping in time"
-                time.sleep(1)
+        wait_until_it_answers(f"http://127.0.0.1:{port}/ping", server, 150)
         body = json.dumps({"dataframe_split": {"columns": ["source", "target"],
                                                "data": [[_b64(photo_paths["obama"]), _b64(photo_paths["biden"])]]}})
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
@@ -136,9 +121,4 @@ def test_served_model_answers_a_swap_on_localhost(store, photo_paths):
         assert len(rows) == 1
         _check_answer(rows[0], store["checkpoint"])
     finally:
-        os.killpg(server.pid, 15)  # the server's own process group (uvicorn workers included)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait(timeout=20)
+        stop(server)

@@ -2,23 +2,15 @@
 renders the address `make ui` / the report print (mfim.tracking.ui_url) from a real `mlflow server` on 127.0.0.1.
 Slow (~1 min: the server's start and the page's scripts); skipped where no Chromium is installed."""
 
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
+from tests.servers import free_port, stop, wait_until_it_answers
+
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dom(url: str, screenshot) -> str:
@@ -38,7 +30,7 @@ def test_ui_opens_the_experiment_on_its_training_runs(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/t.db"
     params = {"project": {"mlflow": {"tracking_uri": uri, "experiment": "mfim", "artifact_root": str(tmp_path / "a")}}}
-    port = _free_port()
+    port = free_port()
     url = ui_url(params, base=f"http://127.0.0.1:{port}")
     with mlflow.start_run(run_name="train E 3 steps seed 0"):
         mlflow.log_metric("loss", 1.0)
@@ -46,14 +38,7 @@ def test_ui_opens_the_experiment_on_its_training_runs(tmp_path):
                                "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(1)
+        wait_until_it_answers(f"http://127.0.0.1:{port}/health", server, 120)
         dom = _dom(url, tmp_path / "runs.png")
         assert "train E 3 steps seed 0" in dom and "matching run" in dom  # the runs table
         assert "Detect Issues" not in dom and "Traces</" not in dom.split("Runs")[0]  # not the GenAI overview
@@ -61,9 +46,4 @@ def test_ui_opens_the_experiment_on_its_training_runs(tmp_path):
         print(f"screenshots: {tmp_path / 'runs.png'}; without workflowType the run table shows: "
               f"{'train E 3 steps seed 0' in bare}")
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait(timeout=20)
+        stop(server)

@@ -147,3 +147,18 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / info.world
+
+
+def device_and_dist(params: dict) -> tuple[torch.device, DistInfo]:
+    """The stage's device (``project.device``; under torchrun each rank its own GPU), its CPU threads and the process
+    group it joins (one process unless torchrun started it)."""
+    from mfim.config import lookup
+    from mfim.runtime import configure_threads, pick_device
+
+    device = pick_device(lookup(params, "project.device", "auto"))
+    configure_threads(lookup(params, "project.threads", 0))
+    dist = init_from_env(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device, dist

@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 
 from mfim.config import lookup
-from mfim.runtime import configure_threads, pick_device
 from mfim.training.presets import apply_preset
 from mfim.training.speed import SPEED_KEYS
 
@@ -168,18 +167,13 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         generator_path,
         load_frozen_generator,
     )
-    from mfim.training.distributed import init_from_env
+    from mfim.training.distributed import device_and_dist
     from mfim.training.objective import loss_shares
     from mfim.training.trainer import TrainConfig, Trainer
 
     params = apply_preset(raw_params)
     tr = params["train"]
-    device = pick_device(lookup(params, "project.device", "auto"))
-    configure_threads(lookup(params, "project.threads", 0))
-    dist = init_from_env(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
+    device, dist = device_and_dist(params)
     seed = train_seed(params)
     torch.manual_seed(seed + dist.rank)
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from mfim.models.mfim import MFIM
 from mfim.training.checkpoint import atomic_torch_save, rng_state, set_rng_state
-from mfim.training.distributed import DistInfo
+from mfim.training.distributed import DistInfo, device_and_dist
 
 FORMAT = "mfim-encoder-warmstart"
 SKIPPED = "mfim-encoder-warmstart-skipped"
@@ -478,20 +478,6 @@ def _losses(params: dict, cfg: WarmStartConfig, model: MFIM, device):
     return recon, id_loss
 
 
-def _device_and_dist(params: dict):
-    from mfim.config import lookup
-    from mfim.runtime import configure_threads, pick_device
-    from mfim.training.distributed import init_from_env
-
-    device = pick_device(lookup(params, "project.device", "auto"))
-    configure_threads(lookup(params, "project.threads", 0))
-    dist = init_from_env(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    return device, dist
-
-
 def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", reports_dir="reports",
                         shards_dir="data/shards") -> dict:
     """The ``warmstart`` DVC stage: build the model as ``train`` will, run the phases (resuming from
@@ -513,7 +499,7 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
         # train starts elsewhere (a shipped swapper, or from scratch): nothing here would be used
         why = f"train.init_checkpoint is {init!r}, not this stage's output" if init else "train.init_checkpoint is empty"
         return _skip_stage(why, out_path, reports_dir)
-    device, dist = _device_and_dist(params)
+    device, dist = device_and_dist(params)
     seed = int(lookup(params, "project.seed", 0))
     ck_path = Path(out_path).parent / "checkpoint.pt"
     backbone = lookup(params, "encoder.backbone_checkpoint", "") or ""
