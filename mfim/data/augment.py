@@ -11,9 +11,13 @@ Randomness comes from a numpy Generator the caller seeds per sample, so a resume
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import albumentations as A
+# albumentations asks PyPI for a newer version at import (a network call in every DataLoader worker, and a wait on
+# machines without internet); the project pins its version, so the check tells users nothing
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import numpy as np
 import torch
 
