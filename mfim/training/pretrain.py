@@ -202,21 +202,23 @@ class StyleGAN2Trainer:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Sample grids and a cheap image-statistics metric
+# Sample grids and a cheap image-statistics metric (its Fréchet distance: pytorch-fid's, as FID's)
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     """B×3×H×W in [-1, 1] -> one H'×W'×3 uint8 grid (row-major), official 8-bit conversion."""
+    from mfim.nets.face_crops import to_uint8
+
     b, c, h, w = images.shape
     nrow = nrow or int(math.ceil(math.sqrt(b)))
     ncol = int(math.ceil(b / nrow))
-    u8 = (images.detach().cpu().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    grid = torch.zeros(3, ncol * h, nrow * w, dtype=torch.uint8)
+    u8 = to_uint8(images.cpu(), stylegan=True)
+    grid = np.zeros((ncol * h, nrow * w, 3), dtype=np.uint8)
     for i in range(b):
         r, q = divmod(i, nrow)
-        grid[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = u8[i]
-    return grid.permute(1, 2, 0).numpy()
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = u8[i]
+    return grid
 
 
 def write_sample_grid(G: Generator, z: torch.Tensor, path: str | Path, record: dict) -> Path:
@@ -239,18 +241,6 @@ def sample_checkpoint(checkpoint: str | Path, path: str | Path, device, n: int =
     G = load_generator(checkpoint, device=device).eval()
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     return write_sample_grid(G, z, path, provenance_record("synthetic", checkpoint_sha256=sha256_file(checkpoint)))
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """Fréchet distance between two Gaussians (the FID formula), via scipy's matrix square root."""
-    import scipy.linalg
-
-    diff = mu1 - mu2
-    covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(cov1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean.real))
 
 
 def pixel_features(images: torch.Tensor, size: int = 8) -> np.ndarray:
@@ -379,7 +369,6 @@ __all__ = [
     "lazy_regularization_adam",
     "ema_beta",
     "image_grid",
-    "frechet_distance",
     "pixel_features",
     "gaussian_stats",
     "pretrain",
