@@ -167,8 +167,10 @@ class Resumed:
     saved_samples: int | None = None
 
 
-def resume_if_possible(trainer, ck_path: Path, fingerprint: str, steps: int, dist) -> Resumed:
-    """Load ``ck_path`` into ``trainer`` when it is an unfinished run of these params and inputs; its bookkeeping."""
+def resume_if_possible(trainer, ck_path: Path, fingerprint: str, steps: int, dist, seed: int) -> Resumed:
+    """Load ``ck_path`` into ``trainer`` when it is an unfinished run of these params and inputs; its bookkeeping.
+    Each rank continues with its own saved RNG states (reseeded from ``seed``, the step and its rank when the
+    process count changed)."""
     from mfim.training.checkpoint import load_resumable, remove_stale_parts
 
     if dist.is_main:  # leftovers of writes killed in earlier runs; only rank 0 writes these files
@@ -182,7 +184,7 @@ def resume_if_possible(trainer, ck_path: Path, fingerprint: str, steps: int, dis
         elif int(state.get("step", 0)) >= steps:
             print(f"{ck_path} is a finished run; starting over")
         else:
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(state, seed)
             out = Resumed(True, data.get("position"), int(data.get("gt_drawn", 0)), list(data.get("history") or []),
                           data.get("mlflow_run_id"), int(data.get("world", 1)), data.get("samples"))
             print(f"resuming from {ck_path} at step {trainer.step}" + (
@@ -389,7 +391,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         + ([init_path] if init_path else []) + ([gt_set] if gt_pairs else [])
     )
 
-    start = resume_if_possible(trainer, ck_path, fingerprint, cfg.steps, dist)
+    start = resume_if_possible(trainer, ck_path, fingerprint, cfg.steps, dist, seed)
     same_start(dist, trainer.step, ck_path)
     prepare_encoder(trainer, tr, init_path, start.resumed, dist)
     batches, samples, gt_rows = training_batches(params, shards_dir, resolution, batch_size, seed, dist, start,
