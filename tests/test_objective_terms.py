@@ -13,7 +13,7 @@ from mfim.criteria.recon_loss import ReconLoss
 from mfim.criteria.threedmm_loss import ThreeDMMLoss
 from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM
-from mfim.training.objective import ENCODER_TERMS, EXTRA_TERMS, PAPER_TERMS, LossWeights, MFIMObjective
+from mfim.training.objective import COMPUTED_ORDER, ENCODER_TERMS, EXTRA_TERMS, PAPER_TERMS, LossWeights, MFIMObjective
 from mfim.training.trainer import TrainConfig, Trainer
 from tests.stubs import Stub3DMM, StubDiscriminator, StubEmbedder, StubGenerator, StubLPIPS
 
@@ -79,6 +79,7 @@ def test_with_every_extra_off_the_loss_is_eq6_of_the_paper_terms():
 
 def test_encoder_terms_are_the_paper_terms_and_the_extras_and_exactly_what_a_step_logs():
     assert ENCODER_TERMS == PAPER_TERMS + EXTRA_TERMS and not set(PAPER_TERMS) & set(EXTRA_TERMS)
+    assert sorted(COMPUTED_ORDER) == sorted(ENCODER_TERMS)
     assert set(ENCODER_TERMS) <= {f.name for f in dataclasses.fields(LossWeights)}
     w = LossWeights(**PAPER, r1=1.0, r1_every=1, background_l1=0.5, gt_swap=0.5)
     torch.manual_seed(0)
@@ -88,3 +89,4 @@ def test_encoder_terms_are_the_paper_terms_and_the_extras_and_exactly_what_a_ste
     logs = tr.train_step([batch()])
     discriminator = {"d_adv", "r1"}
     assert set(logs) - {"loss"} - discriminator == set(ENCODER_TERMS)
+    assert [k for k in logs if k in ENCODER_TERMS] == list(COMPUTED_ORDER)  # what loss_shares sums in

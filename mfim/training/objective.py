@@ -67,6 +67,8 @@ PAPER_TERMS = ("id", "l1", "lpips", "adv", "shape", "pose", "exp")
 # not in the paper (docs/DEVIATIONS.md#additions-to-the-objective); λ 0 by default
 EXTRA_TERMS = ("background_l1", "gt_swap")
 ENCODER_TERMS = PAPER_TERMS + EXTRA_TERMS
+# the order encoder_terms computes them in (the extras right after L_recon's terms): loss_shares sums in it
+COMPUTED_ORDER = ("id", "l1", "lpips", *EXTRA_TERMS, "adv", "shape", "pose", "exp")
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: "LossWeights") -> torch.Tensor:
@@ -78,7 +80,7 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: "LossWeights") -> to
 def loss_shares(terms: dict[str, float], weights: LossWeights) -> dict[str, float]:
     """Each encoder term's share of the weighted total, ``loss_share/<term>`` (sums to 1): what dominates eq. (6),
     e.g. raw FLAME terms that outweigh every other term (issue 13). The discriminator's terms are not part of it."""
-    weighted = {k: getattr(weights, k) * float(v) for k, v in terms.items() if k in ENCODER_TERMS}
+    weighted = {k: getattr(weights, k) * float(terms[k]) for k in COMPUTED_ORDER if k in terms}
     total = sum(weighted.values())
     return {f"loss_share/{k}": v / total for k, v in weighted.items()} if total > 0 else {}
 
