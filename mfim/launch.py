@@ -12,6 +12,9 @@ so CUDA_VISIBLE_DEVICES narrows it), an integer = that many; on CPU always one p
   PET_NNODES or PET_RDZV_ENDPOINT is set, --standalone is left out (docs/paper-scale/ddp.md).
 * one: the script replaces this process (exec), as ``python script`` would run it.
 
+The warmstart and evaluate stages start themselves again the same way (``relaunch_on_every_gpu``: the same process
+count and torchrun flags, every visible GPU).
+
 CPU runs get glibc's allocator tunables (mfim.runtime.GLIBC_TUNABLES: large freed blocks stay mapped, which is
 what makes CPU training fast); GPU runs do not, since there they only keep freed host memory (checkpoint loads and
 snapshots) resident.
@@ -37,14 +40,14 @@ def uses_cuda(params: dict) -> bool:
     return device.startswith("cuda")
 
 
-def process_count(params: dict, key: str = GPUS_KEY) -> int:
-    """Processes on this machine: 1 on CPU, else the param ``key`` (auto: the visible GPUs)."""
+def process_count(params: dict, key: str | None = GPUS_KEY) -> int:
+    """Processes on this machine: 1 on CPU, else the param ``key`` (auto: the visible GPUs; ``key`` None: auto)."""
     if not uses_cuda(params):
         return 1
     import torch
 
     visible = torch.cuda.device_count()
-    value = lookup(params, key, "auto")
+    value = lookup(params, key, "auto") if key else "auto"
     if value in (None, "auto"):
         return max(visible, 1)
     try:
@@ -59,6 +62,28 @@ def process_count(params: dict, key: str = GPUS_KEY) -> int:
 def torchrun_args(n: int, script: str, args: list[str], env: dict) -> list[str]:
     rendezvous = [] if any(env.get(k) for k in MULTI_NODE_ENV) else ["--standalone"]
     return [*rendezvous, f"--nproc-per-node={n}", script, *args]
+
+
+def torchrun_command(params: dict, script: str, args: list[str] = (), key: str | None = GPUS_KEY) -> list[str] | None:
+    """``python -m torch.distributed.run ... script args`` for ``process_count`` processes (or a multi-node
+    rendezvous from the environment); None where ``script`` runs as one process: on CPU, on one GPU, or when this
+    process is already one of torchrun's (WORLD_SIZE set)."""
+    if "WORLD_SIZE" in os.environ:
+        return None
+    n = process_count(params, key)
+    if n <= 1 and not any(os.environ.get(k) for k in MULTI_NODE_ENV):
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(n, script, list(args), os.environ)]
+
+
+def relaunch_on_every_gpu(params: dict, script: str, key: str | None = None) -> None:
+    """For a stage script that starts itself (warmstart, evaluate): replace this process by ``torchrun_command``'s
+    when there is one; else return and run as one process. ``key`` None: every visible GPU (those stages have no
+    gpus key of their own: a new key in their params groups would make DVC re-run them)."""
+    argv = torchrun_command(params, os.path.abspath(script), key=key)
+    if argv is not None:
+        print(f"launch: torchrun, {process_count(params, key)} processes on this machine: {script}", flush=True)
+        os.execv(argv[0], argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,38 +6,30 @@ torchrun, one process per GPU (DDP); run it under torchrun yourself to choose th
 """
 
 import os
-import sys
 
 from mfim.runtime import ensure_allocator_env
 
 
 def torchrun_argv() -> list[str] | None:
-    """The torchrun command line for this script on every visible GPU, or None: one GPU or none, already under
-    torchrun, project.device other than auto / cuda, or the stage is skipped (train starts from another file)."""
-    if "WORLD_SIZE" in os.environ:
-        return None
+    """The torchrun command line for this script on every visible GPU (mfim.launch.torchrun_command), or None: one
+    GPU or none, already under torchrun, project.device cpu, or the stage is skipped (train starts from another
+    file)."""
     from pathlib import Path
 
-    import torch
-
     from mfim.config import load_params, lookup
+    from mfim.launch import torchrun_command
 
     params = load_params()
     if Path(str(lookup(params, "train.init_checkpoint", "") or "")) != Path("data/warmstart/encoder.pt"):
         return None
-    device = str(lookup(params, "project.device", "auto"))
-    n = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-    if n < 2:
-        return None
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            os.path.abspath(__file__)]
+    return torchrun_command(params, os.path.abspath(__file__), key=None)
 
 
 if __name__ == "__main__":
     ensure_allocator_env()
     argv = torchrun_argv()
     if argv is not None:
-        print(f"warmstart: {argv[4].split('=')[1]} GPUs, starting under torchrun", flush=True)
+        print(f"warmstart: starting under torchrun: {' '.join(argv[3:-1])}", flush=True)
         os.execv(argv[0], argv)
     from mfim.config import load_params
     from mfim.training.warmstart import run_warmstart_stage

@@ -172,3 +172,43 @@ def test_torchrun_workers_end_when_the_launcher_is_killed(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the worker outlived its launcher")
+
+
+def test_self_starting_stages_use_the_launchers_count_and_flags(monkeypatch):
+    """warmstart and evaluate start themselves under torchrun through mfim.launch.torchrun_command: the same count
+    (every visible GPU, one process on CPU or inside torchrun) and flags as the train stage's launcher."""
+    from mfim.launch import torchrun_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("PET_NNODES", "PET_RDZV_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    params = {"project": {"device": "auto"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpus, expected in ((1, None), (3, "--nproc-per-node=3")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        argv = torchrun_command(params, "/x/stage.py", key=None)
+        assert (argv if argv is None else argv[4]) == expected
+    assert argv == [sys.executable, "-m", "torch.distributed.run", *torchrun_args(3, "/x/stage.py", [], {})]
+    assert torchrun_command({"project": {"device": "cpu"}}, "/x/stage.py", key=None) is None
+    monkeypatch.setenv("WORLD_SIZE", "3")  # already one of torchrun's processes
+    assert torchrun_command(params, "/x/stage.py", key=None) is None
+
+
+def test_a_self_starting_stage_runs_in_place_on_cpu_and_under_torchrun_with_a_rendezvous(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": "cpu"}}))
+    (tmp_path / "stage.py").write_text(textwrap.dedent(
+        """
+        import os
+        from mfim.launch import relaunch_on_every_gpu
+        relaunch_on_every_gpu({"project": {"device": "cpu"}}, __file__)
+        print("world", os.environ.get("WORLD_SIZE"))
+        """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PET_") and k != "WORLD_SIZE"}
+    env.update(PYTHONPATH=os.getcwd())
+    run = lambda extra: subprocess.run([sys.executable, "stage.py"], cwd=tmp_path, env={**env, **extra},  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    one = run({})
+    assert one.returncode == 0 and "world None" in one.stdout, one.stderr[-2000:]
+    rdzv = run({"PET_NNODES": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "127.0.0.1:0",
+                "PET_RDZV_ID": "mfim-stage-test"})
+    assert rdzv.returncode == 0 and "world 1" in rdzv.stdout, rdzv.stderr[-2000:]

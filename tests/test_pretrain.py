@@ -7,16 +7,17 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pytorch_fid.fid_score import calculate_frechet_distance
 
 from mfim.models.stylegan2 import Discriminator, Generator
 from mfim.training.pretrain import (
     PretrainConfig,
     StyleGAN2Trainer,
     ema_beta,
-    frechet_distance,
     gaussian_stats,
     image_grid,
     lazy_regularization_adam,
@@ -190,9 +191,28 @@ def test_grid_and_frechet_helpers():
     a = torch.randn(400, 3, 16, 16, generator=g)
     b = torch.randn(400, 3, 16, 16, generator=g)
     fa, fb = pixel_features(a, 4), pixel_features(b, 4)
-    same = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
-    shifted = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb + 1.0))
+    same = calculate_frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
+    shifted = calculate_frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb + 1.0))
     assert same < 2.0 and shifted == pytest.approx(same + 48.0, rel=0.1)  # +1 on 48 features adds ~48
+
+
+def test_the_one_frechet_distance_has_the_closed_form_of_gaussians():
+    """pytorch-fid's distance (what the pretrain stage's fd_pixels8 and FID both use) against known answers: for
+    diagonal covariances ||mu1 - mu2||^2 + sum(s1 + s2 - 2 sqrt(s1 s2)); for full ones tr sqrt(C1 C2) = the sum of
+    the square roots of the eigenvalues of sqrt(C1) C2 sqrt(C1) (a symmetric matrix, so eigh; another path)."""
+    rng = np.random.default_rng(0)
+    for d in (2, 8, 64):  # (scipy 1.17 returns a 1×1 sqrtm without its error estimate: pytorch-fid needs d > 1)
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+        want = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+        assert calculate_frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-6, abs=1e-9)
+        a, b = rng.normal(size=(d, 3 * d)), rng.normal(size=(d, 3 * d))
+        c1, c2 = a @ a.T / (3 * d), b @ b.T / (3 * d)
+        w, v = np.linalg.eigh(c1)
+        root1 = (v * np.sqrt(w)) @ v.T
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ c2 @ root1), 0, None)).sum()
+        want = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * tr_covmean
+        assert calculate_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
 def test_stage_imports_a_given_checkpoint_instead_of_training(tmp_path):

@@ -314,8 +314,9 @@ def test_the_stage_command_starts_torchrun_on_every_gpu(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     params = {"project": {"device": "auto"}, "train": {"init_checkpoint": "data/warmstart/encoder.pt"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for gpus, expected in ((0, None), (1, None), (4, "--nproc_per_node=4")):
+    for gpus, expected in ((0, None), (1, None), (4, "--nproc-per-node=4")):  # mfim.launch's count and flags
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
         argv = stage.torchrun_argv()
         assert (argv if argv is None else argv[4]) == expected
     assert stage.torchrun_argv()[2:4] == ["torch.distributed.run", "--standalone"]

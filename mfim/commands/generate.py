@@ -119,6 +119,7 @@ def generate(
     from mfim.atomic import atomic_write
     from mfim.commands.model_notes import announce_synthetic
     from mfim.weights import CheckpointError, load_generator
+    from mfim.nets.face_crops import to_uint8
     from mfim.provenance import provenance_record, save_image
     from mfim.resources import refuse_over_budget
     from mfim.runtime import pick_device
@@ -141,8 +142,7 @@ def generate(
                 raise CheckpointError(f"{checkpoint}: the generator gave NaN/Inf pixels for seed {seed}; "
                                       "nothing is written for it or after it")
             images.append(img.cpu().to(torch.float32))
-            # same 8-bit conversion as the official script
-            u8 = (img.permute(0, 2, 3, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)[0].cpu().numpy()
+            u8 = to_uint8(img, stylegan=True)[0]  # the official script's 8-bit conversion
             rec = provenance_record(
                 "synthetic",
                 checkpoint_sha256=digest,

@@ -1,6 +1,7 @@
 """ID loss, eq. (1): L_id = 1 - cos(R(x_swap), R(x_src)) with R a frozen face-recognition network.
 
-Not in the paper: ``views`` > 0 averages the loss over that many randomly jittered copies of the swap as well
+Not in the paper (docs/DEVIATIONS.md#additions-to-the-objective; ``views`` 0 by default, eq. (1) as written):
+``views`` > 0 averages the loss over that many randomly jittered copies of the swap as well
 (scale, shift, in-plane rotation, mirror; the source's embedding stays that of the clean image). Against a single
 frozen network an encoder can raise the cosine through features that network alone reads (on the embedded default
 MobileFaceNet's cosine to the source rose while the independent dlib evaluator saw no change, docs/EXPERIMENTS.md
@@ -55,9 +56,14 @@ class IDLoss(nn.Module):
             with torch.no_grad():
                 src_embedding = self.embedder(x_src)
         src_embedding = src_embedding.detach()
-        x = x_swap
-        if self.views:
-            x = torch.cat([x_swap] + [jitter(x_swap, **self.jitter) for _ in range(self.views)])
-            src_embedding = src_embedding.repeat(self.views + 1, 1)
+        x, src_embedding = self._with_jittered_views(x_swap, src_embedding)
         e_swap = self.embedder(x)
         return (1.0 - F.cosine_similarity(e_swap, src_embedding, dim=1)).mean()
+
+    def _with_jittered_views(self, x_swap: torch.Tensor, src_embedding: torch.Tensor):
+        """Not in the paper: the swap followed by its ``views`` jittered copies, and R(x_src) repeated for each
+        (the inputs unchanged when ``views`` is 0)."""
+        if not self.views:
+            return x_swap, src_embedding
+        x = torch.cat([x_swap] + [jitter(x_swap, **self.jitter) for _ in range(self.views)])
+        return x, src_embedding.repeat(self.views + 1, 1)

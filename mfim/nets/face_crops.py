@@ -203,10 +203,18 @@ def aligned_from_template(size: int, template: np.ndarray) -> np.ndarray:
 # --- numpy <-> torch images -------------------------------------------------------------------------------------
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
+def to_uint8(x: torch.Tensor, stylegan: bool = False) -> np.ndarray:
     """B×3×H×W in [-1, 1] -> B×H×W×3 uint8 RGB (clamped, rounded half to even): the project's one conversion from
-    the torch image convention to the NumPy one (docs/CONVENTIONS.md)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    the torch image convention to the NumPy one (docs/CONVENTIONS.md).
+
+    ``stylegan``: NVIDIA's rounding instead, x·127.5 + 128 clamped and truncated, which the official StyleGAN2 scripts
+    write their seed images and sample grids with (``mfim generate`` and the pretrain stage's grids match them byte
+    for byte); it differs from the default only where x·127.5 lands within float error of a half."""
+    x = x.detach().float()
+    if stylegan:
+        x = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    else:
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 

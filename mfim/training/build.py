@@ -156,6 +156,8 @@ def build_objective(params: dict, G, device):
 
     loss = params.get("loss", {})
     w = LossWeights.from_params(loss)
+    # not in the paper (docs/DEVIATIONS.md#additions-to-the-objective): id_views / id_jitter, gt_swap_region,
+    # gt_swap_id_target
     id_loss = IDLoss(build_identity_embedder(params, device), views=int(loss.get("id_views", 0)),
                      jitter=loss.get("id_jitter")) if w.id > 0 else None
     lp = None

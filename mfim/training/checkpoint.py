@@ -21,7 +21,7 @@ import torch
 
 from mfim.atomic import atomic_torch_save
 
-__all__ = ["atomic_torch_save", "load_checkpoint", "load_resumable", "remove_stale_parts", "rng_state",
+__all__ = ["atomic_torch_save", "load_checkpoint", "load_resumable", "remove_stale_parts", "reseed", "rng_state",
            "set_rng_state"]
 
 log = logging.getLogger(__name__)
@@ -104,3 +104,12 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Every RNG of this process (torch CPU and CUDA, NumPy, Python) from (seed, step, rank) alone: a resume whose
+    process count differs from the checkpoint's has no saved state for its ranks, and this makes it repeatable."""
+    a, b, c = np.random.SeedSequence([seed % 2**63, step, rank]).generate_state(3, dtype=np.uint64)
+    torch.manual_seed(int(a))  # CUDA generators included
+    np.random.seed(int(b) % 2**32)
+    random.seed(int(c))

@@ -202,21 +202,23 @@ class StyleGAN2Trainer:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Sample grids and a cheap image-statistics metric
+# Sample grids and a cheap image-statistics metric (its Fréchet distance: pytorch-fid's, as FID's)
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     """B×3×H×W in [-1, 1] -> one H'×W'×3 uint8 grid (row-major), official 8-bit conversion."""
+    from mfim.nets.face_crops import to_uint8
+
     b, c, h, w = images.shape
     nrow = nrow or int(math.ceil(math.sqrt(b)))
     ncol = int(math.ceil(b / nrow))
-    u8 = (images.detach().cpu().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    grid = torch.zeros(3, ncol * h, nrow * w, dtype=torch.uint8)
+    u8 = to_uint8(images.cpu(), stylegan=True)
+    grid = np.zeros((ncol * h, nrow * w, 3), dtype=np.uint8)
     for i in range(b):
         r, q = divmod(i, nrow)
-        grid[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = u8[i]
-    return grid.permute(1, 2, 0).numpy()
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = u8[i]
+    return grid
 
 
 def write_sample_grid(G: Generator, z: torch.Tensor, path: str | Path, record: dict) -> Path:
@@ -239,18 +241,6 @@ def sample_checkpoint(checkpoint: str | Path, path: str | Path, device, n: int =
     G = load_generator(checkpoint, device=device).eval()
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     return write_sample_grid(G, z, path, provenance_record("synthetic", checkpoint_sha256=sha256_file(checkpoint)))
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """Fréchet distance between two Gaussians (the FID formula), via scipy's matrix square root."""
-    import scipy.linalg
-
-    diff = mu1 - mu2
-    covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(cov1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean.real))
 
 
 def pixel_features(images: torch.Tensor, size: int = 8) -> np.ndarray:
@@ -289,34 +279,73 @@ def pretrain(
     the mean of each loss over the last 10% of iterations, the last eval metrics, the checkpoint path and the sample
     grid paths -- all JSON-able -- plus ``networks``: {"G_ema", "G", "D"} (the trained modules, not JSON-able).
     """
-    from tqdm import tqdm
-
-    from mfim.provenance import provenance_record
-
     c = PretrainConfig.from_dict(cfg)
     out_dir = Path(out_dir)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     trainer = StyleGAN2Trainer(G, D, c)
-    grid_z = torch.randn(c.grid_size, G.z_dim, generator=torch.Generator().manual_seed(c.seed + 12345))
-    grids: list[str] = []
-    last_eval: dict = {}
+    snapshots = Snapshots(trainer, c, out_dir / "samples", log_fn, eval_fn)
+    snapshots(0)
+    history, train_seconds, exhausted = train_loop(trainer, batches, c, log_fn, snapshots)
+    if trainer.step:
+        snapshots(trainer.step)
+    ckpt = save_checkpoint(
+        out_dir / c.checkpoint_name,
+        trainer.G_ema,
+        trainer.D,
+        extra={
+            "g": {k: v.detach().cpu().clone() for k, v in trainer.G.state_dict().items()},
+            "iterations": trainer.step,
+            "images_seen": trainer.images_seen,
+            "pl_mean": float(trainer.pl_mean),
+            "pretrain_config": c.as_dict(),
+        },
+    )
+    return {
+        "iterations": trainer.step,
+        "images_seen": trainer.images_seen,
+        "train_seconds": train_seconds,
+        "img_per_s": trainer.images_seen / max(train_seconds, 1e-9),
+        "final": last_tenth_means(history),
+        "eval": snapshots.last_eval,
+        "data_exhausted": exhausted,
+        "checkpoint": str(ckpt),
+        "sample_grids": snapshots.grids,
+        "networks": {"G_ema": trainer.G_ema, "G": trainer.G, "D": trainer.D},
+    }
 
-    def snapshot(step: int) -> None:
-        nonlocal last_eval
-        path = out_dir / "samples" / f"grid_{step:06d}.png"
+
+class Snapshots:
+    """``snapshots(step)``: the EMA generator's grid of fixed latents, the evaluation metrics, both to ``log_fn``."""
+
+    def __init__(self, trainer: StyleGAN2Trainer, c: PretrainConfig, folder: Path, log_fn: LogFn | None,
+                 eval_fn: EvalFn | None):
+        self.trainer, self.folder, self.log_fn, self.eval_fn = trainer, folder, log_fn, eval_fn
+        self.z = torch.randn(c.grid_size, trainer.G.z_dim, generator=torch.Generator().manual_seed(c.seed + 12345))
+        self.grids: list[str] = []
+        self.last_eval: dict = {}
+
+    def __call__(self, step: int) -> None:
+        from mfim.provenance import provenance_record
+
+        path = self.folder / f"grid_{step:06d}.png"
         rec = provenance_record("synthetic", generator="stylegan2-pretrain", iteration=step)
-        write_sample_grid(trainer.G_ema, grid_z, path, rec)
-        grids.append(str(path))
-        metrics = dict(eval_fn(trainer.G_ema, step)) if eval_fn is not None else {}
+        write_sample_grid(self.trainer.G_ema, self.z, path, rec)
+        self.grids.append(str(path))
+        metrics = dict(self.eval_fn(self.trainer.G_ema, step)) if self.eval_fn is not None else {}
         if metrics:
-            last_eval = {k: float(v) for k, v in metrics.items()}
-        if log_fn is not None:
-            log_fn(step, last_eval if metrics else {}, [path])
+            self.last_eval = {k: float(v) for k, v in metrics.items()}
+        if self.log_fn is not None:
+            self.log_fn(step, self.last_eval if metrics else {}, [path])
+
+
+def train_loop(trainer: StyleGAN2Trainer, batches: Iterator[torch.Tensor], c: PretrainConfig, log_fn: LogFn | None,
+               snapshots: Snapshots) -> tuple[list[dict], float, bool]:
+    """Up to ``c.iterations`` steps: (each step's stats, seconds in the steps alone, whether the data ran out)."""
+    from tqdm import tqdm
 
     history: list[dict] = []
     train_seconds = 0.0
     exhausted = False
-    snapshot(0)
     bar = tqdm(total=c.iterations, desc="pretrain G", disable=not c.progress, dynamic_ncols=True)
     for it in range(c.iterations):
         try:
@@ -338,39 +367,18 @@ def pretrain(
                             img_s=f"{stats['img_per_s']:.1f}", refresh=False)  # fmt: skip
         bar.update(1)
         if c.sample_every and step % c.sample_every == 0 and step != c.iterations:
-            snapshot(step)
+            snapshots(step)
     bar.close()
-    if trainer.step:
-        snapshot(trainer.step)
+    return history, train_seconds, exhausted
 
+
+def last_tenth_means(history: list[dict]) -> dict[str, float]:
+    """Each loss's mean over the last 10 % of the steps that logged it."""
     final = {}
-    for k in sorted({k for h in history for k in h}):  # mean over the last 10% of the steps that logged k
+    for k in sorted({k for h in history for k in h}):
         vals = [h[k] for h in history if k in h]
         final[k] = float(np.mean(vals[-max(1, len(vals) // 10) :]))
-    ckpt = save_checkpoint(
-        out_dir / c.checkpoint_name,
-        trainer.G_ema,
-        trainer.D,
-        extra={
-            "g": {k: v.detach().cpu().clone() for k, v in trainer.G.state_dict().items()},
-            "iterations": trainer.step,
-            "images_seen": trainer.images_seen,
-            "pl_mean": float(trainer.pl_mean),
-            "pretrain_config": c.as_dict(),
-        },
-    )
-    return {
-        "iterations": trainer.step,
-        "images_seen": trainer.images_seen,
-        "train_seconds": train_seconds,
-        "img_per_s": trainer.images_seen / max(train_seconds, 1e-9),
-        "final": final,
-        "eval": last_eval,
-        "data_exhausted": exhausted,
-        "checkpoint": str(ckpt),
-        "sample_grids": grids,
-        "networks": {"G_ema": trainer.G_ema, "G": trainer.G, "D": trainer.D},
-    }
+    return final
 
 
 __all__ = [
@@ -379,7 +387,6 @@ __all__ = [
     "lazy_regularization_adam",
     "ema_beta",
     "image_grid",
-    "frechet_distance",
     "pixel_features",
     "gaussian_stats",
     "pretrain",

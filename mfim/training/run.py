@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -153,94 +154,71 @@ def init_encoder(trainer, path: str | Path) -> None:
             trainer.D.load_state_dict(d_state)  # a shipped swapper carries the D it was trained against
 
 
-def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", shards_dir="data/shards",
-                 gt_swaps_path="data/gt_swaps/triples.npz") -> dict:
-    from mfim.data.pairs import pair_batches
-    from mfim.data.shards import split_pattern
-    from mfim.evaluation.grids import save_grid
-    from mfim.models.mfim import save_swapper
-    from mfim.training.build import (
-        FITTED_REGRESSOR,
-        THREEDMM_STATS,
-        build_model,
-        build_objective,
-        generator_path,
-        load_frozen_generator,
-    )
-    from mfim.training.distributed import device_and_dist
-    from mfim.training.objective import loss_shares
-    from mfim.training.trainer import TrainConfig, Trainer
+@dataclass
+class Resumed:
+    """What a resumable checkpoint hands to the run that continues it (the defaults: a fresh start)."""
 
-    params = apply_preset(raw_params)
-    tr = params["train"]
-    device, dist = device_and_dist(params)
-    seed = train_seed(params)
-    torch.manual_seed(seed + dist.rank)
+    resumed: bool = False
+    position: dict | None = None  # rank 0's data position, for a run of ``saved_world`` processes
+    gt_drawn: int = 0
+    history: list = field(default_factory=list)
+    mlflow_run_id: str | None = None  # the MLflow run of the interrupted run this one continues
+    saved_world: int = 1
+    saved_samples: int | None = None
 
-    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "plots").mkdir(parents=True, exist_ok=True)
-    (reports_dir / "grids").mkdir(parents=True, exist_ok=True)
 
-    G = load_frozen_generator(params, device)
-    model = build_model(params, G).to(device)
-    objective = build_objective(params, G, device)
-    cfg = TrainConfig.from_params(tr)
-    cfg.steps = scheduled_steps(tr)
-    batch_size = per_process(tr, "batch_size", dist.world, 8)
-    ck_path = out_dir / "checkpoint.pt"
-    trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
-    init = str(tr.get("init_checkpoint", "") or "")
-    init_path = Path(init) if init else None
-    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world, 0)  # rows of each batch that are ground-truth triples
-    gt_set = Path(gt_swaps_path)
-    fingerprint = params_fingerprint(
-        params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
-        + ([init_path] if init_path else []) + ([gt_set] if gt_pairs else [])
-    )
-
-    position = None
-    gt_drawn = 0
-    history: list[dict] = []
-    resumed = False
-    resumed_run = None  # the MLflow run of the interrupted run this one continues
+def resume_if_possible(trainer, ck_path: Path, fingerprint: str, steps: int, dist, seed: int) -> Resumed:
+    """Load ``ck_path`` into ``trainer`` when it is an unfinished run of these params and inputs; its bookkeeping.
+    Each rank continues with its own saved RNG states (reseeded from ``seed``, the step and its rank when the
+    process count changed)."""
     from mfim.training.checkpoint import load_resumable, remove_stale_parts
 
     if dist.is_main:  # leftovers of writes killed in earlier runs; only rank 0 writes these files
-        remove_stale_parts(ck_path, out_dir / "mfim.pt")
-    saved_world, saved_samples = dist.world, None
+        remove_stale_parts(ck_path, ck_path.parent / "mfim.pt")
+    out = Resumed(saved_world=dist.world)
     state = load_resumable(ck_path, map_location="cpu")  # memory-mapped: a node's ranks share one copy
     if state is not None:
         data = state.get("data") or {}
         if data.get("fingerprint") != fingerprint:
             print(f"{ck_path} was made with other params or inputs; starting over")
-        elif int(state.get("step", 0)) >= cfg.steps:
+        elif int(state.get("step", 0)) >= steps:
             print(f"{ck_path} is a finished run; starting over")
         else:
-            trainer.load_state_dict(state)
-            position = data.get("position")
-            gt_drawn = int(data.get("gt_drawn", 0))
-            history = list(data.get("history") or [])
-            resumed_run = data.get("mlflow_run_id")
-            saved_world, saved_samples = int(data.get("world", 1)), data.get("samples")
-            resumed = True
+            trainer.load_state_dict(state, seed)
+            out = Resumed(True, data.get("position"), int(data.get("gt_drawn", 0)), list(data.get("history") or []),
+                          data.get("mlflow_run_id"), int(data.get("world", 1)), data.get("samples"))
             print(f"resuming from {ck_path} at step {trainer.step}" + (
-                f" (saved by {saved_world} processes, continuing with {dist.world} at the same global batch)"
-                if saved_world != dist.world else ""))
+                f" (saved by {out.saved_world} processes, continuing with {dist.world} at the same global batch)"
+                if out.saved_world != dist.world else ""))
     del state  # the memory map's pages are dropped with the last reference
-    same_start(dist, trainer.step, ck_path)
+    return out
+
+
+def prepare_encoder(trainer, tr: dict, init_path: Path | None, resumed: bool, dist) -> None:
+    """A fresh run starts its encoder from ``train.init_checkpoint``; then the speed options (after any resume
+    loaded the optimisers' state), and the freed checkpoint memory goes back to the system."""
+    from mfim.runtime import release_free_memory
+    from mfim.training.speed import SpeedOptions, apply_speed_options
+
     if not resumed and init_path is not None:
         if dist.is_main:  # one read of the (3 GB at paper scale) file; the other ranks receive it
             init_encoder(trainer, init_path)
             print(f"encoder initialised from {init_path}")
         trainer.broadcast_from_main()
-    from mfim.training.speed import SpeedOptions, apply_speed_options
-
-    apply_speed_options(trainer, SpeedOptions.from_params(tr))  # after any resume loaded the optimisers' state
-    from mfim.runtime import release_free_memory
-
+    apply_speed_options(trainer, SpeedOptions.from_params(tr))
     release_free_memory()  # the checkpoint / init copies just freed would stay resident under the CPU tunables
 
+
+def training_batches(params: dict, shards_dir, resolution: int, batch_size: int, seed: int, dist, start: Resumed,
+                     gt_pairs: int, gt_set: Path):
+    """(batches, training-split size, ground-truth rows or None): this rank's share of every epoch from the saved
+    position (moved to this process count), with ``gt_pairs`` rendered triples joining each batch."""
+    from mfim.data.pairs import pair_batches
+    from mfim.data.shards import split_pattern
+
+    tr = params["train"]
+    position = start.position if start.saved_world == dist.world else position_for_world(
+        start.position, start.saved_world, dist.world, int(start.saved_samples or 0))
     pairs = pair_batches(
         split_pattern(shards_dir, "train"),
         None,
@@ -252,124 +230,194 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         self_pair_fraction=float(tr.get("self_pair_fraction", 0.0)),
         augment=bool(tr.get("augment", True)),
         workers=int(tr.get("workers", 0)),
-        position=position if saved_world == dist.world else position_for_world(
-            position, saved_world, dist.world, int(saved_samples or 0)),
-        resolution=int(lookup(params, "data.resolution", G.resolution)),
+        position=position,
+        resolution=resolution,
     )
     samples = pairs.source.plan.n  # the training split's size (the same when resumed: the fingerprint has it)
-    batches = pairs
-    if gt_pairs > 0:  # synthetic data: rendered (source, target, exact swap) triples join every batch
-        from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
+    if gt_pairs <= 0:
+        return pairs, samples, None
+    # synthetic data: rendered (source, target, exact swap) triples join every batch
+    from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
 
-        if lookup(params, "loss.gt_swap", 0) <= 0 and not lookup(params, "loss.gt_swap_id_target", False):
-            raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 or loss.gt_swap_id_target: true (what "
-                             "the triples are for)")
-        gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=gt_drawn)
-        batches = BatchesWithGtRows(pairs, gt_rows)
-    sample = next(
-        iter(
-            pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)), seed + 99,
-                         same_identity_fraction=0.0,
-                         resolution=int(lookup(params, "data.resolution", G.resolution)))
-        )
-    )
-    x_src, x_tgt = sample["src"].to(device), sample["tgt"].to(device)
-    x_other = torch.roll(x_src, 1, dims=0)  # a second source for the mix column
+    if lookup(params, "loss.gt_swap", 0) <= 0 and not lookup(params, "loss.gt_swap_id_target", False):
+        raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 or loss.gt_swap_id_target: true (what "
+                         "the triples are for)")
+    gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=start.gt_drawn)
+    return BatchesWithGtRows(pairs, gt_rows), samples, gt_rows
 
-    mlflow_on = dist.is_main
 
-    def on_log(step: int, logs: dict) -> None:
-        row = {"step": step, **logs, **loss_shares(logs, objective.w), "peak_memory_mb": peak_memory_mb(device)}
-        history.append(row)
-        if mlflow_on:
+class Tracking:
+    """The run's logging: loss rows (history, MLflow metrics on rank 0), sample grids of fixed evaluation pairs, and
+    the bookkeeping each checkpoint saves beside the training state."""
+
+    def __init__(self, params: dict, trainer, device, dist, reports_dir: Path, shards_dir, resolution: int,
+                 seed: int, history: list, fingerprint: str):
+        from mfim.data.pairs import pair_batches
+        from mfim.data.shards import split_pattern
+
+        tr = params["train"]
+        self.trainer, self.device, self.reports_dir = trainer, device, reports_dir
+        self.history, self.fingerprint, self.world = history, fingerprint, dist.world
+        self.mlflow_on = dist.is_main
+        self.max_px = int(tr.get("sample_max_px", 2048) or 0)
+        self.run_ids: list[str] = []  # this run's MLflow id once started, saved in checkpoints so a resume links to it
+        sample = next(iter(pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)),
+                                        seed + 99, same_identity_fraction=0.0,
+                                        resolution=resolution)))
+        self.x_src, self.x_tgt = sample["src"].to(device), sample["tgt"].to(device)
+        self.x_other = torch.roll(self.x_src, 1, dims=0)  # a second source for the mix column
+        self.batches, self.samples, self.gt_rows = None, None, None  # set by the run once its data is open
+
+    def on_log(self, step: int, logs: dict) -> None:
+        from mfim.training.objective import loss_shares
+
+        row = {"step": step, **logs, **loss_shares(logs, self.trainer.objective.w),
+               "peak_memory_mb": peak_memory_mb(self.device)}
+        self.history.append(row)
+        if self.mlflow_on:
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=step)
 
-    max_px = int(tr.get("sample_max_px", 2048) or 0)
+    def on_sample(self, step: int) -> None:
+        from mfim.evaluation.grids import save_grid
 
-    def on_sample(step: int) -> None:
         with torch.no_grad():
-            swap = trainer.ema.swap(x_src, x_tgt)
-            mix = trainer.ema.mix(x_tgt, x_src, x_other)
-        path = reports_dir / "grids" / "train_samples.png"
-        columns = [x_src, x_tgt, swap, mix]
-        save_grid(path, columns, size=grid_tile_size(columns, max_px))
-        if mlflow_on:
+            swap = self.trainer.ema.swap(self.x_src, self.x_tgt)
+            mix = self.trainer.ema.mix(self.x_tgt, self.x_src, self.x_other)
+        path = self.reports_dir / "grids" / "train_samples.png"
+        columns = [self.x_src, self.x_tgt, swap, mix]
+        save_grid(path, columns, size=grid_tile_size(columns, self.max_px))
+        if self.mlflow_on:
             import mlflow
 
             mlflow.log_artifact(str(path), artifact_path=f"samples/step_{step:06d}")
 
-    run_ids: list[str] = []  # this run's MLflow id once started, saved in checkpoints so a resume can link to it
-
-    def data_state() -> dict:
-        state = {"fingerprint": fingerprint, "position": batches.state_dict(), "history": history,
-                 "world": dist.world, "samples": samples}
-        if gt_pairs > 0:
-            state["gt_drawn"] = gt_rows.drawn
-        if run_ids:
-            state["mlflow_run_id"] = run_ids[0]
+    def data_state(self) -> dict:
+        state = {"fingerprint": self.fingerprint, "position": self.batches.state_dict(), "history": self.history,
+                 "world": self.world, "samples": self.samples}
+        if self.gt_rows is not None:
+            state["gt_drawn"] = self.gt_rows.drawn
+        if self.run_ids:
+            state["mlflow_run_id"] = self.run_ids[0]
         return state
 
-    from contextlib import nullcontext
 
-    from mfim.tracking import log_file_reference, start_run
+def export_and_report(trainer, params: dict, out_dir: Path, reports_dir: Path, track: Tracking, last: dict,
+                      seconds: float, device, global_batch: int, resolution: int) -> None:
+    """Rank 0 at the end: the final sample grid, the EMA swapper (data/train/mfim.pt), reports/train.json and the
+    loss CSV, MLflow's reference to the model; the training checkpoint goes unless train.keep_checkpoint."""
+    import mlflow
 
-    run_name = f"train {tr.get('config', 'E')} {cfg.steps} steps seed {seed}" + (" (resumed)" if resumed else "")
-    ctx = (start_run("train", params, groups=TRAIN_GROUPS + ["project"], run_name=run_name,
-                     resumed_from=resumed_run) if mlflow_on else nullcontext())  # fmt: skip
-    t0 = time.perf_counter()
-    with ctx as active:
-        if mlflow_on:
-            import mlflow
+    from mfim.models.mfim import save_swapper
+    from mfim.tracking import log_file_reference
 
-            run_ids.append(active.info.run_id)
+    tr = params["train"]
+    track.on_sample(trainer.step)
+    export = save_swapper(
+        trainer.ema,
+        out_dir / "mfim.pt",
+        meta={
+            "train_config": str(tr.get("config", "E")),
+            "steps": trainer.step,
+            "fingerprint": track.fingerprint,
+            "align_output_size": int(lookup(params, "align.output_size", 256)),
+            "data_resolution": resolution,
+        },
+    )
+    summary = {
+        "config": str(tr.get("config", "E")),
+        "steps": trainer.step,
+        "seconds": round(seconds, 1),
+        "world_size": track.world,
+        "global_batch": global_batch,
+        "device": str(device),
+        **{k: float(v) for k, v in last.items()},
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    (reports_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    pd.DataFrame(track.history, columns=None if track.history else ["step", "loss"]).to_csv(
+        reports_dir / "plots" / "train_loss.csv", index=False
+    )
+    log_file_reference(export, "model")  # the file stays the DVC output; MLflow keeps its sha256
+    mlflow.log_metric("train_seconds", seconds)
+    if not bool(tr.get("keep_checkpoint", False)):
+        # a finished run's training state is never resumed (run_training starts over), and at paper scale it is
+        # 6.4 GB; the swapper above is what the run leaves
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
 
-            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint,
-                             "train.world_size": dist.world, "train.steps_run": cfg.steps,
-                             "train.global_batch": batch_size * dist.world * cfg.grad_accum})
-        last = trainer.fit(batches, on_log=on_log, on_sample=on_sample, data_state=data_state)
-        seconds = time.perf_counter() - t0
-        if dist.is_main:
-            on_sample(trainer.step)
-            export = save_swapper(
-                trainer.ema,
-                out_dir / "mfim.pt",
-                meta={
-                    "train_config": str(tr.get("config", "E")),
-                    "steps": trainer.step,
-                    "fingerprint": fingerprint,
-                    "align_output_size": int(lookup(params, "align.output_size", 256)),
-                    "data_resolution": int(lookup(params, "data.resolution", G.resolution)),
-                },
-            )
-            summary = {
-                "config": str(tr.get("config", "E")),
-                "steps": trainer.step,
-                "seconds": round(seconds, 1),
-                "world_size": dist.world,
-                "global_batch": batch_size * dist.world * cfg.grad_accum,
-                "device": str(device),
-                **{k: float(v) for k, v in last.items()},
-                "peak_memory_mb": peak_memory_mb(device),
-            }
-            (reports_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-            pd.DataFrame(history, columns=None if history else ["step", "loss"]).to_csv(
-                reports_dir / "plots" / "train_loss.csv", index=False
-            )
-            import mlflow
 
-            log_file_reference(export, "model")  # the file stays the DVC output; MLflow keeps its sha256
-            mlflow.log_metric("train_seconds", seconds)
-            if not bool(tr.get("keep_checkpoint", False)):
-                # a finished run's training state is never resumed (run_training starts over), and at paper scale
-                # it is 6.4 GB; the swapper above is what the run leaves
-                ck_path.unlink(missing_ok=True)
+def end_process_group(dist) -> None:
     if dist.world > 1:
         import torch.distributed as tdist
 
         tdist.barrier()
         tdist.destroy_process_group()
+
+
+def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", shards_dir="data/shards",
+                 gt_swaps_path="data/gt_swaps/triples.npz") -> dict:
+    from contextlib import nullcontext
+
+    from mfim.tracking import start_run
+    from mfim.training.build import FITTED_REGRESSOR, THREEDMM_STATS, build_model, build_objective, generator_path
+    from mfim.training.build import load_frozen_generator
+    from mfim.training.distributed import device_and_dist
+    from mfim.training.trainer import TrainConfig, Trainer
+
+    params = apply_preset(raw_params)
+    tr = params["train"]
+    device, dist = device_and_dist(params)
+    seed = train_seed(params)
+    torch.manual_seed(seed + dist.rank)
+    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
+    for d in (out_dir, reports_dir / "plots", reports_dir / "grids"):
+        d.mkdir(parents=True, exist_ok=True)
+
+    G = load_frozen_generator(params, device)
+    resolution = int(lookup(params, "data.resolution", G.resolution))
+    model = build_model(params, G).to(device)
+    objective = build_objective(params, G, device)
+    cfg = TrainConfig.from_params(tr)
+    cfg.steps = scheduled_steps(tr)
+    batch_size = per_process(tr, "batch_size", dist.world, 8)
+    ck_path = out_dir / "checkpoint.pt"
+    trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
+    init_path = Path(tr["init_checkpoint"]) if tr.get("init_checkpoint") else None
+    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world, 0)  # rows of each batch that are ground-truth triples
+    gt_set = Path(gt_swaps_path)
+    fingerprint = params_fingerprint(
+        params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
+        + ([init_path] if init_path else []) + ([gt_set] if gt_pairs else [])
+    )
+
+    start = resume_if_possible(trainer, ck_path, fingerprint, cfg.steps, dist, seed)
+    same_start(dist, trainer.step, ck_path)
+    prepare_encoder(trainer, tr, init_path, start.resumed, dist)
+    batches, samples, gt_rows = training_batches(params, shards_dir, resolution, batch_size, seed, dist, start,
+                                                 gt_pairs, gt_set)
+    track = Tracking(params, trainer, device, dist, reports_dir, shards_dir, resolution, seed, start.history,
+                     fingerprint)
+    track.batches, track.samples, track.gt_rows = batches, samples, gt_rows
+
+    run_name = f"train {tr.get('config', 'E')} {cfg.steps} steps seed {seed}" + (" (resumed)" if start.resumed else "")
+    ctx = (start_run("train", params, groups=TRAIN_GROUPS + ["project"], run_name=run_name,
+                     resumed_from=start.mlflow_run_id) if dist.is_main else nullcontext())  # fmt: skip
+    global_batch = batch_size * dist.world * cfg.grad_accum
+    t0 = time.perf_counter()
+    with ctx as active:
+        if dist.is_main:
+            import mlflow
+
+            track.run_ids.append(active.info.run_id)
+            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint,
+                             "train.world_size": dist.world, "train.steps_run": cfg.steps,
+                             "train.global_batch": global_batch})
+        last = trainer.fit(batches, on_log=track.on_log, on_sample=track.on_sample, data_state=track.data_state)
+        if dist.is_main:
+            export_and_report(trainer, params, out_dir, reports_dir, track, last, time.perf_counter() - t0, device,
+                              global_batch, resolution)
+    end_process_group(dist)
     return {"steps": trainer.step, **(last or {})}
 
 

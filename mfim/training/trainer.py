@@ -3,8 +3,9 @@
 One step = ``grad_accum`` micro-batches: the encoder update on the full objective, then the discriminator update
 (non-saturating loss, lazy R1). Across torchrun ranks both are DistributedDataParallel with synchronised batch norm
 (mfim.training.distributed), an EMA of the encoder is kept for sampling and export, and everything needed to continue
-exactly -- weights, EMA, optimisers, step, RNG states, the data position -- goes into an atomic checkpoint every
-``checkpoint_every`` steps, written by a background thread from a CPU snapshot so training goes on meanwhile.
+exactly -- weights, EMA, optimisers, step, every rank's RNG states, the data position -- goes into an atomic
+checkpoint every ``checkpoint_every`` steps, written by a background thread from a CPU snapshot so training goes on
+meanwhile.
 
 Logged scalars stay on the device: each step's terms are summed there, and only a log step (``log_every``) reads
 them, with one all-reduce across ranks -- no per-step host sync. The NaN/Inf check reads them at the same points
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mfim.training.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from mfim.training.checkpoint import atomic_torch_save, load_checkpoint, reseed, rng_state, set_rng_state
 from mfim.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -262,7 +263,8 @@ class Trainer:
             b_ema.copy_(b)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
-    def state_dict(self, data_state: dict | None = None) -> dict:
+    def state_dict(self, data_state: dict | None = None, rng_ranks: list[dict] | None = None) -> dict:
+        """The training state; ``rng_ranks``: every rank's RNG states (``gather_rng``), else this process's."""
         return {
             "format": "mfim-train-checkpoint",
             "step": self.step,
@@ -271,11 +273,36 @@ class Trainer:
             "discriminator": self.D.state_dict() if self.D is not None else None,
             "opt_e": self.opt_e.state_dict(),
             "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
-            "rng": rng_state(),
+            "rng_ranks": rng_ranks if rng_ranks is not None else [rng_state()],
             "data": data_state,
         }
 
-    def load_state_dict(self, state: dict) -> dict | None:
+    def gather_rng(self) -> list[dict]:
+        """Every rank's RNG states, in rank order (collective: all ranks call it)."""
+        own = rng_state()
+        if self.dist.world <= 1:
+            return [own]
+        import torch.distributed as tdist
+
+        ranks: list = [None] * self.dist.world
+        tdist.all_gather_object(ranks, own)
+        return ranks
+
+    def restore_rng(self, state: dict, seed: int = 0) -> None:
+        """This rank's own RNG states when the checkpoint was saved by as many processes; else (another process
+        count) every rank reseeded from (seed, step, rank), and the log says so."""
+        ranks = state.get("rng_ranks") or [state["rng"]]  # "rng": checkpoints that kept rank 0's states only
+        if len(ranks) == self.dist.world:
+            set_rng_state(ranks[self.dist.rank])
+            return
+        step = int(state["step"])
+        reseed(seed, step, self.dist.rank)
+        if self.dist.is_main:
+            print(f"resume: the checkpoint has the RNG states of {len(ranks)} processes, this run has "
+                  f"{self.dist.world}: each rank's RNGs are reseeded from (seed {seed}, step {step}, rank)")
+
+    def load_state_dict(self, state: dict, seed: int = 0) -> dict | None:
+        """Load a checkpoint (every rank reads it); ``seed``: the run's, for ``restore_rng``."""
         if state.get("format") != "mfim-train-checkpoint":
             raise ValueError("not an MFIM training checkpoint")
         self.model.encoder.load_state_dict(state["encoder"])
@@ -285,21 +312,25 @@ class Trainer:
         self.opt_e.load_state_dict(state["opt_e"])
         if self.opt_d is not None and state.get("opt_d") is not None:
             self.opt_d.load_state_dict(state["opt_d"])
-        set_rng_state(state["rng"])
+        self.restore_rng(state, seed)
         self.step = int(state["step"])
         return state.get("data")
 
     def save(self, path: str | Path | None = None, data_state: dict | None = None,
              background: bool = False) -> Path | None:
         """Write the checkpoint (rank 0 only; atomic). ``background``: snapshot the state to CPU memory now and write
-        it from a thread while training goes on; the next save or :meth:`wait_for_save` waits for it."""
+        it from a thread while training goes on; the next save or :meth:`wait_for_save` waits for it. Every rank
+        calls it: the checkpoint holds each rank's RNG states."""
         path = Path(path) if path else self.checkpoint_path
-        if path is None or not self.dist.is_main:
+        if path is None:
+            return None
+        rng_ranks = self.gather_rng()
+        if not self.dist.is_main:
             return None
         self.wait_for_save()
         if not background:
-            return atomic_torch_save(self.state_dict(data_state), path)
-        state = _snapshot(self.state_dict(data_state))
+            return atomic_torch_save(self.state_dict(data_state, rng_ranks), path)
+        state = _snapshot(self.state_dict(data_state, rng_ranks))
 
         def write() -> None:
             try:
@@ -320,12 +351,12 @@ class Trainer:
             error, self._write_error = self._write_error, None
             raise error
 
-    def resume(self, path: str | Path | None = None) -> dict | None:
+    def resume(self, path: str | Path | None = None, seed: int = 0) -> dict | None:
         path = Path(path) if path else self.checkpoint_path
         if path is None or not path.is_file():
             return None
         # on CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the parameters' device
-        return self.load_state_dict(load_checkpoint(path, map_location="cpu"))
+        return self.load_state_dict(load_checkpoint(path, map_location="cpu"), seed)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _reduce_window(self, window: dict[str, torch.Tensor], seen: dict[str, int]) -> dict[str, float]:
