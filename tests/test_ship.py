@@ -419,7 +419,7 @@ def test_no_other_model_file_is_tracked_by_git():
 
 @pytest.mark.slow
 def test_swapper_phases_run_on_repro_data(tmp_path):
-    """The warmstart, train and refine kinds for a few steps each, chained, on `make repro`'s data/shards and
+    """The pretrain_generator kind, then the warmstart, train and refine kinds chained, a few steps each, on `make repro`'s data/shards and
     data/threedmm (linked in as a prepared data set): each continues the one before, the train phase's output
     carries its own D, the refine phase's gets a refiner and keeps that D."""
     import shutil
@@ -439,6 +439,10 @@ def test_swapper_phases_run_on_repro_data(tmp_path):
         "common": {"generator.checkpoint": "checkpoints/generator_synth64.pt", "encoder.refine_iterations": 0,
                    **quick},
         "phases": [
+            {"name": "g", "run": "pretrain_generator", "data": "repro",
+             "params": {"generator.checkpoint": "", "pretrain_generator.shipped_checkpoint": "",
+                        "pretrain_generator.iterations": 2,
+                        "pretrain_generator.sample_every": 0}},
             {"name": "ws", "run": "warmstart", "data": "repro",
              "params": {"warmstart.regression_steps": 2, "warmstart.recon_steps": 2, "warmstart.refine_steps": 0}},
             {"name": "tr", "run": "train", "data": "repro", "continues": "ws", "params": {"train.steps": 2}},
@@ -453,7 +457,9 @@ def test_swapper_phases_run_on_repro_data(tmp_path):
     for stage in ("weights", "synthesize", "align", "shard", "threedmm", "fit_regressor"):
         (ds / f".done.{stage}").write_text("done\n")
     record = run_schedule(sched, tmp_path, log=lambda *_: None)
-    ws, tr, rf = record["phases"]
+    g, ws, tr, rf = record["phases"]
+    assert g["summary"]["iterations"] == 2 and g["summary"]["mode"] == "trained"
+    assert Path(g["output"]) == tmp_path.resolve() / "data/ship/tiny/g/data/generator/generator.pt"
     assert tr["input_sha256"] == ws["output_sha256"] and rf["input_sha256"] == tr["output_sha256"]
     assert [r["step"] for r in rf["curve"]] == [1, 2] and tr["summary"]["steps"] == 2
     trained = torch.load(tr["output"], map_location="cpu", weights_only=True)
@@ -465,3 +471,30 @@ def test_swapper_phases_run_on_repro_data(tmp_path):
         torch.testing.assert_close(refined["discriminator"][k], v)
     model, _ = load_swapper(tmp_path / "data/ship/tiny.pt")
     assert model.encoder.refiner is not None
+
+
+def test_a_finished_stage_is_not_rerun_before_its_phase_is_marked_done(tmp_path):
+    """A kill between the stage's end and the phase's done.json: the rerun takes the stage's result, under the same
+    params only."""
+    from mfim.ship.phases import PhaseContext, _stage_once
+
+    calls = []
+    ctx = PhaseContext({"train": {"steps": 2}}, tmp_path, None, None, None, tmp_path)
+    assert _stage_once(ctx, "train", lambda: calls.append(1) or {"steps": 2}) == {"steps": 2}
+    assert _stage_once(ctx, "train", lambda: calls.append(1) or {"steps": 9}) == {"steps": 2}
+    assert len(calls) == 1
+    ctx.params["train"]["steps"] = 3
+    assert _stage_once(ctx, "train", lambda: calls.append(1) or {"steps": 3}) == {"steps": 3}
+    assert len(calls) == 2
+
+
+def test_a_generator_phase_that_would_import_is_refused(tmp_path):
+    from mfim.ship.phases import PhaseContext, run_pretrain_generator
+
+    ctx = PhaseContext({"generator": {"checkpoint": "x.pt"}, "pretrain_generator": {"shipped_checkpoint": ""}},
+                       tmp_path, None, "d", tmp_path, tmp_path)
+    with pytest.raises(ValueError, match='trains only with generator.checkpoint set to ""'):
+        run_pretrain_generator(ctx)
+    shipped = schedule("generator_synth64")
+    assert not any(merged(shipped, shipped.phases[0])[k] for k in ("generator.checkpoint",
+                                                                    "pretrain_generator.shipped_checkpoint"))

@@ -51,6 +51,23 @@ def _write_params(ctx: PhaseContext) -> None:
     (ctx.folder / "params.yaml").write_text(yaml.safe_dump(ctx.params, sort_keys=False))
 
 
+def _stage_once(ctx: PhaseContext, name: str, run):
+    """``run()`` unless it finished before under the same params: a kill between a stage's end and the phase's done
+    marker would otherwise retrain it (train and warmstart start over once their run is finished). Returns run()'s
+    value, or the one it returned then."""
+    from mfim.ship.schedule import digest
+
+    marker = ctx.folder / f".{name}.finished.json"
+    key = digest(ctx.params)
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("params") == key:
+            return done["returned"]
+    returned = run()
+    marker.write_text(json.dumps({"params": key, "returned": returned}, default=str))
+    return returned
+
+
 def _csv_rows(path: Path) -> list:
     return path.read_text().splitlines() if path.is_file() else []
 
@@ -59,10 +76,14 @@ def run_pretrain_generator(ctx: PhaseContext) -> PhaseResult:
     """The `pretrain_generator` stage (training: the schedule sets pretrain_generator.shipped_checkpoint "")."""
     import pipelines.pretrain_generator as stage
 
+    source = [k for k in ("generator.checkpoint", "pretrain_generator.shipped_checkpoint") if lookup(ctx.params, k, "")]
+    if source:  # the stage would import that file instead of training
+        raise ValueError(f"phase {ctx.folder.name}: pretrain_generator trains only with {' and '.join(source)} "
+                         "set to \"\" in the schedule")
     link_dataset(ctx)
     _write_params(ctx)
     with contextlib.chdir(ctx.folder):
-        summary = stage.main("params.yaml")
+        summary = _stage_once(ctx, "pretrain_generator", lambda: stage.main("params.yaml"))
     return PhaseResult(ctx.folder / stage.OUT, summary, [])
 
 
@@ -75,7 +96,7 @@ def run_warmstart(ctx: PhaseContext) -> PhaseResult:
     ctx.params.setdefault("train", {})["init_checkpoint"] = out  # what makes the stage run instead of skip
     _write_params(ctx)
     with contextlib.chdir(ctx.folder):
-        summary = run_warmstart_stage(ctx.params, out_path=out)
+        summary = _stage_once(ctx, "warmstart", lambda: run_warmstart_stage(ctx.params, out_path=out))
     return PhaseResult(ctx.folder / out, summary, [])
 
 
@@ -91,7 +112,7 @@ def run_train(ctx: PhaseContext) -> PhaseResult:
     tr["keep_checkpoint"] = True
     _write_params(ctx)
     with contextlib.chdir(ctx.folder):
-        summary = run_training(ctx.params)
+        summary = _stage_once(ctx, "train", lambda: run_training(ctx.params))
     swapper = torch.load(ctx.folder / "data/train/mfim.pt", map_location="cpu", weights_only=True)
     state = torch.load(ctx.folder / "data/train/checkpoint.pt", map_location="cpu", weights_only=True)
     swapper["discriminator"] = state["discriminator"]
