@@ -3,8 +3,8 @@
     python docs/experiments/expression_visibility.py OUT.json [--val-cache VAL.npz]
 
 For the shipped loss network and evaluator: Pearson r per leading shape and expression coefficient on §18's 500
-held-out people (identities 190,000+, 2 renders each; rendered here, or read from ``--val-cache``, the .npz that
-regressor_finetune.py writes). For the BFM itself: each expression coefficient at 1 sampling sigma
+held-out people (identities 190,000+, 2 renders each; rendered here, or read from ``--val-cache``, an .npz of that
+set: the ship runner's render cache data/ship/regressor_synth64/renders/190000_500x2.npz). For the BFM itself: each expression coefficient at 1 sampling sigma
 (``synthesize.expression_sigma`` x its std) on the mean face, its largest vertex motion in pixels of the 64 px aligned
 image (scale: the eye centres ~0.23 of the side apart, as the FFHQ alignment puts them), and the share of that
 motion a least-squares offset of the 40 shape directions (each at ``shape_sigma`` x its std) can mimic.
@@ -12,15 +12,21 @@ motion a least-squares offset of the 40 shape directions (each at ``shape_sigma`
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from regressor_finetune import render  # noqa: E402
-from regressor_scale import VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS  # noqa: E402
+VAL_OFFSET, VAL_PEOPLE, VAL_RENDERS = 190_000, 500, 2  # the held-out people of configs/ship/regressor_synth64.yaml
+
+
+def render(synth, first: int, people: int, renders: int, workers: int, cache: Path | None, log) -> dict:
+    from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
+
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    return render_aligned_set(synth, RenderSetConfig(people, renders, first, 64, workers), log=log)
 
 NETWORKS = {"loss network": "checkpoints/regressor_synth64.pt", "evaluator": "checkpoints/evaluator_synth64.pt"}
 

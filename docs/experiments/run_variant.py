@@ -5,7 +5,8 @@
 params.yaml of the checkout with the -S overrides (YAML values, dotted keys as `dvc exp run -S`) is written to
 RUN_DIR/params.yaml; training goes to RUN_DIR/train (mfim.pt, and checkpoint.pt when train.keep_checkpoint), its
 report and curve to RUN_DIR (train.json, plots/train_loss.csv), the evaluation to RUN_DIR/eval (metrics.json,
-grids), the wall times to RUN_DIR/wall.json: the layout docs/experiments/continue_swapper.py reads. `--shards`
+grids), the wall times to RUN_DIR/wall.json: the layout the former continue_swapper.py read
+(git history; the pipeline's remake is configs/ship/mfim_synth64.yaml now). `--shards`
 trains on another shard folder (a larger data set made with other `synthesize` params, with the same eval people);
 evaluation always reads the checkout's data/evalsets and data/shards. Repo root, after `dvc repro evalsets`.
 """

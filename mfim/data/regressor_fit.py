@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def _group_loss(c: RegressorConfig, fit: FitConfig, device):
 
 def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_config: RegressorConfig,
                   fit: FitConfig, log=print, val: dict | None = None,
-                  init: ThreeDMMRegressor | None = None) -> tuple[ThreeDMMRegressor, dict]:
+                  init: ThreeDMMRegressor | None = None,
+                  step_hook: Callable[[int, float], bool] | None = None) -> tuple[ThreeDMMRegressor, dict]:
     """Fit on N×H×W×3 uint8 ``images`` (already at ``input_size``) and ``targets`` {'shape','exp','pose'} (N×D).
 
     Loss: mean over the three groups of the MSE of std-normalised parameters, so 3 pose angles weigh as much as 40
@@ -162,6 +164,8 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
     with the validation error per group, the error of predicting the training mean (the baseline to beat) and the
     loss curve. ``init``: a fitted regressor of the same config to continue from (a fine-tune): its weights and its
     normalisation (mean and std of the set it was first fitted on) instead of this set's and 3DDFA_V2's.
+    ``step_hook(step, loss)`` after each optimiser step; a True return ends the fit there (a check of the first
+    steps of a long fit, mfim.ship.check).
     """
     t0 = time.time()
     device = torch.device(fit.device)
@@ -185,7 +189,10 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
     rng = np.random.default_rng(fit.seed)
     y_norm = ((torch.from_numpy(y_all) - mean) / std).to(device)
     curve = []
+    done_steps, stop = 0, False
     for epoch in range(fit.epochs):
+        if stop:
+            break
         model.train()
         order = train_idx[rng.permutation(len(train_idx))]
         total = torch.zeros((), device=device)
@@ -200,6 +207,10 @@ def fit_regressor(images: np.ndarray, targets: dict, groups: np.ndarray, model_c
             opt.step()
             sched.step()
             total += loss.detach() * len(sel)
+            done_steps += 1
+            if step_hook is not None and step_hook(done_steps, float(loss.detach())):
+                stop = True
+                break
         curve.append(float(total) / len(train_idx))
         log(f"regressor epoch {epoch + 1}/{fit.epochs}: train loss {curve[-1]:.4f} ({time.time() - t0:.0f} s)")
     model.freeze()
