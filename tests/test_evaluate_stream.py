@@ -403,3 +403,38 @@ def test_the_real_evaluation_networks_with_dlib_in_workers_give_the_one_process_
     assert reports[0][0]["evaluators_on_real_images"]  # dlib separated the labelled people: it ran
     _assert_same(reports[1][0], reports[0][0])
     assert reports[1][1] == reports[0][1]
+
+
+def test_one_grid_walk_gives_the_per_pair_grids_bit_for_bit(tmp_path, checkpoint, one_thread):
+    """_pair_grid and _triplet_grid share one batch walk (Streamer._grid); their images must be the very tensors the
+    former per-pair pass put in its grids (tests/per_pair_evaluation.py, an independent loop), keep=5 with batches
+    of 3 so the walk stops inside the second batch."""
+    from mfim.evaluation.features import FeatureStore, ImageReader, Streamer
+    from mfim.models.mfim import load_swapper
+    from tests import per_pair_evaluation
+
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=9, n_triplets=7)
+    pairs, triplets = pd.read_parquet(evalsets / "pairs.parquet"), pd.read_parquet(evalsets / "triplets.parquet")
+    model, _ = load_swapper(checkpoint)
+    model.eval()
+    streamer = Streamer(model, pairs, triplets, "none-*.tar", RES, None, None, None, batch=3, device="cpu",
+                        store=FeatureStore(tmp_path / "store", "x"))
+    with torch.no_grad(), ImageReader("none-*.tar", RES) as reader:
+        want_pairs = per_pair_evaluation.stream_pairs(model, pairs, reader, StubEvaluators(), StubLPIPS(),
+                                                      _StubFD(), 3, "cpu", keep=5).grid
+        want_triplets = per_pair_evaluation.stream_triplets(model, triplets, reader, StubEvaluators(), 3, "cpu",
+                                                            keep=5).grid
+    for got, want in ((streamer._pair_grid(5), want_pairs), (streamer._triplet_grid(5), want_triplets)):
+        assert list(got.images) == list(want.images)
+        for name in want.images:
+            assert got[name].shape[0] == 5 and torch.equal(got[name], want[name].float()), name
+
+
+class _StubFD:
+    """FrechetDistance's add / report, doing nothing (the grid test needs the pass, not the statistics)."""
+
+    def add(self, *_):
+        pass
+
+    def report(self):
+        return {}

@@ -458,34 +458,33 @@ class Streamer:
         return Features(**{n: np.concatenate(v) for n, v in swap.items()})
 
     @torch.no_grad()
-    def _pair_grid(self, keep: int) -> GridImages:
-        """The first ``keep`` pairs' images for the grids, made again in the batches the pass made them in."""
-        grid = GridImages(keep)
+    def _grid(self, kind: str, keep: int, images_of) -> GridImages:
+        """The first ``keep`` rows' images of a pass (``kind``: pairs or triplets) for the grids, made again in the
+        batches the pass made them in: ``images_of(read, rows)`` names the images of one batch of rows, ``read(c)``
+        reading column ``c`` (source, target, ...) of those rows onto the device."""
+        df, grid = getattr(self, kind), GridImages(keep)
         with ImageReader(self.pattern, self.res) as reader:
-            for a, b in self.bounds["pairs"]:
+            for a, b in self.bounds[kind]:
                 if a >= keep:
                     break
-                rows = self.pairs.iloc[a:b]
-                x_src = reader.read(rows.source_key, rows.source_path).to(self.device)
-                x_tgt = reader.read(rows.target_key, rows.target_path).to(self.device)
-                images = {"source": x_src, "target": x_tgt, "swap": self.model.swap(x_src, x_tgt),
-                          "self_swap": self.model.reconstruct(x_tgt),
-                          "self_swap_without_style_maps": swap_without_style_maps(self.model, x_tgt, x_tgt)}
-                for name, x in images.items():
+                rows = df.iloc[a:b]
+                read = lambda c: reader.read(rows[f"{c}_key"], rows[f"{c}_path"]).to(self.device)  # noqa: E731
+                for name, x in images_of(read).items():
                     grid.add(name, x.float())
         return grid
 
-    @torch.no_grad()
+    def _pair_grid(self, keep: int) -> GridImages:
+        def images_of(read):
+            x_src, x_tgt = read("source"), read("target")
+            return {"source": x_src, "target": x_tgt, "swap": self.model.swap(x_src, x_tgt),
+                    "self_swap": self.model.reconstruct(x_tgt),
+                    "self_swap_without_style_maps": swap_without_style_maps(self.model, x_tgt, x_tgt)}
+
+        return self._grid("pairs", keep, images_of)
+
     def _triplet_grid(self, keep: int) -> GridImages:
-        grid = GridImages(keep)
-        with ImageReader(self.pattern, self.res) as reader:
-            for a, b in self.bounds["triplets"]:
-                if a >= keep:
-                    break
-                rows = self.triplets.iloc[a:b]
-                t_tgt, t_gb, t_lc = (reader.read(rows[f"{c}_key"], rows[f"{c}_path"]).to(self.device)
-                                     for c in ("target", "global", "local"))
-                for name, x in (("global", t_gb), ("local", t_lc), ("target", t_tgt),
-                                ("mix", self.model.mix(t_tgt, t_gb, t_lc))):
-                    grid.add(name, x.float())
-        return grid
+        def images_of(read):
+            t_tgt, t_gb, t_lc = read("target"), read("global"), read("local")
+            return {"global": t_gb, "local": t_lc, "target": t_tgt, "mix": self.model.mix(t_tgt, t_gb, t_lc)}
+
+        return self._grid("triplets", keep, images_of)
