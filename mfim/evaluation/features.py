@@ -485,8 +485,8 @@ class Streamer:
     @torch.no_grad()
     def _grid(self, kind: str, keep: int, images_of) -> GridImages:
         """The first ``keep`` rows' images of a pass (``kind``: pairs or triplets) for the grids, made again in the
-        batches the pass made them in: ``images_of(read, rows)`` names the images of one batch of rows, ``read(c)``
-        reading column ``c`` (source, target, ...) of those rows onto the device."""
+        batches the pass made them in: ``images_of(read)`` names the images of one batch of rows, ``read(c)`` reading
+        column ``c`` (source, target, ...) of that batch onto the device."""
         df, grid = getattr(self, kind), GridImages(keep)
         with ImageReader(self.pattern, self.res) as reader:
             for a, b in self.bounds[kind]:
