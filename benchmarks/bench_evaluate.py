@@ -186,7 +186,7 @@ def cpu_child(n_pairs: int, workers: int, threads: int) -> dict:
             super().__init__(*a, **k)
             self.dlib = DlibIdentityEmbedder()
 
-        def features(self, images, identity=None):
+        def features(self, images, identity=None, landmarks=None):
             f = super().features(images)
             f.identity = (np.asarray(identity) if identity is not None else self.dlib.embed_aligned(images.cpu())
                           ).astype(np.float64)

@@ -117,7 +117,7 @@ class StubEvaluators:
         return {"identity_embedder": "stub", "threedmm_encoder": "stub", "pose_network": "stub"}
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor):
+    def features(self, images: torch.Tensor, landmarks=None):  # landmarks: DECA's crop; the stubs crop nothing
         from mfim.evaluation.evaluators import Features
 
         parts = []

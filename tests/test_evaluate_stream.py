@@ -403,3 +403,113 @@ def test_the_real_evaluation_networks_with_dlib_in_workers_give_the_one_process_
     assert reports[0][0]["evaluators_on_real_images"]  # dlib separated the labelled people: it ran
     _assert_same(reports[1][0], reports[0][0])
     assert reports[1][1] == reports[0][1]
+
+
+def test_one_grid_walk_gives_the_per_pair_grids_bit_for_bit(tmp_path, checkpoint, one_thread):
+    """_pair_grid and _triplet_grid share one batch walk (Streamer._grid); their images must be the very tensors the
+    former per-pair pass put in its grids (tests/per_pair_evaluation.py, an independent loop), keep=5 with batches
+    of 3 so the walk stops inside the second batch."""
+    from mfim.evaluation.features import FeatureStore, ImageReader, Streamer
+    from mfim.models.mfim import load_swapper
+    from tests import per_pair_evaluation
+
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=9, n_triplets=7)
+    pairs, triplets = pd.read_parquet(evalsets / "pairs.parquet"), pd.read_parquet(evalsets / "triplets.parquet")
+    model, _ = load_swapper(checkpoint)
+    model.eval()
+    streamer = Streamer(model, pairs, triplets, "none-*.tar", RES, None, None, None, batch=3, device="cpu",
+                        store=FeatureStore(tmp_path / "store", "x"))
+    with torch.no_grad(), ImageReader("none-*.tar", RES) as reader:
+        want_pairs = per_pair_evaluation.stream_pairs(model, pairs, reader, StubEvaluators(), StubLPIPS(),
+                                                      _StubFD(), 3, "cpu", keep=5).grid
+        want_triplets = per_pair_evaluation.stream_triplets(model, triplets, reader, StubEvaluators(), 3, "cpu",
+                                                            keep=5).grid
+    for got, want in ((streamer._pair_grid(5), want_pairs), (streamer._triplet_grid(5), want_triplets)):
+        assert list(got.images) == list(want.images)
+        for name in want.images:
+            assert got[name].shape[0] == 5 and torch.equal(got[name], want[name].float()), name
+
+
+class _StubFD:
+    """FrechetDistance's add / report, doing nothing (the grid test needs the pass, not the statistics)."""
+
+    def add(self, *_):
+        pass
+
+    def report(self):
+        return {}
+
+
+def test_each_image_and_each_swap_gets_the_landmarks_deca_crops_with(tmp_path, checkpoint, monkeypatch, one_thread):
+    """evaluate.threedmm_encoder: deca places DECA's box from landmarks as training and the threedmm table do: the
+    distinct images their own (shard landmarks written at 64 px, read at 32: (x + 0.5) / 2 - 0.5), a swap and every
+    ID-mixing result their target's at the generator's 64 px (which gives back the shard's own numbers); NaN rows
+    for an image whose shard has no landmarks (eval/00001) or that is read from its PNG (eval/00005)."""
+    import mfim.data.shards as S
+    import mfim.evaluation.evaluators as evaluators
+    from mfim.evaluation.features import distinct_images
+    from tests.test_shards import fixture_image, fixture_meta
+
+    truth, samples = {}, []
+    for i in range(5):
+        key, meta = f"eval/{i:05d}", {**fixture_meta(i, i // 2, split="eval"), "resolution": 2 * RES}
+        meta["landmarks"] = None if i == 1 else [[2 * x, 2 * y] for x, y in meta["landmarks"]]
+        truth[key] = None if i == 1 else np.asarray(meta["landmarks"], np.float64)
+        samples.append((key, fixture_image(i, 2 * RES), {**meta, "key": key}))
+    S.write_split_shards(samples, tmp_path / "shards", "eval", 10**9)
+    calls = []
+
+    class Spy(StubEvaluators):
+        def features(self, images, landmarks=None):
+            calls.append((images.shape[-1], None if landmarks is None else np.array(landmarks, np.float64)))
+            return super().features(images)
+
+    stub_evaluation_networks(monkeypatch.setattr)
+    monkeypatch.setattr(evaluators, "Evaluators", Spy)
+    evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=10, n_triplets=5, size=RES)
+    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 20}}
+    from mfim.evaluation.evaluate import run_evaluation
+
+    run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "shards",
+                   raw_dir=tmp_path / "no_raw", reports_dir=tmp_path / "reports")
+
+    def expect(keys, size):  # None for a batch without any landmarks (every crop canonical, as before)
+        nan = np.full((68, 2), np.nan)
+        lm = np.stack([nan if truth.get(k) is None else (truth[k] + 0.5) * size / (2 * RES) - 0.5 for k in keys])
+        return None if np.isnan(lm).all() else lm
+
+    pairs, triplets = (pd.read_parquet(evalsets / f) for f in ("pairs.parquet", "triplets.parquet"))
+    images, _ = distinct_images(pairs, triplets)
+    n_targets = pairs.target_key.nunique()
+    want = [(RES, expect(images.key[a:min(a + 4, n_targets)], RES)) for a in range(0, n_targets, 4)]  # targets lead
+    want += [(RES, expect(images.key[a:min(a + 4, len(images))], RES)) for a in range(n_targets, len(images), 4)]
+    want += [(64, expect(pairs.target_key[a:a + 4], 64)) for a in range(0, len(pairs), 4)]
+    want += [(64, expect(triplets.target_key[a:a + 4], 64)) for a in range(0, len(triplets), 4) for _ in range(3)]
+    assert len(calls) == len(want) and sum(lm is not None for _, lm in want) >= len(want) // 2
+    for (size, got), (want_size, lm) in zip(calls, want):
+        assert size == want_size and (got is None) == (lm is None)
+        if lm is not None:
+            np.testing.assert_allclose(got, lm, atol=1e-4)  # NaN rows in the same places
+
+
+def test_evaluators_hand_deca_each_batch_its_landmarks():
+    """Evaluators.features gives a landmark-cropping 3DMM network (DECA) its batch's rows of ``landmarks``; without
+    landmarks every crop is the canonical one, as before."""
+    from types import SimpleNamespace
+
+    from mfim.evaluation.evaluators import Evaluators
+    from tests.test_deca_landmarks import LandmarkSpy
+
+    ev = object.__new__(Evaluators)
+    zeros = lambda n: lambda x: torch.zeros(len(x), n)  # noqa: E731
+    ev.__dict__.update(device=torch.device("cpu"), batch_size=2, threedmm=LandmarkSpy(), regressor=None,
+                       normalizer=SimpleNamespace(normalize=lambda p: p), shape_k=None, jaw_pose=False,
+                       headpose=zeros(3), train_embedder=zeros(4), dlib=None, eval_embedder=None)
+    x, lm = torch.rand(5, 3, 32, 32) * 2 - 1, np.random.default_rng(0).uniform(0, 31, (5, 68, 2))
+    ev.features(x, landmarks=lm)
+    assert [c[0] for c in ev.threedmm.calls] == [32, 32, 32]
+    for (_, got), a in zip(ev.threedmm.calls, (0, 2, 4)):
+        np.testing.assert_array_equal(np.asarray(got), lm[a:a + 2])
+    ev.threedmm.calls.clear()
+    ev.features(x)
+    assert [c[1] for c in ev.threedmm.calls] == [None, None, None]

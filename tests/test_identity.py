@@ -141,3 +141,32 @@ def test_dlib_photo_path_agrees_with_aligned(faces):
     assert dl.distance(aligned_desc, by_landmarks) < 0.2
     with pytest.raises(ValueError):
         dl.embed_photo(img, np.zeros((5, 2)))
+
+
+def test_dlib_fixed_box_on_aligned_faces_measures_what_detection_would():
+    """The evaluation embeds aligned faces (eval images and swaps) from a fixed FFHQ face box, without running dlib's
+    HOG detector. On aligned renders of the embedded default's generator (mfim.data.synth, aligned from their
+    projected landmarks) the descriptor from the detected box (upsampled twice at 64 px, where the face is below the
+    detector's 80 px window) is the same measurement up to the detector's scale steps: measured L2 between the two
+    median 0.078 (64 px) / 0.028 (256 px), max 0.24 / 0.16, against 0.39 / 0.40 at least (median 0.61) between two
+    people and dlib's 0.6 decision threshold. Bounds: median < 0.12, max < 0.3, and every face's fixed-box descriptor
+    nearer its own detected one than any other person's (retrieval unchanged)."""
+    import dlib
+
+    from mfim.data.synth import SynthConfig, Synthesizer
+    from mfim.nets.align import align_face
+
+    synth, dl, detector = Synthesizer(SynthConfig()), DlibIdentityEmbedder(), dlib.get_frontal_face_detector()
+    renders = [synth.render(synth.identity(i), 0)[0] for i in range(8)]
+    for size, upsample in ((64, 2), (256, 0)):
+        faces = [align_face(r.image, r.landmarks, size, transform_size=4 * size).image for r in renders]
+        fixed = dl.embed_aligned(faces)
+        detected = []
+        for face in faces:
+            boxes = detector(face, upsample)
+            assert boxes, size
+            detected.append(dl.embed_photo(face, max(boxes, key=lambda b: b.area())))
+        d = dl.distance(fixed[:, None], np.stack(detected)[None])  # fixed i vs detected j
+        own = np.diag(d)
+        assert np.median(own) < 0.12 and own.max() < 0.3, (size, own)
+        assert (own < np.where(np.eye(len(d), dtype=bool), np.inf, d).min(1)).all(), (size, d)

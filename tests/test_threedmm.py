@@ -131,12 +131,37 @@ def test_photo_path_agrees_with_aligned_path(faces, tddfa):
 
 
 def test_roi_boxes_follow_3ddfa():
-    # landmarks: square grown to its diagonal; detector box: 1.58x, shifted down by 0.14x
-    half = 50 * 2**0.5
-    assert np.allclose(roi_box_from_landmark_box([0, 0, 100, 50]), [50 - half, 25 - half, 50 + half, 25 + half])
-    assert np.allclose(roi_box_from_face_box([0, 0, 100, 100]), [50 - 79, 64 - 79, 50 + 79, 64 + 79])
-    roi = TDDFAEncoder.aligned_roi_box(256)
-    assert abs((roi[0] + roi[2]) / 2 - 128) < 1 and roi[2] - roi[0] > 200
+    """The crop regions 3DDFA_V2's published rule gives (utils/functions.py: parse_roi_box_from_landmark /
+    parse_roi_box_from_bbox, then crop_img's int(round(.)) corners), worked by hand from its formula:
+    landmark box [0, 0, 100, 50] (pixel indices): square side 100 about (50, 25), grown to 100 sqrt(2) = 141.42
+    -> [-20.71, -45.71, 120.71, 95.71] -> rounded [-21, -46, 121, 96];
+    detector box [0, 0, 100, 100]: size 100, centre (50, 50 + 14), side int(158) -> [-29, -15, 129, 143];
+    detector box [20.3, 30.6, 120.1, 131.0]: size 100.1, centre (70.2, 80.8 + 14.014), side int(158.158) = 158
+    -> [-8.8, 15.814, 149.2, 173.814] -> rounded [-9, 16, 149, 174];
+    the aligned 256 px face: the canonical landmarks' index box [54.21, 96.96, 200.77, 238.19] (mfim.nets.align's
+    FFHQ geometry, 0.5 px less than its continuous box): side 146.56 about (127.49, 167.58), grown to 207.27
+    -> [23.85, 63.94, 231.12, 271.21] -> [24, 64, 231, 271]."""
+    assert np.array_equal(roi_box_from_landmark_box([0, 0, 100, 50]), [-21, -46, 121, 96])
+    assert np.array_equal(roi_box_from_face_box([0, 0, 100, 100]), [-29, -15, 129, 143])
+    assert np.array_equal(roi_box_from_face_box([20.3, 30.6, 120.1, 131.0]), [-9, 16, 149, 174])
+    assert np.array_equal(TDDFAEncoder.aligned_roi_box(256), [24, 64, 231, 271])
+
+
+def test_photo_crop_samples_what_3ddfa_crops_and_resizes(tddfa):
+    """An independent second path for the pixels: 3DDFA_V2 cuts ``img[sy:ey, sx:ex]`` at the rounded roi and
+    cv2.resize(INTER_LINEAR)s it to 120 px; on a ramp image (R = column index, G = row index) our differentiable crop
+    must read the same values. Landmarks' box [60.3, 70.2, 130.8, 125.6]: side 70.5 about (95.55, 97.9), grown to
+    99.70 -> [45.70, 48.05, 145.40, 147.75] -> rounded [46, 48, 145, 148] (99 x 100 px, resized to 120 x 120).
+    The former crop (continuous +0.5, unrounded) was 0.3-0.9 px off at 64-1024 px."""
+    import cv2
+
+    yy, xx = np.mgrid[0:200, 0:200]
+    image = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+    landmarks = np.array([[60.3, 70.2], [130.8, 125.6]] + [[100.0, 100.0]] * 66)
+    got = ((tddfa.crop_photo(image, landmarks68=landmarks)[0].permute(1, 2, 0).numpy() + 1) * 127.5)
+    want = cv2.resize(image[48:148, 46:145].astype(np.float32), (120, 120), interpolation=cv2.INTER_LINEAR)
+    inner = (slice(2, -2), slice(2, -2))  # cv2 replicates the crop's edge; we read the image beyond it
+    assert np.abs(got[inner][..., :2] - want[inner][..., :2]).max() < 2e-3
 
 
 def test_normalizer_roundtrip_and_scale(faces, tddfa):

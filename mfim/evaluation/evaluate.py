@@ -42,7 +42,7 @@ SWAP_METRICS = ["identity", "id_retrieval", "shape", "expression", "pose", "pose
 # which changes how fast, not what; PROGRESS_FORMAT changes when the parts' contents do
 PROGRESS_PARAMS = ("evaluate", "source_fit", "nets", "loss.threedmm_encoder", "loss.jaw_pose", "train.config",
                    "train.steps", "train.seed", "project.seed")
-PROGRESS_FORMAT = 1
+PROGRESS_FORMAT = 2  # 2: DECA crops from landmarks; 3DDFA_V2 crops its whole-pixel roi
 
 
 def progress_fingerprint(params: dict, device, inputs) -> str:

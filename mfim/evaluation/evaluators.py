@@ -129,13 +129,18 @@ class Evaluators:
         }
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, identity: np.ndarray | None = None) -> Features:
+    def features(self, images: torch.Tensor, identity: np.ndarray | None = None,
+                 landmarks: np.ndarray | None = None) -> Features:
         """images: N×3×H×W in [-1, 1], FFHQ-aligned. ``identity``: their dlib embeddings when worker processes took
-        them already (mfim.evaluation.features), so dlib does not run again here."""
+        them already (mfim.evaluation.features), so dlib does not run again here. ``landmarks``: N×68×2 pixel indices
+        of ``images`` (NaN rows unknown): DECA places its crop with them as in training (a swap gets its target's);
+        the other 3DMM networks crop the canonical window."""
+        from mfim.nets.threedmm import encode
+
         ids, shapes, exps, poses, hns, trains = [], [], [], [], [], []
         for i in range(0, len(images), self.batch_size):
             x = images[i : i + self.batch_size].to(self.device).float().clamp(-1, 1)
-            raw = self.threedmm(x)
+            raw = encode(self.threedmm, x, None if landmarks is None else landmarks[i : i + self.batch_size])
             p: ThreeDMMParams = self.normalizer.normalize(raw)  # standardised shape / exp; a plain ThreeDMMParams
             shape, exp = p.shape, p.exp
             if self.regressor is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mfim.evaluation.evaluators import Features
-from mfim.nets.face_crops import from_uint8, to_uint8
+from mfim.nets.face_crops import from_uint8, resize_points, to_uint8
 from mfim.tracking import log_progress
 
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global
@@ -62,6 +62,19 @@ class ImageReader:
 
     def read(self, keys, paths) -> torch.Tensor:
         return from_uint8(self.read_uint8(keys, paths))
+
+    def landmarks(self, keys) -> np.ndarray | None:
+        """B×68×2 landmarks of the keys' images as read (pixel indices at ``resolution``; NaN rows where a shard has
+        none or the image is not in the shards), or None when none has any: DECA places its crop with them, as in
+        training and the threedmm table (mfim.data.threedmm_table.batch_landmarks)."""
+        from mfim.data.shard_meta import shard_landmarks
+
+        rows = [shard_landmarks(self.index.metas[self.index.position_of[k]], self.resolution)
+                if self.index is not None and self.index.metas is not None and k in self.index.position_of else None
+                for k in keys]
+        if all(r is None for r in rows):
+            return None
+        return np.stack([np.full((68, 2), np.nan, np.float32) if r is None else r for r in rows])
 
     def close(self) -> None:
         if self.index is not None:
@@ -248,8 +261,9 @@ class BatchReader(torch.utils.data.Dataset):
         j = self.todo[k]
         a, b = self.bounds[j]
         images = {name: self.reader().read_uint8(keys[a:b], paths[a:b]) for name, (keys, paths) in self.columns.items()}
+        landmarks = {name: self.reader().landmarks(keys[a:b]) for name, (keys, _) in self.columns.items()}
         identity = {name: dlib_embed(x) for name, x in images.items()} if self.dlib else {}
-        return {"index": j, "images": images, "identity": identity}
+        return {"index": j, "images": images, "landmarks": landmarks, "identity": identity}
 
     def close(self) -> None:
         if self._open is not None and self._open[0] == os.getpid():
@@ -288,8 +302,16 @@ def fd_features(fd, images: torch.Tensor) -> np.ndarray:
     return fd.extractor(area_resize(images.to(fd.device, torch.float32), fd.resolution)).cpu().numpy()
 
 
-def _features(evaluators, x: torch.Tensor, identity: np.ndarray | None) -> Features:
-    return evaluators.features(x) if identity is None else evaluators.features(x, identity=identity)
+def _features(evaluators, x: torch.Tensor, identity: np.ndarray | None, landmarks: np.ndarray | None = None
+              ) -> Features:
+    """``landmarks``: B×68×2 pixel indices of ``x`` (NaN rows unknown) where the shards hold them."""
+    given = {k: v for k, v in (("identity", identity), ("landmarks", landmarks)) if v is not None}
+    return evaluators.features(x, **given)
+
+
+def resized_landmarks(landmarks: np.ndarray | None, from_size: int, to_size: int) -> np.ndarray | None:
+    """A target's landmarks for its swap (the swap keeps the target's pose), at the swap's side."""
+    return None if landmarks is None else resize_points(landmarks, from_size, to_size)
 
 
 def _feature_arrays(f: Features) -> dict[str, np.ndarray]:
@@ -377,7 +399,8 @@ class Streamer:
         a, b = self.bounds["images"][j]
         x = self._on_device(item, "image")
         part = {"key": self.images.key.to_numpy()[a:b].astype(str),
-                **_feature_arrays(_features(self.evaluators, x, item["identity"].get("image")))}
+                **_feature_arrays(_features(self.evaluators, x, item["identity"].get("image"),
+                                            item["landmarks"]["image"]))}
         if a < self.n_targets:  # target batches hold targets only (bounds split there)
             part.update(self._self_swap_errors(x))
             part["fd_real"] = fd_features(self.fd, x)
@@ -401,7 +424,8 @@ class Streamer:
         x_swap = self.model.swap(self._on_device(item, "source"), self._on_device(item, "target")).float()
         identity = swap_identity.submit(x_swap)  # dlib on the CPU workers while the device does the rest
         fd_fake = fd_features(self.fd, x_swap)
-        f = _features(self.evaluators, x_swap, identity())
+        landmarks = resized_landmarks(item["landmarks"]["target"], self.res, x_swap.shape[-1])
+        f = _features(self.evaluators, x_swap, identity(), landmarks)
         return {**_feature_arrays(f), "fd_fake": fd_fake, "size": np.array(x_swap.shape[-1])}
 
     def _triplet_part(self, item: dict, swap_identity: SwapIdentity) -> dict[str, np.ndarray]:
@@ -410,8 +434,9 @@ class Streamer:
                    "global": self.model.swap(t_gb, t_tgt)}
         identity = {row: swap_identity.submit(results[row].float()) for row in MIXING_ROWS}
         part = {}
-        for row in MIXING_ROWS:
-            f = _features(self.evaluators, results[row].float(), identity[row]())
+        for row in MIXING_ROWS:  # each result keeps the target's pose: the target's landmarks
+            landmarks = resized_landmarks(item["landmarks"]["target"], self.res, results[row].shape[-1])
+            f = _features(self.evaluators, results[row].float(), identity[row](), landmarks)
             part.update({f"{row}.{n}": v for n, v in _feature_arrays(f).items()})
         return part
 
@@ -458,34 +483,33 @@ class Streamer:
         return Features(**{n: np.concatenate(v) for n, v in swap.items()})
 
     @torch.no_grad()
-    def _pair_grid(self, keep: int) -> GridImages:
-        """The first ``keep`` pairs' images for the grids, made again in the batches the pass made them in."""
-        grid = GridImages(keep)
+    def _grid(self, kind: str, keep: int, images_of) -> GridImages:
+        """The first ``keep`` rows' images of a pass (``kind``: pairs or triplets) for the grids, made again in the
+        batches the pass made them in: ``images_of(read)`` names the images of one batch of rows, ``read(c)`` reading
+        column ``c`` (source, target, ...) of that batch onto the device."""
+        df, grid = getattr(self, kind), GridImages(keep)
         with ImageReader(self.pattern, self.res) as reader:
-            for a, b in self.bounds["pairs"]:
+            for a, b in self.bounds[kind]:
                 if a >= keep:
                     break
-                rows = self.pairs.iloc[a:b]
-                x_src = reader.read(rows.source_key, rows.source_path).to(self.device)
-                x_tgt = reader.read(rows.target_key, rows.target_path).to(self.device)
-                images = {"source": x_src, "target": x_tgt, "swap": self.model.swap(x_src, x_tgt),
-                          "self_swap": self.model.reconstruct(x_tgt),
-                          "self_swap_without_style_maps": swap_without_style_maps(self.model, x_tgt, x_tgt)}
-                for name, x in images.items():
+                rows = df.iloc[a:b]
+                read = lambda c: reader.read(rows[f"{c}_key"], rows[f"{c}_path"]).to(self.device)  # noqa: E731
+                for name, x in images_of(read).items():
                     grid.add(name, x.float())
         return grid
 
-    @torch.no_grad()
+    def _pair_grid(self, keep: int) -> GridImages:
+        def images_of(read):
+            x_src, x_tgt = read("source"), read("target")
+            return {"source": x_src, "target": x_tgt, "swap": self.model.swap(x_src, x_tgt),
+                    "self_swap": self.model.reconstruct(x_tgt),
+                    "self_swap_without_style_maps": swap_without_style_maps(self.model, x_tgt, x_tgt)}
+
+        return self._grid("pairs", keep, images_of)
+
     def _triplet_grid(self, keep: int) -> GridImages:
-        grid = GridImages(keep)
-        with ImageReader(self.pattern, self.res) as reader:
-            for a, b in self.bounds["triplets"]:
-                if a >= keep:
-                    break
-                rows = self.triplets.iloc[a:b]
-                t_tgt, t_gb, t_lc = (reader.read(rows[f"{c}_key"], rows[f"{c}_path"]).to(self.device)
-                                     for c in ("target", "global", "local"))
-                for name, x in (("global", t_gb), ("local", t_lc), ("target", t_tgt),
-                                ("mix", self.model.mix(t_tgt, t_gb, t_lc))):
-                    grid.add(name, x.float())
-        return grid
+        def images_of(read):
+            t_tgt, t_gb, t_lc = read("target"), read("global"), read("local")
+            return {"global": t_gb, "local": t_lc, "target": t_tgt, "mix": self.model.mix(t_tgt, t_gb, t_lc)}
+
+        return self._grid("triplets", keep, images_of)

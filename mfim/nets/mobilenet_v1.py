@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mfim.assets import resolve
-from mfim.nets.face_crops import box_transform, canonical_landmark_box, square_box, warp
+from mfim.nets.face_crops import box_transform, canonical_landmarks_continuous, landmark_box, square_box, warp
 from mfim.nets.onnx_utils import load_numpy_pickle, onnx_to_torch
 from mfim.nets.types import N_EXP, N_SHAPE
 
@@ -94,24 +94,41 @@ TDDFA_SHAPE = slice(12, 12 + N_SHAPE)
 TDDFA_EXP = slice(12 + N_SHAPE, 12 + N_SHAPE + N_EXP)
 
 
+def whole_pixel_crop(roi) -> np.ndarray:
+    """The region 3DDFA_V2 actually crops for a roi of pixel-index corners (``crop_img`` in its utils/functions.py
+    takes ``img[round(y0):round(y1), round(x0):round(x1)]``, then cv2.resize to 120 px): the rounded corners, read in
+    continuous coordinates (pixel i covers [i, i + 1], so the first pixel's index is the region's left edge), for
+    :func:`box_transform`. np.round rounds half to even, as Python's ``round`` there does."""
+    return np.round(np.asarray(roi, dtype=np.float64))
+
+
 def roi_box_from_landmark_box(box) -> np.ndarray:
-    """3DDFA_V2's roi from landmarks: the bounding square of the points, grown to its own diagonal, same centre."""
+    """3DDFA_V2's crop from landmarks (``parse_roi_box_from_landmark``): ``box`` is the points' bounding box in pixel
+    INDICES (dlib / ``mfim.nets.align`` points, as the published code reads them); the bounding square grown to its
+    own diagonal, same centre, as the whole-pixel region it crops (:func:`whole_pixel_crop`)."""
     x0, y0, x1, y1 = [float(v) for v in box]
     side = max(x1 - x0, y1 - y0) * np.sqrt(2.0)
-    return square_box(((x0 + x1) / 2, (y0 + y1) / 2), side)
+    return whole_pixel_crop(square_box(((x0 + x1) / 2, (y0 + y1) / 2), side))
 
 
 def roi_box_from_face_box(box) -> np.ndarray:
-    """3DDFA_V2's roi from a detector box: side 1.58 x mean box size, centre moved down by 0.14 x that size."""
+    """3DDFA_V2's crop from a detector box (``parse_roi_box_from_bbox``): side int(1.58 x mean box size), centre moved
+    down by 0.14 x that size, as the whole-pixel region it crops (:func:`whole_pixel_crop`)."""
     x0, y0, x1, y1 = [float(v) for v in box]
     size = (x1 - x0 + y1 - y0) / 2
-    return square_box(((x0 + x1) / 2, (y0 + y1) / 2 + 0.14 * size), int(size * 1.58))
+    return whole_pixel_crop(square_box(((x0 + x1) / 2, (y0 + y1) / 2 + 0.14 * size), int(size * 1.58)))
+
+
+def aligned_roi_box(size: int) -> np.ndarray:
+    """The 3DDFA_V2 crop of an FFHQ-aligned face of side ``size``: from the canonical 68 landmarks in that image's
+    pixel indices."""
+    return roi_box_from_landmark_box(landmark_box(canonical_landmarks_continuous(size) - 0.5))
 
 
 def tddfa_crop(aligned: torch.Tensor) -> torch.Tensor:
     """FFHQ-aligned B×3×H×W in [-1, 1] -> B×3×120×120 RGB 3DDFA_V2 roi in [-1, 1] (black outside the image): the
-    canonical 68-landmark box grown to its diagonal."""
-    roi = roi_box_from_landmark_box(canonical_landmark_box(aligned.shape[-1]))
+    canonical 68-landmark box grown to its diagonal (:func:`aligned_roi_box`)."""
+    roi = aligned_roi_box(aligned.shape[-1])
     return warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
 
 

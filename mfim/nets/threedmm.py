@@ -4,11 +4,11 @@ regressor by name, plus the normaliser the losses use.
 3DDFA_V2 (``TDDFAEncoder``)
     The MobileNetV1 regressor ``mb1_120x120.onnx`` through onnx2torch (differentiable). As in 3DDFA_V2: a square roi
     around the face -- from the 68 landmarks, side = diagonal of their bounding square, or from a detector box, side
-    1.58 x box size shifted down by 0.14 -- resized to 120x120, BGR, (x - 127.5) / 128. Its 62 outputs are
-    de-normalised with ``param_mean_std_62d_120x120.pkl``: 12 = the 3x4 scaled-orthographic pose matrix, then 40
-    shape and 10 expression coefficients of the BFM. For aligned input the roi comes from the canonical FFHQ
-    landmarks (``mfim.nets.face_crops``). Pose = ``matrix_to_angles`` of the normalised rotation (project convention,
-    ``mfim.nets.rotation``).
+    1.58 x box size shifted down by 0.14; rounded to whole pixels as its ``crop_img`` crops it -- resized to 120x120,
+    BGR, (x - 127.5) / 128. Its 62 outputs are de-normalised with ``param_mean_std_62d_120x120.pkl``: 12 = the 3x4
+    scaled-orthographic pose matrix, then 40 shape and 10 expression coefficients of the BFM. For aligned input the
+    roi comes from the canonical FFHQ landmarks (``mfim.nets.face_crops``). Pose = ``matrix_to_angles`` of the
+    normalised rotation (project convention, ``mfim.nets.rotation``).
     Measured on synthetic BFM renders: pose to ~1-2 deg and the first expression coefficients, but NOT face shape
     (r ~ 0.1) -- hence the third option, a regressor the pipeline fits on precomputed parameters.
 """
@@ -28,10 +28,8 @@ from mfim.assets import resolve
 from mfim.nets.deca import FLAME_N_EXP, FLAME_N_SHAPE, DECAEncoder
 from mfim.nets.face_crops import (
     box_transform,
-    canonical_landmark_box,
     image_to_tensor,
     landmark_box,
-    to_continuous,
     warp,
 )
 from mfim.nets.mobilenet_v1 import (
@@ -39,6 +37,7 @@ from mfim.nets.mobilenet_v1 import (
     TDDFA_INPUT_SIZE,
     TDDFA_POSE,
     TDDFA_SHAPE,
+    aligned_roi_box,
     load_tddfa_stats,
     roi_box_from_face_box,
     roi_box_from_landmark_box,
@@ -122,15 +121,15 @@ class TDDFAEncoder(FrozenModule):
     # --- crops ---
     @staticmethod
     def aligned_roi_box(size: int) -> np.ndarray:
-        """The 3DDFA_V2 roi of an FFHQ-aligned face of side ``size`` (from the canonical 68-landmark box)."""
-        return roi_box_from_landmark_box(canonical_landmark_box(size))
+        """The 3DDFA_V2 roi of an FFHQ-aligned face of side ``size`` (from the canonical 68 landmarks)."""
+        return aligned_roi_box(size)
 
     crop = staticmethod(tddfa_crop)
 
     def crop_photo(self, image: np.ndarray, landmarks68: np.ndarray | None = None, box=None) -> torch.Tensor:
         """Roi of a face in an unaligned photo, from its dlib 68 landmarks (preferred) or a detector box."""
         if landmarks68 is not None:
-            roi = roi_box_from_landmark_box(landmark_box(to_continuous(landmarks68)))
+            roi = roi_box_from_landmark_box(landmark_box(landmarks68))  # pixel indices, as 3DDFA_V2 reads
         elif box is not None:
             roi = roi_box_from_face_box(box)
         else:
