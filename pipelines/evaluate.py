@@ -16,19 +16,20 @@ def relaunch_on_every_gpu(params: dict) -> None:
     from mfim.config import lookup
 
     n = torch.cuda.device_count()
-    if n > 1 and "WORLD_SIZE" not in os.environ and str(lookup(params, "project.device", "auto")) != "cpu":
+    if n > 1 and "WORLD_SIZE" not in os.environ and str(lookup(params, "project.device")) != "cpu":
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={n}", os.path.abspath(__file__)])
 
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
     from mfim.evaluation.evaluate import run_evaluation
     from mfim.tracking import start_run
     from mfim.training.presets import apply_preset
 
-    params = apply_preset(load_params())
+    with exit_on_params_error("evaluate"):
+        params = apply_preset(load_params())
     relaunch_on_every_gpu(params)
     # the run is open from the start, so progress shows in MLflow while the stage works (rank 0's; the others log none)
     tracked = start_run("evaluate", params, groups=["evaluate"]) if int(os.environ.get("RANK", "0")) == 0 \

@@ -23,9 +23,9 @@ def torchrun_argv() -> list[str] | None:
     from mfim.config import load_params, lookup
 
     params = load_params()
-    if Path(str(lookup(params, "train.init_checkpoint", "") or "")) != Path("data/warmstart/encoder.pt"):
+    if Path(str(lookup(params, "train.init_checkpoint") or "")) != Path("data/warmstart/encoder.pt"):
         return None
-    device = str(lookup(params, "project.device", "auto"))
+    device = str(lookup(params, "project.device"))
     n = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     if n < 2:
         return None
@@ -35,11 +35,14 @@ def torchrun_argv() -> list[str] | None:
 
 if __name__ == "__main__":
     ensure_allocator_env()
+    from mfim.config import exit_on_params_error, load_params
+
+    with exit_on_params_error("warmstart"):
+        params = load_params()  # before torchrun: bad params are one line here, not one traceback per rank
     argv = torchrun_argv()
     if argv is not None:
         print(f"warmstart: {argv[4].split('=')[1]} GPUs, starting under torchrun", flush=True)
         os.execv(argv[0], argv)
-    from mfim.config import load_params
     from mfim.training.warmstart import run_warmstart_stage
 
-    run_warmstart_stage(load_params())
+    run_warmstart_stage(params)

@@ -41,23 +41,23 @@ def main() -> None:
     from mfim.training.warmstart import WarmStartConfig, run_warmstart
 
     params = override(load_params(), args.overrides)
-    configure_threads(lookup(params, "project.threads", 0))
-    seed = int(lookup(params, "project.seed", 0))
-    cfg = replace(WarmStartConfig.from_params(params.get("warmstart")), regression_steps=0, recon_steps=0)
-    iterations = max(1, int(lookup(params, "encoder.refine_iterations", 1)))
+    configure_threads(lookup(params, "project.threads"))
+    seed = int(lookup(params, "project.seed"))
+    cfg = replace(WarmStartConfig.from_params(params["warmstart"]), regression_steps=0, recon_steps=0)
+    iterations = max(1, int(lookup(params, "encoder.refine_iterations")))
 
     model, _ = load_swapper(args.inp)
     G = model.generator
     if model.encoder.refiner is None:
-        refine_res = lookup(params, "encoder.refine_map_resolutions", None)
+        refine_res = lookup(params, "encoder.refine_map_resolutions")
         enc = FacialAttributeEncoder(replace(model.encoder.cfg, refine_iterations=iterations,
                                              refine_map_resolutions=None if refine_res is None else tuple(refine_res)),
                                      G.style_layers, G.noise_layers)
         assert enc.load_state_starting_refiner(model.encoder.state_dict())
         model.encoder = enc
-    lp = load_lpips(lookup(params, "loss.lpips_net", "alex")).eval().requires_grad_(False)
+    lp = load_lpips(lookup(params, "loss.lpips_net")).eval().requires_grad_(False)
     real = iter(pair_batches(split_pattern("data/shards", "train"), None, (cfg.batch_size + 1) // 2, seed + 7,
-                             same_identity_fraction=0.0, augment=bool(lookup(params, "train.augment", True)),
+                             same_identity_fraction=0.0, augment=bool(lookup(params, "train.augment")),
                              resolution=G.resolution))
     t0 = time.perf_counter()
     _, ema_state, rows = run_warmstart(model, cfg, real, ReconLoss(lp), seed=seed,

@@ -35,9 +35,9 @@ BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", 
                "sample_max_px", "gpus"} | SPEED_KEYS  # gpus: the global batch is a param, so a resume may change the count
 
 
-def per_process(tr: dict, key: str, world: int, default: int) -> int:
+def per_process(tr: dict, key: str, world: int) -> int:
     """Each process's share of a global per-batch count (``train.batch_size``, ``train.gt_swap_pairs``)."""
-    total = int(tr.get(key, default) or 0)
+    total = int(tr[key])
     if total % world:
         raise ValueError(f"train.{key} {total} is global (all processes together) and does not split over {world} "
                          f"processes: make it a multiple of {world}, or set train.gpus")
@@ -47,11 +47,11 @@ def per_process(tr: dict, key: str, world: int, default: int) -> int:
 def scheduled_steps(tr: dict) -> int:
     """``train.steps`` counted at ``train.schedule_batch`` samples a step, as steps of this run's global batch
     (batch_size x grad_accum): the same number of samples, rounded up. schedule_batch null: steps as given."""
-    steps = int(tr.get("steps", 600))
-    at = tr.get("schedule_batch")
+    steps = int(tr["steps"])
+    at = tr["schedule_batch"]
     if not at:
         return steps
-    step_batch = int(tr.get("batch_size", 8)) * int(tr.get("grad_accum", 1))
+    step_batch = int(tr["batch_size"]) * int(tr["grad_accum"])
     return -(-steps * int(at) // step_batch)
 
 
@@ -75,8 +75,8 @@ def train_seed(params: dict) -> int:
     """The seed of the `train` stage: train.seed, or project.seed when it is unset (null). A seed of the train
     stage alone lets `dvc exp run -S train.seed=1` repeat a configuration without re-running the upstream stages
     that depend on project.seed (regressor fit, warm start)."""
-    value = lookup(params, "train.seed", None)
-    return int(lookup(params, "project.seed", 0) if value is None else value)
+    value = lookup(params, "train.seed")
+    return int(lookup(params, "project.seed") if value is None else value)
 
 
 def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
@@ -84,8 +84,8 @@ def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
     contents of the input files (generator, 3DMM regressor, shard index)."""
     from mfim.assets import sha256_file
 
-    scoped = {g: params.get(g) for g in TRAIN_GROUPS}
-    scoped["train"] = {k: v for k, v in (scoped["train"] or {}).items() if k not in BOOKKEEPING}
+    scoped = {g: params[g] for g in TRAIN_GROUPS}
+    scoped["train"] = {k: v for k, v in scoped["train"].items() if k not in BOOKKEEPING}
     scoped["seed"] = train_seed(params)
     scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -187,12 +187,12 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
     objective = build_objective(params, G, device)
     cfg = TrainConfig.from_params(tr)
     cfg.steps = scheduled_steps(tr)
-    batch_size = per_process(tr, "batch_size", dist.world, 8)
+    batch_size = per_process(tr, "batch_size", dist.world)
     ck_path = out_dir / "checkpoint.pt"
     trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
-    init = str(tr.get("init_checkpoint", "") or "")
+    init = str(tr["init_checkpoint"])
     init_path = Path(init) if init else None
-    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world, 0)  # rows of each batch that are ground-truth triples
+    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world)  # rows of each batch that are ground-truth triples
     gt_set = Path(gt_swaps_path)
     fingerprint = params_fingerprint(
         params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
@@ -248,29 +248,29 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         seed,
         rank=dist.rank,
         world=dist.world,
-        same_identity_fraction=float(tr.get("same_identity_fraction", 0.2)),
-        self_pair_fraction=float(tr.get("self_pair_fraction", 0.0)),
-        augment=bool(tr.get("augment", True)),
-        workers=int(tr.get("workers", 0)),
+        same_identity_fraction=float(tr["same_identity_fraction"]),
+        self_pair_fraction=float(tr["self_pair_fraction"]),
+        augment=bool(tr["augment"]),
+        workers=int(tr["workers"]),
         position=position if saved_world == dist.world else position_for_world(
             position, saved_world, dist.world, int(saved_samples or 0)),
-        resolution=int(lookup(params, "data.resolution", G.resolution)),
+        resolution=int(lookup(params, "data.resolution")),
     )
     samples = pairs.source.plan.n  # the training split's size (the same when resumed: the fingerprint has it)
     batches = pairs
     if gt_pairs > 0:  # synthetic data: rendered (source, target, exact swap) triples join every batch
         from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
 
-        if lookup(params, "loss.gt_swap", 0) <= 0 and not lookup(params, "loss.gt_swap_id_target", False):
+        if lookup(params, "loss.gt_swap") <= 0 and not lookup(params, "loss.gt_swap_id_target"):
             raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 or loss.gt_swap_id_target: true (what "
                              "the triples are for)")
         gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=gt_drawn)
         batches = BatchesWithGtRows(pairs, gt_rows)
     sample = next(
         iter(
-            pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)), seed + 99,
+            pair_batches(split_pattern(shards_dir, "eval"), None, int(tr["sample_pairs"]), seed + 99,
                          same_identity_fraction=0.0,
-                         resolution=int(lookup(params, "data.resolution", G.resolution)))
+                         resolution=int(lookup(params, "data.resolution")))
         )
     )
     x_src, x_tgt = sample["src"].to(device), sample["tgt"].to(device)
@@ -286,7 +286,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=step)
 
-    max_px = int(tr.get("sample_max_px", 2048) or 0)
+    max_px = int(tr["sample_max_px"])
 
     def on_sample(step: int) -> None:
         with torch.no_grad():
@@ -315,7 +315,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
     from mfim.tracking import log_file_reference, start_run
 
-    run_name = f"train {tr.get('config', 'E')} {cfg.steps} steps seed {seed}" + (" (resumed)" if resumed else "")
+    run_name = f"train {tr['config']} {cfg.steps} steps seed {seed}" + (" (resumed)" if resumed else "")
     ctx = (start_run("train", params, groups=TRAIN_GROUPS + ["project"], run_name=run_name,
                      resumed_from=resumed_run) if mlflow_on else nullcontext())  # fmt: skip
     t0 = time.perf_counter()
@@ -325,7 +325,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
             run_ids.append(active.info.run_id)
 
-            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint,
+            mlflow.set_tags({"train.config": str(tr["config"]), "params.fingerprint": fingerprint,
                              "train.world_size": dist.world, "train.steps_run": cfg.steps,
                              "train.global_batch": batch_size * dist.world * cfg.grad_accum})
         last = trainer.fit(batches, on_log=on_log, on_sample=on_sample, data_state=data_state)
@@ -336,15 +336,15 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
                 trainer.ema,
                 out_dir / "mfim.pt",
                 meta={
-                    "train_config": str(tr.get("config", "E")),
+                    "train_config": str(tr["config"]),
                     "steps": trainer.step,
                     "fingerprint": fingerprint,
-                    "align_output_size": int(lookup(params, "align.output_size", 256)),
-                    "data_resolution": int(lookup(params, "data.resolution", G.resolution)),
+                    "align_output_size": int(lookup(params, "align.output_size")),
+                    "data_resolution": int(lookup(params, "data.resolution")),
                 },
             )
             summary = {
-                "config": str(tr.get("config", "E")),
+                "config": str(tr["config"]),
                 "steps": trainer.step,
                 "seconds": round(seconds, 1),
                 "world_size": dist.world,
@@ -361,7 +361,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
             log_file_reference(export, "model")  # the file stays the DVC output; MLflow keeps its sha256
             mlflow.log_metric("train_seconds", seconds)
-            if not bool(tr.get("keep_checkpoint", False)):
+            if not bool(tr["keep_checkpoint"]):
                 # a finished run's training state is never resumed (run_training starts over), and at paper scale
                 # it is 6.4 GB; the swapper above is what the run leaves
                 ck_path.unlink(missing_ok=True)
@@ -374,6 +374,8 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
 
-    run_training(load_params(os.environ.get("MFIM_PARAMS", "params.yaml")))
+    with exit_on_params_error("train"):
+        params = load_params(os.environ.get("MFIM_PARAMS", "params.yaml"))
+    run_training(params)
