@@ -315,7 +315,8 @@ def time_inference(pristine, device, sizes: Sizes, budget: Budget) -> list[dict]
             if cl:
                 to_channels_last(model.encoder)
             if comp:
-                opts = SpeedOptions(compile=sizes.compile_modules, compile_backend=sizes.compile_backend)
+                opts = SpeedOptions.from_params({**SPEED_OFF, "compile": list(sizes.compile_modules),
+                                                 "compile_backend": sizes.compile_backend})
                 if "encoder" in opts.compile:
                     model.encoder.compile(backend=opts.compile_backend, dynamic=False)
                 compile_generator(model.generator, opts)

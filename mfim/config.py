@@ -22,7 +22,8 @@ EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "params.yaml"
 PAPER = Path("configs/paper.yaml")
 PAPER_OVERLAY = Path("configs/paper.overlay.yaml")
 
-__all__ = ["ParamsError", "load_params", "embedded_default", "lookup", "flatten", "override", "compose", "exit_on_params_error"]
+__all__ = ["ParamsError", "load_params", "embedded_default", "lookup", "flatten", "override", "compose",
+           "exit_on_params_error"]
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict:
@@ -81,7 +82,8 @@ def _merge(base: dict, overlay: dict, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for k, v in overlay.items():
         if k not in out:
-            raise ParamsError(f"{PAPER_OVERLAY}: {prefix}{k} is not a key of params.yaml (an overlay only changes values)")
+            raise ParamsError(f"{PAPER_OVERLAY}: {prefix}{k} is not a key of params.yaml (an overlay only changes "
+                              "values)")
         out[k] = _merge(out[k], v, f"{prefix}{k}.") if isinstance(v, dict) else copy.deepcopy(v)
     return out
 
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         text = compose(args.base, args.overlay)
         if args.check:
             same = Path(args.out).is_file() and Path(args.out).read_text() == text
-            print(f"{args.out}: {'up to date' if same else 'differs from the composed text: run python -m mfim.config compose'}")
+            print(f"{args.out}: " + ("up to date" if same else
+                                     "differs from the composed text: run python -m mfim.config compose"))
             return 0 if same else 1
         Path(args.out).write_text(text)
         print(f"{args.out}: written from {args.base} + {args.overlay}")

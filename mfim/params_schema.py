@@ -131,8 +131,8 @@ SCHEMA: dict = {
     },
     "data": {"source": Enum("synthetic", "folder"), "resolution": Res},
     "synthesize": {
-        "seed": Int(0), "identities_train": Int(2), "identities_eval": Int(1), "eval_identity_offset": Int(0, null=True),
-        "images_per_identity": Int(1), "canvas": Int(16), "face_size": List(Float(0.01, 1), 2),
+        "seed": Int(0), "identities_train": Int(1), "identities_eval": Int(0),
+        "eval_identity_offset": Int(0, null=True), "images_per_identity": Int(1), "canvas": Int(16), "face_size": List(Float(0.01, 1), 2),
         "shape_sigma": Float(0), "expression_sigma": Float(0), "yaw_deg": Float(0, 90), "pitch_deg": Float(0, 90),
         "roll_deg": Float(0, 180), "supersample": Int(1), "render_workers": Int(1),
     },
@@ -178,7 +178,7 @@ SCHEMA: dict = {
     },
     "warmstart": {
         "regression_steps": Int(0), "recon_steps": Int(0), "batch_size": Int(1), "lr": Float(0), "mixing_prob": Prob,
-        "truncation_psi": Float(0, 1), "code_weight": Weight, "image_l1": Weight, "recon_l1": Weight,
+        "truncation_psi": Float(0), "code_weight": Weight, "image_l1": Weight, "recon_l1": Weight,
         "recon_lpips": Weight, "ema_decay": Prob, "log_every": Int(1), "refine_steps": Int(0), "refine_lr": Float(0),
         "refine_id": Weight, "checkpoint_every": Int(0), "workers": Int(0), "bf16": Bool(),
     },
@@ -204,7 +204,8 @@ SCHEMA: dict = {
     },
     "source_fit": {"steps": Int(0), "lr": Float(0), "l1": Weight, "lpips": Weight, "id": Weight, "exp": Weight},
     "evaluate": {
-        "batch_size": Int(1), "workers": Int(0), "bootstrap": Int(1), "identity_embedder": Enum("dlib", "mobilefacenet"),
+        "batch_size": Int(1), "workers": Int(0), "bootstrap": Int(1),
+        "identity_embedder": Enum("dlib", "mobilefacenet"),
         "threedmm_encoder": Enum(*THREEDMM), "shape_encoder": Enum("", "evaluator", *THREEDMM),
         "expression_encoder": Enum("", "evaluator", *THREEDMM), "shape_coefficients": Int(0), "jaw_pose": Bool(),
         "fid": {"inception_checkpoint": Str(), "substitute": Enum("lpips_alex"), "resolution": Int(0)},

@@ -274,3 +274,32 @@ def test_swapper_file_keeps_the_source_torgb_split(tmp_path):
     loaded, _ = load_swapper(tmp_path / "s.pt")
     assert loaded.source_torgb_max_res == 8
     assert loaded.src_indices == m.src_indices and loaded.tgt_indices == m.tgt_indices
+
+
+def test_a_swapper_file_from_before_later_keys_loads_with_the_values_it_was_trained_with(tmp_path):
+    """Files carry their whole encoder config; one written before style_map_injection / the refiner / the toRGB split
+    existed lacks those keys and is read with ENCODER_CONFIG_BEFORE_KEY's values (how it was trained), not with
+    params.yaml's current ones: the same weights give the same swap."""
+    from mfim.models.mfim import ENCODER_CONFIG_BEFORE_KEY, load_swapper, save_swapper
+    from mfim.models.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    G = Generator(32, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
+    old = {k: ENCODER_CONFIG_BEFORE_KEY[k] for k in ("style_map_injection", "style_map_gain", "refine_iterations",
+                                                    "refine_map_resolutions", "latent_channels")}
+    m = MFIM(G, unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), **old),
+             coarse_max_res=8).eval()
+    with torch.no_grad():
+        for p in m.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_swapper(m, tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    for k in old:
+        del state["encoder_config"][k]
+    del state["source_torgb_max_res"]
+    torch.save(state, tmp_path / "old.pt")
+    loaded, _ = load_swapper(tmp_path / "old.pt")
+    assert loaded.encoder.cfg == m.encoder.cfg and loaded.source_torgb_max_res == 0
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.swap(x[:1], x[1:]), m.swap(x[:1], x[1:]))

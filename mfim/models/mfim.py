@@ -30,7 +30,8 @@ MIX_GLOBAL_RES = (32,)
 # A swapper file holds its whole encoder config. Files written before a key existed lack it: these are the values
 # such files were trained with (a fact of the file format, not a params default; params.yaml holds those).
 ENCODER_CONFIG_BEFORE_KEY = {
-    "input_size": 64, "backbone": "small", "width": 32, "style_map_resolutions": (16, 32, 64), "latent_channels": None, "code_channels": None, "style_maps": True, "style_map_channels": 1,
+    "input_size": 64, "backbone": "small", "width": 32, "style_map_resolutions": (16, 32, 64), "latent_channels": None,
+    "code_channels": None, "style_maps": True, "style_map_channels": 1,
     "style_map_injection": "strength",  # before the direct path existed, maps were noise inputs
     "style_map_gain": 1.0, "refine_iterations": 0, "refine_map_resolutions": None,
 }
