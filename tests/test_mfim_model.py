@@ -13,7 +13,7 @@ def make_model(style_maps=True, res=32, maps=(8, 16), map_channels=1, source_tor
     torch.manual_seed(0)
     g = StubGenerator(resolution=res)
     cfg = unit_encoder(input_size=res, width=8, style_maps=style_maps, style_map_resolutions=maps,
-                        style_map_channels=map_channels)
+                       style_map_channels=map_channels)
     m = MFIM(g, cfg, coarse_max_res=8, mix_global_res=(16,), source_torgb_max_res=source_torgb_max_res)
     # give the zero-initialised heads some weight so outputs depend on the inputs
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_swap_shapes_with_stylegan2(res, input_size, backbone, maps):
     else:
         G = Generator(res, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
     m = MFIM(G, unit_encoder(input_size=input_size, backbone=backbone, width=8, code_channels=16,
-                              style_map_resolutions=maps), coarse_max_res=16).eval()
+                             style_map_resolutions=maps), coarse_max_res=16).eval()
     n_styles = {64: 14, 128: 17, 256: 20, 1024: 26}[res]
     assert len(G.style_layers) == n_styles
     x = torch.rand(1, 3, input_size, input_size) * 2 - 1

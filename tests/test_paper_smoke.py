@@ -77,7 +77,7 @@ def render_photos(out: Path, identities: int, per_identity: int) -> list[list[Pa
     from mfim.data.synth import synthesize_dataset
 
     cfg = synth_config(seed=3, identities_train=identities, identities_eval=0, images_per_identity=per_identity,
-                      render_workers=1, yaw_deg=15, roll_deg=6)  # near-frontal: dlib HOG finds every face
+                       render_workers=1, yaw_deg=15, roll_deg=6)  # near-frontal: dlib HOG finds every face
     table = synthesize_dataset(cfg, out)
     paths = [out / "images" / f"{k}.png" for k in table["key"]]
     return [[p for p, i in zip(paths, table["identity"]) if i == ident] for ident in sorted(set(table["identity"]))]

@@ -11,7 +11,7 @@ from tests.defaults import loss_weights, train_config, warmstart_config, unit_en
 def make(refine: int, seed: int = 0, style_maps: bool = True) -> MFIM:
     torch.manual_seed(seed)
     cfg = unit_encoder(input_size=32, width=8, style_map_resolutions=(8, 16), refine_iterations=refine,
-                        style_maps=style_maps)
+                       style_maps=style_maps)
     return MFIM(StubGenerator(32), cfg, coarse_max_res=8, mix_global_res=(16,)).eval()
 
 
@@ -136,7 +136,8 @@ def test_warmstart_refine_phase_trains_only_the_refiner_and_lowers_the_error():
     base = {k: v.clone() for k, v in m.encoder.state_dict().items() if not k.startswith("refiner.")}
     real = iter(lambda: {"src": x[:2], "tgt": x[2:]}, None)
     cfg = warmstart_config(regression_steps=0, recon_steps=0, refine_steps=30, batch_size=4, refine_lr=3e-3,
-                          recon_lpips=0.0, refine_id=0.1, log_every=10, ema_decay=0.0, image_l1=1.0, checkpoint_every=0)
+                           recon_lpips=0.0, refine_id=0.1, log_every=10, ema_decay=0.0, image_l1=1.0,
+                           checkpoint_every=0)
     state, _, rows = run_warmstart(m, cfg, real, ReconLoss(None), progress=False, id_loss=IDLoss(StubEmbedder()))
     assert [r["step"] for r in rows] == [10, 20, 30] and "refine_id" in rows[0]
     assert all(torch.equal(state[k], v) for k, v in base.items())
@@ -154,7 +155,7 @@ def test_warmstart_without_refiner_skips_the_refine_phase():
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     real = iter(lambda: {"src": x[:2], "tgt": x[2:]}, None)
     cfg = warmstart_config(regression_steps=0, recon_steps=2, refine_steps=5, batch_size=4, recon_lpips=0.0,
-                          log_every=1, image_l1=1.0, checkpoint_every=0)
+                           log_every=1, image_l1=1.0, checkpoint_every=0)
     _, _, rows = run_warmstart(m, cfg, real, ReconLoss(None), progress=False)
     assert [r["step"] for r in rows] == [1, 2]
 
@@ -193,7 +194,7 @@ def test_refine_map_resolutions_limits_which_maps_the_refiner_corrects(tmp_path)
     torch.manual_seed(0)
     G = Generator(32, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
     cfg = unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), refine_iterations=1,
-                        refine_map_resolutions=(8,))
+                       refine_map_resolutions=(8,))
     m = MFIM(G, cfg, coarse_max_res=8, mix_global_res=(16,)).eval()
     with torch.no_grad():
         for p in m.encoder.parameters():
@@ -213,7 +214,7 @@ def test_refine_map_resolutions_limits_which_maps_the_refiner_corrects(tmp_path)
         assert torch.equal(back.swap(x, x.flip(3)), m.swap(x, x.flip(3)))
     with pytest.raises(ValueError, match="refine_map_resolutions"):
         MFIM(G, unit_encoder(input_size=32, width=8, style_map_resolutions=(8,), refine_iterations=1,
-                              refine_map_resolutions=(16,)), coarse_max_res=8, mix_global_res=(16,))
+                             refine_map_resolutions=(16,)), coarse_max_res=8, mix_global_res=(16,))
 
 
 def test_save_swapper_carries_extra_entries_but_never_over_its_own(tmp_path):

@@ -120,7 +120,7 @@ def test_compile_keeps_losses_gradients_and_updates(baseline):
 @pytest.mark.slow  # ~35 s more of CPU compile on top of the test above
 def test_all_options_together(baseline):
     opts = speed_options(channels_last=True, fused_adam=True, cudnn_benchmark=True, tf32=True,
-                        compile=("encoder", "generator", "discriminator"), compile_backend="aot_eager")
+                         compile=("encoder", "generator", "discriminator"), compile_backend="aot_eager")
     torch._dynamo.reset()
     assert_same_step(run_steps(opts), baseline, tol=5e-5)
 

@@ -32,7 +32,7 @@ def tiny_generator(noise_strength: float = 1e-3) -> Generator:
 def make(injection: str, maps=(8, 16), **kw) -> MFIM:
     torch.manual_seed(1)
     cfg = unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=maps,
-                        style_map_injection=injection, **kw)
+                       style_map_injection=injection, **kw)
     return MFIM(tiny_generator(), cfg, coarse_max_res=8, mix_global_res=(16,))
 
 
@@ -176,7 +176,7 @@ class Killed(Exception):
 
 
 RESUME_CFG = warmstart_config(regression_steps=3, recon_steps=2, refine_steps=3, batch_size=4, log_every=1,
-                             ema_decay=0.5, lr=1e-3, refine_lr=1e-3, checkpoint_every=2, image_l1=1.0)
+                              ema_decay=0.5, lr=1e-3, refine_lr=1e-3, checkpoint_every=2, image_l1=1.0)
 
 
 def warm_start(tmp_path, resume=None, kill_at=None, on_step=None):
