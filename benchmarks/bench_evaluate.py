@@ -144,13 +144,14 @@ def small_swapper(path: Path) -> Path:
     """A random-weight MFIM whose generator makes 4x the data resolution (the paper: 1024 px swaps of 256 px faces)."""
     import torch
 
-    from mfim.models.encoder import EncoderConfig
     from mfim.models.mfim import MFIM, save_swapper
     from mfim.models.stylegan2 import Generator
 
     torch.manual_seed(0)
     G = Generator(resolution=4 * DATA_RES, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
-    model = MFIM(G, EncoderConfig(input_size=DATA_RES, width=8, code_channels=16), coarse_max_res=16)
+    from tests.defaults import unit_encoder
+
+    model = MFIM(G, unit_encoder(input_size=DATA_RES, width=8, code_channels=16), coarse_max_res=16)
     with torch.no_grad():  # a fresh encoder starts at the average codes: every swap would be the same image
         for q in model.encoder.parameters():
             q.add_(torch.randn_like(q) * 0.05)

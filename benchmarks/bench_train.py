@@ -54,13 +54,14 @@ def _child(cfg: dict, queue) -> None:
     enc = EncoderConfig.from_params(params, input_size=size)
     model = MFIM(G, enc, coarse_max_res=int(enc_p["coarse_max_res"]), mix_global_res=tuple(enc_p["mix_global_res"]))
     objective = MFIMObjective(
-        LossWeights(),
+        # the paper's eq. (6) weights (the timing should not depend on the embedded default's tuning)
+        LossWeights.from_params(load_params(ROOT / "configs" / "paper.yaml")["loss"]),
         id_loss=IDLoss(MobileFaceNetEmbedder(device=device)),
         recon=ReconLoss(load_lpips("alex").to(device).eval().requires_grad_(False)),
         threedmm=ThreeDMMLoss(TDDFAEncoder(device=device)),
         discriminator=Discriminator(size, gen["channel_base"], gen["channel_max"]).to(device),
     )
-    trainer = Trainer(model, objective, TrainConfig(), device)
+    trainer = Trainer(model, objective, TrainConfig.from_params(params["train"]), device)
     b, s = cfg["batch"], enc.input_size
     batch = {"src": torch.rand(b, 3, s, s, device=device) * 2 - 1, "tgt": torch.rand(b, 3, s, s, device=device) * 2 - 1}
 

@@ -72,6 +72,9 @@ REMOTE_PACKAGES = frozenset({
 })
 GOAL = {"train_img_per_s": 50.0, "train_min_batch": 8, "swap_ms_per_image_batched": 15.0, "swap_ms_batch1": 50.0}
 ALL_MODULES = ("encoder", "generator", "discriminator")
+# "today": no speed option on (params.yaml's embedded default has them all off); a row switches its own on
+SPEED_OFF = {"channels_last": False, "compile": [], "compile_mode": "default", "compile_backend": "inductor",
+             "fused_adam": False, "cudnn_benchmark": False, "tf32": False}
 
 
 # ------------------------------------------------------------------------------------------------- configuration
@@ -254,7 +257,7 @@ def time_train(name: str, speed: dict, batch: int, pristine, params: dict, devic
     model, objective = (copy.deepcopy(m) for m in pristine)
     cfg = TrainConfig.from_params({**params["train"], **{k: v for k, v in speed.items() if k == "bf16"}})
     trainer = Trainer(model, objective, cfg, device)
-    apply_speed_options(trainer, SpeedOptions.from_params(speed))
+    apply_speed_options(trainer, SpeedOptions.from_params({**SPEED_OFF, **speed}))
     data = random_batch(batch, sizes.data_resolution, device, seed=batch)
     r1_every = objective.w.r1_every
     reset_peak(device)
@@ -312,7 +315,8 @@ def time_inference(pristine, device, sizes: Sizes, budget: Budget) -> list[dict]
             if cl:
                 to_channels_last(model.encoder)
             if comp:
-                opts = SpeedOptions(compile=sizes.compile_modules, compile_backend=sizes.compile_backend)
+                opts = SpeedOptions.from_params({**SPEED_OFF, "compile": list(sizes.compile_modules),
+                                                 "compile_backend": sizes.compile_backend})
                 if "encoder" in opts.compile:
                     model.encoder.compile(backend=opts.compile_backend, dynamic=False)
                 compile_generator(model.generator, opts)
@@ -373,7 +377,7 @@ def profile_step(best: dict, pristine, params, device, sizes: Sizes) -> dict:
     model, objective = (copy.deepcopy(m) for m in pristine)
     cfg = TrainConfig.from_params({**params["train"], **{k: v for k, v in speed.items() if k == "bf16"}})
     trainer = Trainer(model, objective, cfg, device)
-    apply_speed_options(trainer, SpeedOptions.from_params(speed))
+    apply_speed_options(trainer, SpeedOptions.from_params({**SPEED_OFF, **speed}))
     data = random_batch(best["batch"], sizes.data_resolution, device)
     trainer.step = 1
     n = sizes.profile_steps

@@ -42,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from mfim.assets import MissingAssetError
+    from mfim.params_schema import ParamsError
     from mfim.weights import CheckpointError
 
     try:
         return int(args.func(args) or 0)
+    except ParamsError as e:  # the params file a command reads (e.g. --fit-steps' weights): its one line
+        print(f"mfim {args.command}: {e}", file=sys.stderr)
+        return 2
     except (MissingAssetError, CheckpointError) as e:
         print(f"mfim: {e}", file=sys.stderr)
         return 3

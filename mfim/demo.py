@@ -19,14 +19,12 @@ IMAGE_INDEX = 0
 
 
 def synth_config():
-    """params.yaml's synthesize group (the working folder's, as `make demo` runs it), else the recipe's defaults."""
-    import yaml
-
+    """params.yaml's synthesize group (the working folder's, as `make demo` runs it), else the embedded default's."""
+    from mfim.config import embedded_default, load_params
     from mfim.data.synth import SynthConfig
 
-    params = Path("params.yaml")
-    group = (yaml.safe_load(params.read_text()) or {}).get("synthesize") if params.is_file() else None
-    return SynthConfig.from_params(group) if group else SynthConfig()
+    params = load_params("params.yaml") if Path("params.yaml").is_file() else embedded_default()
+    return SynthConfig.from_params(params["synthesize"])
 
 
 def render_pair(outdir: Path, overwrite: bool = True) -> dict[str, Path]:

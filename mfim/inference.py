@@ -61,8 +61,14 @@ class FaceSwapper:
         if fit_steps:
             from mfim.training.build import build_source_fitter
 
-            model.source_fitter = build_source_fitter({"source_fit": {"steps": int(fit_steps), "exp": float(fit_exp)},
-                                                       "loss": {"threedmm_encoder": "fitted"}}, device)
+            from mfim.config import embedded_default
+
+            # params.yaml's pixel and ID weights (the embedded default's), the steps and anchor asked for; the
+            # anchor reads the fitted loss network whatever params.yaml's loss.threedmm_encoder says
+            params = embedded_default()
+            params["source_fit"].update(steps=int(fit_steps), exp=float(fit_exp))
+            params["loss"]["threedmm_encoder"] = "fitted"
+            model.source_fitter = build_source_fitter(params, device)
         return cls(model, meta, sha256_file(p), device=device, detector=detector)
 
     # --- preprocessing ----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ GPUS_KEY = "train.gpus"
 def uses_cuda(params: dict) -> bool:
     import torch
 
-    device = str(lookup(params, "project.device", "auto"))
+    device = str(lookup(params, "project.device"))
     if device == "auto":
         return torch.cuda.is_available()
     return device.startswith("cuda")
@@ -47,7 +47,7 @@ def process_count(params: dict, key: str | None = GPUS_KEY) -> int:
     import torch
 
     visible = torch.cuda.device_count()
-    value = lookup(params, key, "auto") if key else "auto"
+    value = lookup(params, key) if key else "auto"
     if value in (None, "auto"):
         return max(visible, 1)
     try:
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         raise SystemExit("usage: python -m mfim.launch [--gpus-key KEY] SCRIPT [ARGS...]")
     script, args = argv[0], argv[1:]
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
 
-    params = load_params(os.environ.get("MFIM_PARAMS", "params.yaml"))
+    with exit_on_params_error("launch"):  # one line before any process starts, not a traceback per rank
+        params = load_params(os.environ.get("MFIM_PARAMS", "params.yaml"))
     n = process_count(params, key)
     multi_node = any(os.environ.get(k) for k in MULTI_NODE_ENV)
     env = dict(os.environ, MFIM_NO_REEXEC="1")  # the tunables are decided here, not re-decided by the script

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mfim.config import flatten, load_params, lookup
+from mfim.params_schema import validate, validate_groups
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ def configure(params: dict) -> str:
     import mlflow
 
     root = repo_root()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or lookup(params, "project.mlflow.tracking_uri", "sqlite:///mlflow.db")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or lookup(params, "project.mlflow.tracking_uri")
     uri = _anchored(uri, root)
     mlflow.set_tracking_uri(uri)
-    name = lookup(params, "project.mlflow.experiment", "mfim")
-    artifact_root = lookup(params, "project.mlflow.artifact_root", "mlartifacts")
+    name = lookup(params, "project.mlflow.experiment")
+    artifact_root = lookup(params, "project.mlflow.artifact_root")
     if "://" not in artifact_root and not Path(artifact_root).is_absolute():
         artifact_root = str(root / artifact_root)
     exp = mlflow.get_experiment_by_name(name)
@@ -99,7 +100,7 @@ def ui_url(params: dict, base: str = "http://127.0.0.1:5000") -> str:
     import mlflow
 
     configure(params)
-    exp = mlflow.get_experiment_by_name(lookup(params, "project.mlflow.experiment", "mfim"))
+    exp = mlflow.get_experiment_by_name(lookup(params, "project.mlflow.experiment"))
     return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
 
 
@@ -304,6 +305,11 @@ def start_run(stage: str, params: dict, groups: list[str] | None = None, run_nam
     """
     import mlflow
 
+    # what MLflow records as the run's params must be what the stage could read: refused keys never reach it
+    if groups:
+        validate_groups(params, groups, where=f"{stage} params")
+    else:  # every group is logged
+        validate(params, where=f"{stage} params")
     active = mlflow.active_run()
     if active is not None and active.data.tags.get("mfim.stage") == stage:
         _, flat = _run_tags(stage, params, groups)
@@ -311,7 +317,7 @@ def start_run(stage: str, params: dict, groups: list[str] | None = None, run_nam
         yield active
         return
     configure(params)
-    experiment = lookup(params, "project.mlflow.experiment", "mfim")
+    experiment = lookup(params, "project.mlflow.experiment")
     close_dead_runs(stage, experiment)
     tags, flat = _run_tags(stage, params, groups)
     if resumed_from:
@@ -354,7 +360,7 @@ def resolve_checkpoint(uri: str) -> Path:
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and Path("params.yaml").is_file():
-        uri_store = lookup(load_params(), "project.mlflow.tracking_uri", "sqlite:///mlflow.db")
+        uri_store = lookup(load_params(), "project.mlflow.tracking_uri")
         mlflow.set_tracking_uri(_anchored(uri_store, repo_root()))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     found = sorted((local / "artifacts").glob("*.pt"))

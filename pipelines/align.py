@@ -69,4 +69,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("align"):
+        main()

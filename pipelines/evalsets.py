@@ -30,7 +30,7 @@ def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     e = lookup(params, "evalsets")
     protocol_name = e["protocol"]
-    seed = int(e.get("seed", 0))
+    seed = int(e["seed"])
     rejects: list[dict] = []
     try:
         if protocol_name == "synthetic":
@@ -43,14 +43,14 @@ def main(params_path: str = "params.yaml") -> dict:
                             bool(a["enable_padding"]))
             f = e["ffpp"]
             pairs, triplets, protocol, rejects = E.build_ffpp(
-                f["root"], OUT_DIR, f.get("compression", "c23"), int(f.get("frames_per_video", 10)),
-                f.get("splits_json") or None,
+                f["root"], OUT_DIR, f["compression"], int(f["frames_per_video"]),
+                f["splits_json"] or None,
                 aligner_factory=lambda: E.dlib_aligner(*aligner_args),
                 aligner_settings=E.dlib_aligner_settings(*aligner_args))
             protocol["aligned_size"] = int(a["output_size"])
         elif protocol_name == "celebahq":
             c = e["celebahq"]
-            pairs, triplets, protocol = E.build_celebahq(c["root"], int(c.get("pairs_per_target", 10)), seed,
+            pairs, triplets, protocol = E.build_celebahq(c["root"], int(c["pairs_per_target"]), seed,
                                                          max_pairs=int(e["pairs"]), max_triplets=int(e["triplets"]))
         else:
             raise SystemExit(f"evalsets: unknown protocol {protocol_name!r} (synthetic | ffpp | celebahq)")
@@ -78,4 +78,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("evalsets"):
+        main()

@@ -11,13 +11,14 @@ from mfim.runtime import ensure_allocator_env
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
     from mfim.evaluation.evaluate import run_evaluation
     from mfim.launch import relaunch_on_every_gpu
     from mfim.tracking import start_run
     from mfim.training.presets import apply_preset
 
-    params = apply_preset(load_params())
+    with exit_on_params_error("evaluate"):
+        params = apply_preset(load_params())
     relaunch_on_every_gpu(params, __file__)
     # the run is open from the start, so progress shows in MLflow while the stage works (rank 0's; the others log none)
     tracked = start_run("evaluate", params, groups=["evaluate"]) if int(os.environ.get("RANK", "0")) == 0 \

@@ -35,23 +35,26 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
 
     group = lookup(params, f"threedmm.{name}")
     model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),
-                                backbone=str(group.get("backbone", "small")))
+                                backbone=str(group["backbone"]))
     fit = FitConfig(epochs=int(group["epochs"]), batch_size=int(group["batch_size"]), lr=float(group["lr"]),
                     val_fraction=float(group["val_fraction"]),
-                    seed=int(group.get("seed", lookup(params, "project.seed", 0))),
-                    augment=bool(group.get("augment", True)),
-                    shape_tail_weight=float(group.get("shape_tail_weight", 1.0)))
-    synthetic = lookup(params, "data.source", "synthetic") == "synthetic"
-    if group.get("shipped_checkpoint") and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't
+                    # the evaluator has a seed of its own (other people, network and seed than the loss network)
+                    seed=int(group["seed"] if name == "evaluator" else lookup(params, "project.seed")),
+                    augment=True,  # not a params key: the fits always augment
+                    # the evaluator's loss weighs every shape coefficient alike (no key: shape_tail_weight is the
+                    # loss network's, whose L_shape reads only the leading ones)
+                    shape_tail_weight=float(group["shape_tail_weight"]) if name == "regressor" else 1.0)
+    synthetic = lookup(params, "data.source") == "synthetic"
+    if group["shipped_checkpoint"] and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't
         return use_shipped_regressor(group["shipped_checkpoint"], out, model_cfg, eval_pattern, TABLE, log=log,
                                      group=name)
-    n_render = int(group.get("render_identities", 0) or 0)
+    n_render = int(group["render_identities"])
     if n_render > 0 and synthetic:
         render = render_aligned_set(
             SynthConfig.from_params(lookup(params, "synthesize")),
-            RenderSetConfig(identities=n_render, images_per_identity=int(group.get("render_images_per_identity", 5)),
-                            identity_offset=int(group.get("identity_offset", 100_000)), size=model_cfg.input_size,
-                            workers=int(lookup(params, "synthesize.render_workers", 2))),
+            RenderSetConfig(identities=n_render, images_per_identity=int(group["render_images_per_identity"]),
+                            identity_offset=int(group["identity_offset"]), size=model_cfg.input_size,
+                            workers=int(lookup(params, "synthesize.render_workers"))),
             log=log,
         )
         return fit_from_render_set(render, out, model_cfg, fit, eval_pattern, TABLE, log=log)
@@ -64,8 +67,8 @@ def regressor_readers(params: dict) -> list[str]:
     (train, source_fit), the evaluation's 3DMM network, and a later threedmm precompute."""
     from mfim.config import lookup
 
-    keys = {"loss.threedmm_encoder": "fitted", "evaluate.threedmm_encoder": "tddfa", "threedmm.encoder": "tddfa"}
-    return [k for k, default in keys.items() if str(lookup(params, k, default)) == "fitted"]
+    keys = ("loss.threedmm_encoder", "evaluate.threedmm_encoder", "threedmm.encoder")
+    return [k for k in keys if str(lookup(params, k)) == "fitted"]
 
 
 def _summary(name: str, report: dict) -> str:
@@ -88,7 +91,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     params = load_params(params_path)
-    configure_threads(lookup(params, "project.threads", None))
+    configure_threads(lookup(params, "project.threads"))
     has_eval = any(Path(SHARDS_DIR).glob("eval-*.tar"))
     eval_pattern = split_pattern(SHARDS_DIR, "eval") if has_eval else None
     train_pattern = split_pattern(SHARDS_DIR, "train")
@@ -99,14 +102,13 @@ def main(params_path: str = "params.yaml") -> dict:
         from mfim.nets.threedmm_regressor import save_no_regressor
 
         why = (f"not needed: no configured network reads it (loss.threedmm_encoder: "
-               f"{lookup(params, 'loss.threedmm_encoder', 'fitted')}, evaluate.threedmm_encoder: "
-               f"{lookup(params, 'evaluate.threedmm_encoder', 'tddfa')}, threedmm.encoder: "
-               f"{lookup(params, 'threedmm.encoder', 'tddfa')}; set one of them to fitted to fit it)")
+               f"{lookup(params, 'loss.threedmm_encoder')}, evaluate.threedmm_encoder: "
+               f"{lookup(params, 'evaluate.threedmm_encoder')}, threedmm.encoder: "
+               f"{lookup(params, 'threedmm.encoder')}; set one of them to fitted to fit it)")
         save_no_regressor(OUT, why)
         report = {"skipped": True, "why": why, "val_error": None, "train_loss": []}
         print(f"fit_regressor (loss network): {why}")
-    evaluator = lookup(params, "threedmm.evaluator", {}) or {}
-    if int(evaluator.get("render_identities", 0) or 0) > 0 and lookup(params, "data.source", "synthetic") == "synthetic":
+    if int(lookup(params, "threedmm.evaluator.render_identities")) > 0 and lookup(params, "data.source") == "synthetic":
         report["evaluator"] = _fit("evaluator", params, EVALUATOR_OUT, train_pattern, eval_pattern, print)
         print(_summary("fit_regressor (shape / expression evaluator)", report["evaluator"]))
     else:  # DVC declares the output: a marker that says why there is no evaluator (real photos have no renders)
@@ -138,4 +140,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("fit_regressor"):
+        main()

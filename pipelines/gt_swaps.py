@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default="reports/grids/gt_swaps.png")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    cfg = GtSwapConfig.from_params(dict(lookup(params, "gt_swaps", {}) or {}),
-                                   size=int(lookup(params, "data.resolution", 64)))
-    synthetic = lookup(params, "data.source", "synthetic") == "synthetic"
+    cfg = GtSwapConfig.from_params(lookup(params, "gt_swaps"),
+                                   size=int(lookup(params, "data.resolution")))
+    synthetic = lookup(params, "data.source") == "synthetic"
     t0 = time.perf_counter()
     if synthetic and cfg.pairs > 0:
         data = render_gt_swap_set(SynthConfig.from_params(lookup(params, "synthesize")), cfg)
@@ -57,4 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     ensure_allocator_env()  # the render workers are spawned from this process and inherit it (see synthesize)
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("gt_swaps"):
+        main()

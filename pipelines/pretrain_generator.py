@@ -106,7 +106,7 @@ def train(params: dict, device) -> dict:
     from mfim.training.pretrain import pretrain
 
     g, pg = params["generator"], params["pretrain_generator"]
-    seed = int(lookup(params, "project.seed", 0))
+    seed = int(lookup(params, "project.seed"))
     import torch
 
     torch.manual_seed(seed)
@@ -142,9 +142,9 @@ def main(params_path: str = "params.yaml") -> dict:
     from mfim.training.pretrain import sample_checkpoint
 
     params = load_params(params_path)
-    configure_threads(lookup(params, "project.threads", None))
-    device = pick_device(str(lookup(params, "project.device", "auto")))
-    source = lookup(params, "generator.checkpoint", "") or lookup(params, "pretrain_generator.shipped_checkpoint", "")
+    configure_threads(lookup(params, "project.threads"))
+    device = pick_device(str(lookup(params, "project.device")))
+    source = lookup(params, "generator.checkpoint") or lookup(params, "pretrain_generator.shipped_checkpoint")
     if source:
         summary = import_checkpoint(str(source), OUT)
         sample_checkpoint(OUT, Path(SAMPLES_DIR) / "samples" / "imported.png", device)
@@ -174,4 +174,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("pretrain_generator"):
+        main()

@@ -26,7 +26,7 @@ def register(params: dict, metrics_path: Path = Path("reports/metrics.json")) ->
     holds = bool(checks) and all(checks.values())
     with start_run("report", params, groups=["train"]):
         mlflow.log_metrics({f"checks.{k}": float(v) for k, v in checks.items()})
-        version = register_swapper(MODEL, tags={"train.config": str(params.get("train", {}).get("config", "E"))})
+        version = register_swapper(MODEL, tags={"train.config": str(params["train"]["config"])})
         set_champion(version, holds)
         failed = [k for k, v in checks.items() if not v]
         print(f"registered: models:/mfim/{version.version}"
@@ -34,10 +34,11 @@ def register(params: dict, metrics_path: Path = Path("reports/metrics.json")) ->
 
 
 if __name__ == "__main__":
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
     from mfim.evaluation.report import export_ablation_runs, write_plot_data, write_reports
 
-    params = load_params()
+    with exit_on_params_error("report"):
+        params = load_params()
     if "--export-ablation" in sys.argv[1:]:
         print(export_ablation_runs(params))
     for path in write_reports(params) + write_plot_data(params):

@@ -63,12 +63,12 @@ def main(params_path: str = "params.yaml") -> dict:
         landmarks=landmarks,
         transforms=transforms,
         source=source,
-        eval_fraction=float(lookup(params, "shard.eval_fraction", 0.1)),
-        seed=int(lookup(params, "shard.seed", 0)),
+        eval_fraction=float(lookup(params, "shard.eval_fraction")),
+        seed=int(lookup(params, "shard.seed")),
     )
     report = build_shards(inputs, OUT_DIR, int(lookup(params, "data.resolution")),
                           int(lookup(params, "shard.max_shard_bytes")),
-                          workers=resolve_workers(lookup(params, "shard.workers", 1)))
+                          workers=resolve_workers(lookup(params, "shard.workers")))
     if Path(ALIGN_REJECTS).is_file():
         report["align_rejects"] = int(len(pd.read_csv(ALIGN_REJECTS)))
     Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
@@ -90,4 +90,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("shard"):
+        main()

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", default="reports/synthesize.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    if params.get("data", {}).get("source", "synthetic") != "synthetic":
+    if params["data"]["source"] != "synthetic":
         # Real photos (align.input_dir) replace the renders; keep the stage's outputs so the DAG stays whole.
         import json
         from pathlib import Path
@@ -40,4 +40,7 @@ if __name__ == "__main__":
     # Without it glibc maps and unmaps the renderer's per-image buffers: ~20% of CPU time in the kernel. The render
     # workers are spawned from this process and inherit the setting.
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("synthesize"):
+        main()

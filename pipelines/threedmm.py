@@ -36,7 +36,7 @@ def _settings(params: dict, name: str) -> dict:
     from mfim.config import lookup
     from mfim.data.progress import sha256_of
 
-    out = {"nets.threedmm": lookup(params, "nets.threedmm", None)}
+    out = {"nets.threedmm": lookup(params, "nets.threedmm")}
     if Path(WEIGHTS).is_file():
         out["weights"] = sha256_of(WEIGHTS)
     if name == "fitted":
@@ -56,16 +56,16 @@ def main(params_path: str = "params.yaml") -> dict:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     params = load_params(params_path)
-    configure_threads(lookup(params, "project.threads", None))
-    device = pick_device(lookup(params, "project.device", "auto"))
+    configure_threads(lookup(params, "project.threads"))
+    device = pick_device(lookup(params, "project.device"))
     name = lookup(params, "threedmm.encoder")
     if name == "fitted" and not Path(REGRESSOR).is_file():
         raise SystemExit(f"threedmm: encoder 'fitted' needs {REGRESSOR} from an earlier run (fit_regressor is fitted "
                          "on this stage's table); use tddfa or deca to build the table first")
     encoder = build_threedmm_encoder(name, params, device, checkpoint=REGRESSOR if name == "fitted" else None)
     patterns = [split_pattern(SHARDS_DIR, s) for s in SPLITS if list(Path(SHARDS_DIR).glob(f"{s}-*.tar"))]
-    report = run_precompute(patterns, encoder, name, OUT, int(lookup(params, "threedmm.batch_size", 64)), device,
-                            workers=_workers(lookup(params, "threedmm.workers", 0)), settings=_settings(params, name))
+    report = run_precompute(patterns, encoder, name, OUT, int(lookup(params, "threedmm.batch_size")), device,
+                            workers=_workers(lookup(params, "threedmm.workers")), settings=_settings(params, name))
     Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
     Path(REPORT).write_text(json.dumps(report, indent=1))
     err = (report.get("error") or {}).get("all")
@@ -86,4 +86,7 @@ def main(params_path: str = "params.yaml") -> dict:
 
 if __name__ == "__main__":
     ensure_allocator_env()
-    main()
+    from mfim.config import exit_on_params_error
+
+    with exit_on_params_error("threedmm"):
+        main()

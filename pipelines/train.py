@@ -8,7 +8,9 @@ from mfim.runtime import ensure_allocator_env
 
 if __name__ == "__main__":
     ensure_allocator_env()  # no-op under mfim.launch, which decided the allocator settings already
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
     from mfim.training.run import run_training
 
-    run_training(load_params())
+    with exit_on_params_error("train"):
+        params = load_params()
+    run_training(params)

@@ -20,18 +20,21 @@ def torchrun_argv() -> list[str] | None:
     from mfim.launch import torchrun_command
 
     params = load_params()
-    if Path(str(lookup(params, "train.init_checkpoint", "") or "")) != Path("data/warmstart/encoder.pt"):
+    if Path(str(lookup(params, "train.init_checkpoint") or "")) != Path("data/warmstart/encoder.pt"):
         return None
     return torchrun_command(params, os.path.abspath(__file__), key=None)
 
 
 if __name__ == "__main__":
     ensure_allocator_env()
+    from mfim.config import exit_on_params_error, load_params
+
+    with exit_on_params_error("warmstart"):
+        params = load_params()  # before torchrun: bad params are one line here, not one traceback per rank
     argv = torchrun_argv()
     if argv is not None:
         print(f"warmstart: starting under torchrun: {' '.join(argv[3:-1])}", flush=True)
         os.execv(argv[0], argv)
-    from mfim.config import load_params
     from mfim.training.warmstart import run_warmstart_stage
 
-    run_warmstart_stage(load_params())
+    run_warmstart_stage(params)

@@ -4,7 +4,9 @@ the same path reruns the stages that read it, and only those."""
 
 if __name__ == "__main__":
     from mfim.assets.manifest import write_manifests
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
 
-    for stage, path in write_manifests(load_params()).items():
+    with exit_on_params_error("weights"):
+        params = load_params()
+    for stage, path in write_manifests(params).items():
         print(f"weights: {stage} -> {path}")

@@ -62,7 +62,9 @@ def test_mix_and_generate_say_it_too(photo_paths, tmp_path, monkeypatch, capsys)
 
 
 def write_params(folder: Path, steps, exp) -> None:
-    (folder / "params.yaml").write_text(f"project:\n  seed: 0\nsource_fit:\n  steps: {steps}\n  exp: {exp}\n")
+    from tests.defaults import write_params as write_full
+
+    write_full(folder / "params.yaml", {"source_fit": {"steps": steps, "exp": exp}})
 
 
 @pytest.mark.parametrize(
@@ -75,12 +77,15 @@ def write_params(folder: Path, steps, exp) -> None:
         ((50, 0.1), ["--fit-steps", "50", "--fit-exp", "0.1"], None),
         ((0, 0.0), [], None),  # configs/paper.yaml: the feed-forward swap, as the default
         (None, [], None),  # no params.yaml in the working folder: nothing to compare with
+        ("other", [], None),  # a params.yaml this code cannot read (another project's): nothing to compare with
     ],
 )
 def test_swap_settings_that_differ_from_reports_are_printed(fake, inputs, tmp_path, monkeypatch, capsys,  # noqa: F811
                                                              params, flags, expected):
     monkeypatch.chdir(tmp_path)
-    if params is not None:
+    if params == "other":
+        (tmp_path / "params.yaml").write_text("project:\n  seed: 0\nsource_fit:\n  steps: 50\n")
+    elif params is not None:
         write_params(tmp_path, *params)
     rc = cli.main(["swap", "-s", str(inputs["obama"]), "-t", str(inputs["biden"]), "-o", str(tmp_path / "o.png"),
                    "-q", *flags])

@@ -12,8 +12,9 @@ from mfim.data import threedmm_table as T
 from mfim.data.augment import flip_landmarks
 from mfim.data.pairs import pair_batches
 from mfim.nets.types import ThreeDMMParams
-from mfim.training.objective import LossWeights, MFIMObjective
+from mfim.training.objective import MFIMObjective
 from tests.test_shards import fixture_image, fixture_meta
+from tests.defaults import loss_weights
 
 NO_LANDMARKS = "train/00001_01"
 
@@ -66,7 +67,8 @@ class LandmarkSpy(torch.nn.Module):
 
 def test_objective_crops_source_target_and_swap_with_their_landmarks():
     spy = LandmarkSpy()
-    w = LossWeights(id=0.0, l1=0.0, lpips=0.0, adv=0.0, shape=1.0, pose=1.0, exp=1.0)
+    w = loss_weights(id=0.0, l1=0.0, lpips=0.0, adv=0.0, shape=1.0, pose=1.0, exp=1.0, recon_cross_identity=1.0,
+                     background_l1=0.0)
     objective = MFIMObjective(w, threedmm=ThreeDMMLoss(spy))
     g = torch.Generator().manual_seed(0)
     x_src, x_tgt = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)

@@ -98,7 +98,9 @@ def test_evaluators_given_the_workers_dlib_embeddings_return_their_own_features(
     from mfim.evaluation.features import dlib_embed
     from mfim.evaluation.grids import to_uint8
 
-    ev = Evaluators({"evaluate": {"shape_encoder": "", "expression_encoder": ""}}, batch_size=3)
+    from tests.defaults import EVAL_BASE, params_with
+
+    ev = Evaluators(params_with(EVAL_BASE), batch_size=3)  # 3DDFA_V2's shape and expression, every coefficient
     x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     own, given = ev.features(x), ev.features(x, identity=dlib_embed(to_uint8(x)))
     for name in ("identity", "shape", "exp", "pose", "pose_hn", "id_train"):

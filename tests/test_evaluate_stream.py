@@ -18,19 +18,19 @@ from mfim.evaluation import metrics as M
 from mfim.evaluation.grids import from_uint8
 from mfim.imageio import read_rgb
 from tests.stubs import StubEvaluators, StubFeatureNet, StubLPIPS, stub_evaluation_networks, write_evalsets
+from tests.defaults import EVAL_BASE, params_with, unit_encoder
 
 RES = 32  # data resolution: the real images; the generator makes 64 px swaps
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from mfim.models.encoder import EncoderConfig
     from mfim.models.mfim import MFIM, save_swapper
     from mfim.models.stylegan2 import Generator
 
     torch.manual_seed(0)
     G = Generator(resolution=64, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
-    model = MFIM(G, EncoderConfig(input_size=RES, width=8, code_channels=16), coarse_max_res=16)
+    model = MFIM(G, unit_encoder(input_size=RES, width=8, code_channels=16), coarse_max_res=16)
     with torch.no_grad():  # a fresh encoder starts at the average codes: every swap would be the same image
         for p in model.encoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -100,8 +100,8 @@ def test_streamed_metrics_equal_the_in_memory_ones(tmp_path, checkpoint, monkeyp
 
     stub_evaluation_networks(monkeypatch.setattr)
     evalsets = write_evalsets(tmp_path / "evalsets", n_images=9, n_pairs=11, n_triplets=7)
-    params = {"project": {"device": "cpu", "threads": 1},
-              "evaluate": {"batch_size": 4, "bootstrap": 50}}  # 4 per batch: 11 pairs end on a partial batch
+    params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1},
+              "evaluate": {"batch_size": 4, "bootstrap": 50}})  # 4 per batch: 11 pairs end on a partial batch
     out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
                          raw_dir=tmp_path / "no_raw", reports_dir=tmp_path / "reports")
 
@@ -128,7 +128,8 @@ def test_a_protocol_without_triplets_evaluates_its_pairs_and_says_so(tmp_path, c
     stub_evaluation_networks(monkeypatch.setattr)
     evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=5, n_triplets=0)
     (evalsets / "protocol.json").write_text('{"protocol": "ffpp"}')
-    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 20}}
+    params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1},
+                                     "evaluate": {"batch_size": 4, "bootstrap": 20}})
     out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
                          raw_dir=tmp_path / "no_raw", reports_dir=tmp_path / "reports")
     assert out["n_pairs"] == 5 and out["n_triplets"] == 0 and out["id_mixing"] == {}
@@ -151,8 +152,9 @@ def _numbers(d, prefix=""):
 def _evaluate(tmp_path, name, checkpoint, evalsets, batch=4, **kw):
     from mfim.evaluation.evaluate import run_evaluation
 
-    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": batch, "bootstrap": 50,
-                                                                         "workers": kw.pop("workers", 0)}}
+    params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1},
+                                     "evaluate": {"batch_size": batch, "bootstrap": 50,
+                                                  "workers": kw.pop("workers", 0)}})
     reports = tmp_path / name
     out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
                          raw_dir=tmp_path / "no_raw", reports_dir=reports, **kw)
@@ -341,7 +343,9 @@ from tests.stubs import stub_evaluation_networks
 
 stub_evaluation_networks(lambda obj, name, value: setattr(obj, name, value))
 tmp, checkpoint, evalsets = map(Path, sys.argv[1:4])
-params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 50}}
+from tests.defaults import EVAL_BASE, params_with
+params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1},
+                                 "evaluate": {"batch_size": 4, "bootstrap": 50}})
 out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp / "no_shards",
                      raw_dir=tmp / "no_raw", reports_dir=tmp / "ranks", progress_dir=tmp / "progress")
 print("REPORTED" if out is not None else "RANK DONE", flush=True)
@@ -394,9 +398,9 @@ def test_the_real_evaluation_networks_with_dlib_in_workers_give_the_one_process_
     evalsets = write_evalsets(tmp_path / "evalsets", n_images=5, n_pairs=7, n_triplets=3)
     reports = []
     for workers in (0, 2):
-        params = {"project": {"device": "cpu", "threads": 1},
+        params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1},
                   "evaluate": {"batch_size": 4, "bootstrap": 20, "workers": workers, "shape_encoder": "",
-                               "expression_encoder": ""}}
+                               "expression_encoder": ""}})
         out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "none",
                              raw_dir=tmp_path / "none", reports_dir=tmp_path / f"r{workers}")
         reports.append((out, (tmp_path / f"r{workers}" / "eval_pairs.csv").read_text()))

@@ -13,8 +13,9 @@ from mfim.data.threedmm_table import STATS_NAME, coefficient_stats, write_stats
 from mfim.nets.deca import DECAEncoder, FlameEncoder
 from mfim.nets.types import ThreeDMMParams
 from mfim.training.build import threedmm_std
-from mfim.training.objective import LossWeights, loss_shares
+from mfim.training.objective import loss_shares
 from tests.official_files import randomize_batchnorm
+from tests.defaults import loss_weights
 
 
 def faces(n: int, seed: int, size: int = 64) -> torch.Tensor:
@@ -103,7 +104,8 @@ def test_jaw_pose_refuses_an_encoder_without_a_jaw():
 
 
 def test_loss_shares_are_the_weighted_terms_over_the_total():
-    w = LossWeights(id=4.0, l1=1.0, lpips=0.8, adv=0.1, shape=1.0, pose=1.0, exp=1.0)
+    w = loss_weights(id=4.0, l1=1.0, lpips=0.8, adv=0.1, shape=1.0, pose=1.0, exp=1.0, recon_cross_identity=1.0,
+                     background_l1=0.0)
     logs = {"loss": 10.0, "id": 0.5, "l1": 1.0, "lpips": 1.0, "adv": 2.0, "shape": 5.0, "pose": 0.8, "exp": 0.2,
             "d_adv": 1.3, "r1": 0.1, "img_per_s": 3.0}
     shares = loss_shares(logs, w)

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from mfim.data.gt_swaps import (BatchesWithGtRows, GtSwapConfig, GtSwapRows, draw_triples, load_gt_swap_set,
+from mfim.data.gt_swaps import (BatchesWithGtRows, GtSwapRows, draw_triples, load_gt_swap_set,
                                 render_triple, save_gt_swap_set, with_gt_rows)
-from mfim.data.synth import SynthConfig, Synthesizer
-from mfim.training.objective import LossWeights
+from mfim.data.synth import Synthesizer
+from tests.defaults import loss_weights, gt_swap_config, synth_config
 
-SMALL = SynthConfig(canvas=96, supersample=1, identities_train=6, identities_eval=2)
+SMALL = synth_config(canvas=96, supersample=1, identities_train=6, identities_eval=2, images_per_identity=8)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_a_person_in_another_scene_keeps_the_scene_and_changes_the_face(synth):
 
 
 def test_triples_pair_two_training_people(synth):
-    cfg = GtSwapConfig(pairs=50, first_index=100)
+    cfg = gt_swap_config(pairs=50, first_index=100)
     train = [i for i, s in SMALL.identities() if s == "train"]
     t = draw_triples(train, cfg)
     assert t.shape == (50, 4) and (t[:, 0] != t[:, 1]).all()
@@ -115,7 +115,7 @@ def test_a_file_that_is_not_a_set_is_refused(tmp_path):
 def test_gt_swap_term_sees_only_rows_with_a_ground_truth():
     from tests.test_training import ONLY, build, fixed_batch
 
-    tr = build(LossWeights(**{**ONLY, "gt_swap": 1.0}))
+    tr = build(loss_weights(**{**ONLY, "gt_swap": 1.0}))
     b = fixed_batch()
     x_swap = tr.model(b["src"], b["tgt"])
     _, none = tr.objective.encoder_terms(x_swap, b["src"], b["tgt"])
@@ -139,7 +139,8 @@ def test_face_region_asks_for_the_face_alone():
     from mfim.training.objective import MFIMObjective
     from tests.stubs import StubEmbedder
 
-    w = LossWeights(id=0.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0, gt_swap=1.0)
+    w = loss_weights(id=0.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0, gt_swap=1.0,
+                     recon_cross_identity=1.0, background_l1=0.0)
     with pytest.raises(ValueError, match="gt_swap_region"):
         MFIMObjective(w, recon=ReconLoss(None), gt_swap_region="hair")
     obj = MFIMObjective(w, id_loss=IDLoss(StubEmbedder()), recon=ReconLoss(None), gt_swap_region="face")
@@ -162,7 +163,8 @@ def test_gt_swap_id_target_compares_with_the_truth_on_its_rows():
     from mfim.training.objective import MFIMObjective
     from tests.stubs import StubEmbedder
 
-    w = LossWeights(id=1.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0)
+    w = loss_weights(id=1.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0,
+                     recon_cross_identity=1.0, background_l1=0.0)
     g = torch.Generator().manual_seed(0)
     x_swap, x_src = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
     has = torch.tensor([False, True, False, True])

@@ -8,17 +8,17 @@ import torch
 from mfim import cli
 from mfim import watermark as wm
 from mfim.imageio import ImageRejected, read_rgb
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM, load_swapper, save_swapper
 from mfim.models.stylegan2 import Generator
 from mfim.provenance import read_record
+from tests.defaults import unit_encoder
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     G = Generator(resolution=64, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
-    model = MFIM(G, EncoderConfig(input_size=64, width=8, code_channels=16), coarse_max_res=16)
+    model = MFIM(G, unit_encoder(input_size=64, width=8, code_channels=16), coarse_max_res=16)
     path = tmp_path_factory.mktemp("ck") / "mfim.pt"
     save_swapper(model, path, meta={"align_output_size": 128, "data_resolution": 64})
     return path

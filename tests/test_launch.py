@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from mfim.data.shards import EpochPlan
 from mfim.launch import process_count, torchrun_args
 from mfim.training.run import grid_tile_size, per_process, position_for_world, scheduled_steps
+from tests.defaults import default_group, write_params
 
 SCRIPT = textwrap.dedent(
     """
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _launch(tmp_path, device: str, extra_env: dict) -> str:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": device}, "train": {"gpus": "auto"}}))
+    write_params(tmp_path / "params.yaml", {"project": {"device": device}, "train": {"gpus": "auto"}})
     (tmp_path / "script.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MFIM_NO_REEXEC", "PET_NNODES")}
     env.update(PYTHONPATH=os.getcwd(), **extra_env)
@@ -56,32 +56,32 @@ def test_process_count_and_torchrun_flags(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert process_count({"project": {"device": "auto"}, "train": {"gpus": "auto"}}) == 4
     assert process_count({"project": {"device": "cuda"}, "train": {"gpus": 2}}) == 2
-    assert process_count({"warmstart": {"gpus": 3}}, "warmstart.gpus") == 3
+    assert process_count({"project": {"device": "auto"}, "warmstart": {"gpus": 3}}, "warmstart.gpus") == 3
     with pytest.raises(ValueError, match="train.gpus is 8 but this machine has 4 visible GPUs"):
-        process_count({"train": {"gpus": 8}})
+        process_count({"project": {"device": "auto"}, "train": {"gpus": 8}})
     with pytest.raises(ValueError, match="train.gpus must be auto or a positive integer"):
-        process_count({"train": {"gpus": "all"}})
+        process_count({"project": {"device": "auto"}, "train": {"gpus": "all"}})
     assert torchrun_args(4, "s.py", ["a"], {}) == ["--standalone", "--nproc-per-node=4", "s.py", "a"]
     assert torchrun_args(4, "s.py", [], {"PET_NNODES": "2"}) == ["--nproc-per-node=4", "s.py"]
 
 
 def test_the_batch_is_global_and_refused_in_one_line_when_it_does_not_split():
-    assert per_process({"batch_size": 8}, "batch_size", 1, 8) == 8  # one process: the value keeps its meaning
-    assert per_process({"batch_size": 64}, "batch_size", 8, 8) == 8
-    assert per_process({}, "gt_swap_pairs", 4, 0) == 0
+    assert per_process({"batch_size": 8}, "batch_size", 1) == 8  # one process: the value keeps its meaning
+    assert per_process({"batch_size": 64}, "batch_size", 8) == 8
+    assert per_process({"gt_swap_pairs": 0}, "gt_swap_pairs", 4) == 0
     with pytest.raises(ValueError) as e:
-        per_process({"batch_size": 8}, "batch_size", 3, 8)
+        per_process({"batch_size": 8}, "batch_size", 3)
     assert "\n" not in str(e.value) and "train.batch_size 8" in str(e.value) and "3 processes" in str(e.value)
 
 
 def test_steps_are_counted_at_the_schedule_batch():
-    assert scheduled_steps({"steps": 100, "batch_size": 8}) == 100  # schedule_batch unset: as given
-    paper = {"steps": 300000, "batch_size": 8, "schedule_batch": 8}
+    assert scheduled_steps(default_group("train", steps=100, batch_size=8, schedule_batch=None)) == 100  # as given
+    paper = default_group("train", steps=300000, batch_size=8, grad_accum=1, schedule_batch=8)
     assert scheduled_steps(paper) == 300000
     assert scheduled_steps({**paper, "batch_size": 64}) == 37500  # 2.4 M samples either way
     assert scheduled_steps({**paper, "batch_size": 16, "grad_accum": 2}) == 75000
     assert scheduled_steps({**paper, "batch_size": 48}) == 50000
-    assert scheduled_steps({"steps": 10, "batch_size": 3, "schedule_batch": 2}) == 7  # 20 samples: rounded up
+    assert scheduled_steps({**paper, "steps": 10, "batch_size": 3, "schedule_batch": 2}) == 7  # 20 samples: rounded up
 
 
 def _read_by(world: int, n: int, epoch: int, offset: int, seed: int = 5) -> set[int]:
@@ -149,7 +149,7 @@ def test_torchrun_workers_end_when_the_launcher_is_killed(tmp_path):
     import signal
     import time
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": "cpu"}}))
+    write_params(tmp_path / "params.yaml", {"project": {"device": "cpu"}})
     (tmp_path / "script.py").write_text(ORPHAN_SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.getcwd(), PET_NNODES="1", PET_RDZV_BACKEND="c10d",
                PET_RDZV_ENDPOINT="127.0.0.1:0", PET_RDZV_ID="mfim-orphan")

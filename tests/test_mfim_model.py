@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from mfim.models.encoder import EncoderConfig, FacialAttributeEncoder, level_for_resolution
+from mfim.models.encoder import FacialAttributeEncoder, level_for_resolution
 from mfim.models.mfim import MFIM
 from tests.stubs import StubGenerator
+from tests.defaults import unit_encoder
 
 
 def make_model(style_maps=True, res=32, maps=(8, 16), map_channels=1, source_torgb_max_res=0):
     torch.manual_seed(0)
     g = StubGenerator(resolution=res)
-    cfg = EncoderConfig(input_size=res, width=8, style_maps=style_maps, style_map_resolutions=maps,
-                        style_map_channels=map_channels)
+    cfg = unit_encoder(input_size=res, width=8, style_maps=style_maps, style_map_resolutions=maps,
+                       style_map_channels=map_channels)
     m = MFIM(g, cfg, coarse_max_res=8, mix_global_res=(16,), source_torgb_max_res=source_torgb_max_res)
     # give the zero-initialised heads some weight so outputs depend on the inputs
     with torch.no_grad():
@@ -28,7 +29,7 @@ def test_level_split_follows_psp():
 
 
 def test_small_backbone_latent_map_sizes_match_generator_layers():
-    enc = FacialAttributeEncoder(EncoderConfig(input_size=64, width=8), StubGenerator(64).style_layers,
+    enc = FacialAttributeEncoder(unit_encoder(input_size=64, width=8), StubGenerator(64).style_layers,
                                  StubGenerator(64).noise_layers)
     maps = enc.latent_maps(torch.randn(2, 3, 64, 64))
     assert {k: v.shape[-1] for k, v in maps.items()} == {"coarse": 8, "middle": 16, "fine": 32}
@@ -36,7 +37,7 @@ def test_small_backbone_latent_map_sizes_match_generator_layers():
 
 
 def test_ir_se50_levels_at_paper_input_size():
-    enc = FacialAttributeEncoder(EncoderConfig(input_size=256, backbone="ir_se50", style_maps=False),
+    enc = FacialAttributeEncoder(unit_encoder(input_size=256, backbone="ir_se50", style_maps=False),
                                  StubGenerator(64).style_layers, StubGenerator(64).noise_layers)
     assert enc.level_res == {"coarse": 16, "middle": 32, "fine": 64}
     assert len(enc.backbone.body) == 24  # 3 + 4 + 14 + 3 IR-SE units, as pSp's IR-SE50
@@ -62,7 +63,7 @@ def test_per_channel_style_maps():
 def test_untrained_encoder_starts_at_average_style():
     torch.manual_seed(0)
     g = StubGenerator(32)
-    m = MFIM(g, EncoderConfig(input_size=32, width=8), coarse_max_res=8)
+    m = MFIM(g, unit_encoder(input_size=32, width=8), coarse_max_res=8)
     codes = m.encode_codes(torch.randn(2, 3, 32, 32), [l.index for l in g.style_layers])
     s_avg = g.styles_from_ws(g.w_avg.reshape(1, 1, -1).expand(1, g.num_ws, -1))
     for l in g.style_layers:
@@ -139,7 +140,7 @@ def test_generator_stays_frozen_in_train_mode():
 
 def test_invalid_split_is_rejected():
     with pytest.raises(ValueError):
-        MFIM(StubGenerator(32), EncoderConfig(input_size=32, width=8), coarse_max_res=32)
+        MFIM(StubGenerator(32), unit_encoder(input_size=32, width=8), coarse_max_res=32)
 
 
 # --- with the real StyleGAN2 --------------------------------------------------------------------------------------
@@ -160,8 +161,8 @@ def test_swap_shapes_with_stylegan2(res, input_size, backbone, maps):
         G = Generator(1024, 512, 8, 32768, 512)
     else:
         G = Generator(res, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
-    m = MFIM(G, EncoderConfig(input_size=input_size, backbone=backbone, width=8, code_channels=16,
-                              style_map_resolutions=maps), coarse_max_res=16).eval()
+    m = MFIM(G, unit_encoder(input_size=input_size, backbone=backbone, width=8, code_channels=16,
+                             style_map_resolutions=maps), coarse_max_res=16).eval()
     n_styles = {64: 14, 128: 17, 256: 20, 1024: 26}[res]
     assert len(G.style_layers) == n_styles
     x = torch.rand(1, 3, input_size, input_size) * 2 - 1
@@ -186,7 +187,7 @@ def test_ir_se50_file_without_num_batches_tracked_loads(tmp_path):
     from mfim.models.encoder import load_ir_se50
     from tests.official_files import write_psp_ir_se50
 
-    enc = FacialAttributeEncoder(EncoderConfig(input_size=256, backbone="ir_se50", style_maps=False),
+    enc = FacialAttributeEncoder(unit_encoder(input_size=256, backbone="ir_se50", style_maps=False),
                                  StubGenerator(64).style_layers, StubGenerator(64).noise_layers)
     state = write_psp_ir_se50(tmp_path / "model_ir_se50.pth")  # no num_batches_tracked, + the head pSp skips
     assert not any(k.endswith("num_batches_tracked") for k in state)
@@ -201,22 +202,28 @@ def test_ir_se50_file_without_num_batches_tracked_loads(tmp_path):
         load_ir_se50(enc, tmp_path / "broken.pth")
 
 
-def test_one_source_of_encoder_and_split_defaults():
-    """Keys params.yaml leaves out take the library's defaults (the paper's values), and configs/paper.yaml states
-    those same values: no second copy of a default can drift."""
+def test_encoder_config_comes_from_params_alone():
+    """EncoderConfig has no value of its own: every field is read from the params group (a group without one is a
+    KeyError, not a silent default), and MFIM's paper-scale split constants are the values configs/paper.yaml states."""
+    import dataclasses
     from pathlib import Path
 
     import yaml
 
     from mfim.models.encoder import EncoderConfig
     from mfim.models.mfim import COARSE_MAX_RES, MIX_GLOBAL_RES
+    from tests.defaults import default_params
 
-    assert EncoderConfig.from_params({}, input_size=64) == EncoderConfig(input_size=64)
-    enc = {"width": "16", "style_map_resolutions": [8], "style_maps": 0, "coarse_max_res": 8}  # not an encoder field
-    cfg = EncoderConfig.from_params({"encoder": enc}, input_size=32)
-    assert (cfg.width, cfg.style_map_resolutions, cfg.style_maps) == (16, (8,), False)
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(EncoderConfig))
+    params = default_params()
+    params["encoder"].update(width=16, style_map_resolutions=[8], style_maps=False, latent_channels=24)
+    cfg = EncoderConfig.from_params(params, input_size=32)
+    assert (cfg.input_size, cfg.width, cfg.style_map_resolutions, cfg.style_maps, cfg.latent_channels) == (
+        32, 16, (8,), False, 24)
+    del params["encoder"]["style_map_gain"]
+    with pytest.raises(KeyError, match="style_map_gain"):
+        EncoderConfig.from_params(params, input_size=32)
     paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())["encoder"]
-    assert tuple(paper["style_map_resolutions"]) == EncoderConfig.style_map_resolutions
     assert paper["coarse_max_res"] == COARSE_MAX_RES and tuple(paper["mix_global_res"]) == MIX_GLOBAL_RES
 
 
@@ -261,9 +268,38 @@ def test_swapper_file_keeps_the_source_torgb_split(tmp_path):
     from mfim.models.stylegan2 import Generator
 
     G = Generator(32, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
-    m = MFIM(G, EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16)),
+    m = MFIM(G, unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16)),
              coarse_max_res=8, source_torgb_max_res=8)
     save_swapper(m, tmp_path / "s.pt")
     loaded, _ = load_swapper(tmp_path / "s.pt")
     assert loaded.source_torgb_max_res == 8
     assert loaded.src_indices == m.src_indices and loaded.tgt_indices == m.tgt_indices
+
+
+def test_a_swapper_file_from_before_later_keys_loads_with_the_values_it_was_trained_with(tmp_path):
+    """Files carry their whole encoder config; one written before style_map_injection / the refiner / the toRGB split
+    existed lacks those keys and is read with ENCODER_CONFIG_BEFORE_KEY's values (how it was trained), not with
+    params.yaml's current ones: the same weights give the same swap."""
+    from mfim.models.mfim import ENCODER_CONFIG_BEFORE_KEY, load_swapper, save_swapper
+    from mfim.models.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    G = Generator(32, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
+    old = {k: ENCODER_CONFIG_BEFORE_KEY[k] for k in ("style_map_injection", "style_map_gain", "refine_iterations",
+                                                    "refine_map_resolutions", "latent_channels")}
+    m = MFIM(G, unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), **old),
+             coarse_max_res=8).eval()
+    with torch.no_grad():
+        for p in m.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_swapper(m, tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    for k in old:
+        del state["encoder_config"][k]
+    del state["source_torgb_max_res"]
+    torch.save(state, tmp_path / "old.pt")
+    loaded, _ = load_swapper(tmp_path / "old.pt")
+    assert loaded.encoder.cfg == m.encoder.cfg and loaded.source_torgb_max_res == 0
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.swap(x[:1], x[1:]), m.swap(x[:1], x[1:]))

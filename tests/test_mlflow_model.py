@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from mfim import watermark as wm
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM, save_swapper
 from mfim.models.stylegan2 import Generator
 from tests.servers import free_port, stop, wait_until_it_answers
+from tests.defaults import unit_encoder
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)
     G = Generator(resolution=64, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
-    model = MFIM(G, EncoderConfig(input_size=64, width=8, code_channels=16), coarse_max_res=16)
+    model = MFIM(G, unit_encoder(input_size=64, width=8, code_channels=16), coarse_max_res=16)
     ck = root / "mfim.pt"
     save_swapper(model, ck, meta={"align_output_size": 128, "data_resolution": 64})
     uri = f"sqlite:///{root}/mlflow.db"

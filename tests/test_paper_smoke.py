@@ -34,6 +34,7 @@ from tests.official_files import (
     write_psp_ir_se50,
     write_stylegan2_pkl,
 )
+from tests.defaults import synth_config
 
 REPO = Path(__file__).resolve().parents[1]
 # minutes, not seconds: the 1024 px generator and full-size IR-SE50 / ResNet-50s run on the CPU in every stage
@@ -73,10 +74,10 @@ def write_weights(root: Path) -> dict[str, Path]:
 
 def render_photos(out: Path, identities: int, per_identity: int) -> list[list[Path]]:
     """BFM renders (256 px "photos"), grouped by identity."""
-    from mfim.data.synth import SynthConfig, synthesize_dataset
+    from mfim.data.synth import synthesize_dataset
 
-    cfg = SynthConfig(seed=3, identities_train=identities, identities_eval=0, images_per_identity=per_identity,
-                      render_workers=1, yaw_deg=15, roll_deg=6)  # near-frontal: dlib HOG finds every face
+    cfg = synth_config(seed=3, identities_train=identities, identities_eval=0, images_per_identity=per_identity,
+                       render_workers=1, yaw_deg=15, roll_deg=6)  # near-frontal: dlib HOG finds every face
     table = synthesize_dataset(cfg, out)
     paths = [out / "images" / f"{k}.png" for k in table["key"]]
     return [[p for p, i in zip(paths, table["identity"]) if i == ident] for ident in sorted(set(table["identity"]))]
@@ -157,7 +158,9 @@ def smoke_params(weights: dict[str, Path], ffhq: Path, ffpp: Path, celebahq: Pat
                       workers=0, sample_pairs=2)
     p["evaluate"].update(batch_size=2, bootstrap=10, workers=1)  # the worker path, one process: CI has 2 cores
     p["evaluate"]["fid"]["inception_checkpoint"] = str(weights["inception"])
-    return p
+    from mfim.params_schema import validate
+
+    return validate(p, where="paper smoke params")  # a key the stages would refuse fails here, by name
 
 
 # ---------------------------------------------------------------------------------------------------- stages

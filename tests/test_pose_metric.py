@@ -7,14 +7,16 @@ import torch
 
 from mfim.evaluation.grids import from_uint8
 from mfim.evaluation.metrics import l2_distance
+from tests.defaults import synth_config
 
 
 @pytest.fixture(scope="module")
 def aligned_renders():
-    from mfim.data.synth import SynthConfig, Synthesizer
+    from mfim.data.synth import Synthesizer
     from mfim.nets.align import align_face
 
-    synth = Synthesizer(SynthConfig(seed=3, yaw_deg=35, pitch_deg=3, roll_deg=3, supersample=1))
+    synth = Synthesizer(synth_config(seed=3, yaw_deg=35, pitch_deg=3, roll_deg=3, supersample=1,
+                                     identities_train=160, images_per_identity=8))
     who = synth.identity(0)
     faces, yaws = [], []
     for i in range(10):

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM, load_swapper, save_swapper
 from tests.stubs import StubGenerator
+from tests.defaults import loss_weights, train_config, warmstart_config, unit_encoder
 
 
 def make(refine: int, seed: int = 0, style_maps: bool = True) -> MFIM:
     torch.manual_seed(seed)
-    cfg = EncoderConfig(input_size=32, width=8, style_map_resolutions=(8, 16), refine_iterations=refine,
-                        style_maps=style_maps)
+    cfg = unit_encoder(input_size=32, width=8, style_map_resolutions=(8, 16), refine_iterations=refine,
+                       style_maps=style_maps)
     return MFIM(StubGenerator(32), cfg, coarse_max_res=8, mix_global_res=(16,)).eval()
 
 
@@ -100,7 +100,7 @@ def test_swapper_with_refiner_round_trips(tmp_path):
 
     torch.manual_seed(0)
     G = Generator(32, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
-    cfg = EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), refine_iterations=2)
+    cfg = unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), refine_iterations=2)
     m = MFIM(G, cfg, coarse_max_res=8, mix_global_res=(16,)).eval()
     with torch.no_grad():
         for p in m.encoder.parameters():
@@ -125,7 +125,7 @@ def test_warmstart_refine_phase_trains_only_the_refiner_and_lowers_the_error():
     reconstruction error of a fixed batch falls below the one-pass error it started from."""
     from mfim.criteria.id_loss import IDLoss
     from mfim.criteria.recon_loss import ReconLoss
-    from mfim.training.warmstart import WarmStartConfig, run_warmstart
+    from mfim.training.warmstart import run_warmstart
     from tests.stubs import StubEmbedder
 
     m = trained_looking(make(1))
@@ -135,8 +135,9 @@ def test_warmstart_refine_phase_trains_only_the_refiner_and_lowers_the_error():
         start = float((m.reconstruct(x, refine=False) - x).abs().mean())
     base = {k: v.clone() for k, v in m.encoder.state_dict().items() if not k.startswith("refiner.")}
     real = iter(lambda: {"src": x[:2], "tgt": x[2:]}, None)
-    cfg = WarmStartConfig(regression_steps=0, recon_steps=0, refine_steps=30, batch_size=4, refine_lr=3e-3,
-                          recon_lpips=0.0, refine_id=0.1, log_every=10, ema_decay=0.0)
+    cfg = warmstart_config(regression_steps=0, recon_steps=0, refine_steps=30, batch_size=4, refine_lr=3e-3,
+                           recon_lpips=0.0, refine_id=0.1, log_every=10, ema_decay=0.0, image_l1=1.0,
+                           checkpoint_every=0)
     state, _, rows = run_warmstart(m, cfg, real, ReconLoss(None), progress=False, id_loss=IDLoss(StubEmbedder()))
     assert [r["step"] for r in rows] == [10, 20, 30] and "refine_id" in rows[0]
     assert all(torch.equal(state[k], v) for k, v in base.items())
@@ -148,13 +149,13 @@ def test_warmstart_refine_phase_trains_only_the_refiner_and_lowers_the_error():
 
 def test_warmstart_without_refiner_skips_the_refine_phase():
     from mfim.criteria.recon_loss import ReconLoss
-    from mfim.training.warmstart import WarmStartConfig, run_warmstart
+    from mfim.training.warmstart import run_warmstart
 
     m = make(0)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     real = iter(lambda: {"src": x[:2], "tgt": x[2:]}, None)
-    cfg = WarmStartConfig(regression_steps=0, recon_steps=2, refine_steps=5, batch_size=4, recon_lpips=0.0,
-                          log_every=1)
+    cfg = warmstart_config(regression_steps=0, recon_steps=2, refine_steps=5, batch_size=4, recon_lpips=0.0,
+                           log_every=1, image_l1=1.0, checkpoint_every=0)
     _, _, rows = run_warmstart(m, cfg, real, ReconLoss(None), progress=False)
     assert [r["step"] for r in rows] == [1, 2]
 
@@ -163,15 +164,17 @@ def test_swap_training_leaves_a_frozen_refiner_bit_identical():
     """train.train_refiner false (the default): the swap objective moves the one-pass encoder, not the refiner or
     its batch-norm statistics; true: both move."""
     from mfim.criteria.recon_loss import ReconLoss
-    from mfim.training.objective import LossWeights, MFIMObjective
-    from mfim.training.trainer import TrainConfig, Trainer
+    from mfim.training.objective import MFIMObjective
+    from mfim.training.trainer import Trainer
 
     batch = {"src": torch.rand(2, 3, 32, 32) * 2 - 1, "tgt": torch.rand(2, 3, 32, 32) * 2 - 1}
     for train_refiner in (False, True):
         m = trained_looking(make(1))
         m.encoder.init_refiner()
-        w = LossWeights(id=0.0, l1=1.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0)
-        tr = Trainer(m, MFIMObjective(w, recon=ReconLoss(None)), TrainConfig(lr=1e-2, train_refiner=train_refiner),
+        w = loss_weights(id=0.0, l1=1.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0,
+                         recon_cross_identity=1.0, background_l1=0.0)
+        tr = Trainer(m, MFIMObjective(w, recon=ReconLoss(None)), train_config(lr=1e-2, train_refiner=train_refiner,
+                                                                              steps=600),
                      torch.device("cpu"))
         ref0 = {k: v.clone() for k, v in m.encoder.refiner.state_dict().items()}
         base0 = m.encoder.backbone.input_layer[0].weight.clone()
@@ -190,8 +193,8 @@ def test_refine_map_resolutions_limits_which_maps_the_refiner_corrects(tmp_path)
 
     torch.manual_seed(0)
     G = Generator(32, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
-    cfg = EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), refine_iterations=1,
-                        refine_map_resolutions=(8,))
+    cfg = unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16), refine_iterations=1,
+                       refine_map_resolutions=(8,))
     m = MFIM(G, cfg, coarse_max_res=8, mix_global_res=(16,)).eval()
     with torch.no_grad():
         for p in m.encoder.parameters():
@@ -210,15 +213,15 @@ def test_refine_map_resolutions_limits_which_maps_the_refiner_corrects(tmp_path)
     with torch.no_grad():
         assert torch.equal(back.swap(x, x.flip(3)), m.swap(x, x.flip(3)))
     with pytest.raises(ValueError, match="refine_map_resolutions"):
-        MFIM(G, EncoderConfig(input_size=32, width=8, style_map_resolutions=(8,), refine_iterations=1,
-                              refine_map_resolutions=(16,)), coarse_max_res=8, mix_global_res=(16,))
+        MFIM(G, unit_encoder(input_size=32, width=8, style_map_resolutions=(8,), refine_iterations=1,
+                             refine_map_resolutions=(16,)), coarse_max_res=8, mix_global_res=(16,))
 
 
 def test_save_swapper_carries_extra_entries_but_never_over_its_own(tmp_path):
     from mfim.models.stylegan2 import Generator
 
     G = Generator(32, style_dim=32, n_mlp=2, channel_base=2048, channel_max=16)
-    m = MFIM(G, EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16)),
+    m = MFIM(G, unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=(8, 16)),
              coarse_max_res=8, mix_global_res=(16,))
     d = {"w": torch.arange(3.0)}
     path = save_swapper(m, tmp_path / "s.pt", extra={"discriminator": d})

@@ -3,11 +3,11 @@
 import numpy as np
 
 from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
-from mfim.data.synth import SynthConfig
+from tests.defaults import synth_config
 
 
 def small(offset: int):
-    return render_aligned_set(SynthConfig(canvas=96, supersample=1),
+    return render_aligned_set(synth_config(canvas=96, supersample=1, identities_train=160, images_per_identity=8),
                               RenderSetConfig(identities=2, images_per_identity=2, identity_offset=offset, size=32,
                                               workers=1), log=lambda *_: None)
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 import json
 
 from mfim.evaluation import report
+from tests.defaults import params_with
+
+# the params these report tests were written for: the feed-forward swap and the paper's code split
+REPORT_BASE = {"source_fit": {"steps": 0}, "encoder": {"source_torgb_max_res": 0}}
+
+
+def _params(overrides: dict | None = None) -> dict:
+    return params_with(REPORT_BASE, overrides or {})
 
 
 def _metrics() -> dict:
@@ -36,7 +44,8 @@ def test_every_table_row_has_as_many_cells_as_its_header(monkeypatch):
     monkeypatch.setattr(report, "ablation_rows_from_mlflow",
                         lambda params: {"B": [{c: 1.0 for c in report.ABLATION_COLS} | {"seed": "0"}]})
     m = _metrics()
-    text = "\n\n".join([report.swap_tables(m, {}), report.mixing_table(m), report.ablation_table({}, "E", m)])
+    text = "\n\n".join([report.swap_tables(m, {}), report.mixing_table(m),
+                        report.ablation_table(_params(), "E", m)])
     tables = _tables(text)
     assert len(tables) >= 6
     for t in tables:
@@ -53,7 +62,8 @@ def _runs(seed_values: dict[str, list[float]]) -> dict[str, list[dict]]:
 def test_ablation_rows_give_seed_means_spreads_and_which_steps_exceed_seed_noise(monkeypatch):
     rows = _runs({"A": [1.0, 1.2], "B": [0.5, 0.7], "C": [0.6, 0.8], "D": [0.65, 0.75]})
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: rows)
-    text = report.ablation_table({}, "E", _metrics())
+    monkeypatch.setattr(report, "load_ablation_runs", lambda params, path=None: {})  # not reports/'s exported rows
+    text = report.ablation_table(_params(), "E", _metrics())
     ours = _tables(text)[1]
     a_row = next(line for line in ours if line.startswith("| **A."))
     assert "| 1.100 ± 0.100 |" in a_row and a_row.endswith("| 0, 1 |")
@@ -70,26 +80,26 @@ def test_a_run_with_the_test_time_source_fit_does_not_stand_in_for_its_configura
     source_fit.steps > 0 is not put in the table as configuration E (its retrieval would look like E's)."""
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: {})
     monkeypatch.setattr(report, "load_ablation_runs", lambda params, path=None: {})
-    fitted = _tables(report.ablation_table({"source_fit": {"steps": 50}}, "E", _metrics()))[1]
+    fitted = _tables(report.ablation_table(_params({"source_fit": {"steps": 50}}), "E", _metrics()))[1]
     assert any(line.startswith("| **E.") and "not run yet" in line for line in fitted)
-    plain = _tables(report.ablation_table({"source_fit": {"steps": 0}}, "E", _metrics()))[1]
+    plain = _tables(report.ablation_table(_params({"source_fit": {"steps": 0}}), "E", _metrics()))[1]
     assert any(line.startswith("| **E.") and "| 0.100 |" in line for line in plain)
 
 
 def test_exported_ablation_rows_travel_and_the_stores_own_runs_replace_theirs(tmp_path, monkeypatch):
     exported = _runs({"A": [1.0, 1.2], "B": [0.5, 0.7]})
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: exported)
-    path = report.export_ablation_runs({"train": {"steps": 100}}, tmp_path / "runs.json")
-    assert report.load_ablation_runs({"train": {"steps": 100}}, path) == exported
-    assert report.load_ablation_runs({"train": {"steps": 5}}, path) == {}  # other steps: not these rows
+    path = report.export_ablation_runs(_params({"train": {"steps": 100}}), tmp_path / "runs.json")
+    assert report.load_ablation_runs(_params({"train": {"steps": 100}}), path) == exported
+    assert report.load_ablation_runs(_params({"train": {"steps": 5}}), path) == {}  # other steps: not these rows
     # a fresh store with a new run of B seed 1 and one of C: B seed 0 and all of A come from the file
     own = {"B": [{c: 9.0 for c in report.ABLATION_COLS} | {"seed": "1"}], "C": [{"identity": 2.0, "seed": "0"}]}
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: own)
-    merged = report.merged_ablation_rows({"train": {"steps": 100}}, path)
+    merged = report.merged_ablation_rows(_params({"train": {"steps": 100}}), path)
     assert [r["identity"] for r in merged["B"]] == [9.0, 0.5] and len(merged["A"]) == 2 and merged["C"][0]["seed"] == "0"
     # exporting from that store keeps the file's other rows (a checkout that ran only B and C drops no A)
-    report.export_ablation_runs({"train": {"steps": 100}}, path)
-    assert report.load_ablation_runs({"train": {"steps": 100}}, path) == json.loads(json.dumps(merged))
+    report.export_ablation_runs(_params({"train": {"steps": 100}}), path)
+    assert report.load_ablation_runs(_params({"train": {"steps": 100}}), path) == json.loads(json.dumps(merged))
 
 
 def test_paper_rows_and_ours_sit_in_their_tables():
@@ -122,7 +132,7 @@ def test_report_warns_when_the_evaluation_3dmm_is_the_loss_network(tmp_path, mon
     (tmp_path / "metrics.json").write_text(json.dumps(_metrics()))
     (tmp_path / "metrics_detail.json").write_text(json.dumps(_evaluators("deca", "deca")))
     with caplog.at_level("WARNING"):
-        tables, ablation = report.write_reports({}, tmp_path)
+        tables, ablation = report.write_reports(_params(), tmp_path)
     assert "**Warning**" in tables.read_text() and "**Warning**" in ablation.read_text()
     assert any("measured with deca" in r.getMessage() for r in caplog.records)
 
@@ -151,11 +161,12 @@ def test_the_ablation_says_when_its_rows_were_trained_under_another_code_split(m
     monkeypatch.setattr(report, "load_ablation_runs", lambda params, path=None: {})
     rows = _runs({"A": [1.0, 1.2]})
     monkeypatch.setattr(report, "ablation_rows_from_mlflow", lambda params: rows)
-    assert "source_torgb_max_res" not in report.ablation_table({}, "E", _metrics())
-    text = report.ablation_table({"encoder": {"source_torgb_max_res": 8}}, "E", _metrics())
+    assert "source_torgb_max_res" not in report.ablation_table(_params(), "E", _metrics())
+    text = report.ablation_table(_params({"encoder": {"source_torgb_max_res": 8}}), "E", _metrics())
     assert "rows trained with encoder.source_torgb_max_res 0" in text and "current params say 8" in text
     rows["A"][0]["source_torgb_max_res"] = rows["A"][1]["source_torgb_max_res"] = "8"
-    assert "Note: rows trained" not in report.ablation_table({"encoder": {"source_torgb_max_res": 8}}, "E", _metrics())
+    split8 = _params({"encoder": {"source_torgb_max_res": 8}})
+    assert "Note: rows trained" not in report.ablation_table(split8, "E", _metrics())
 
 
 def test_the_protocol_note_names_a_split_that_is_not_the_papers():

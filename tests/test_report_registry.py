@@ -5,16 +5,16 @@ import json
 
 import pandas as pd
 import torch
+from tests.defaults import params_with, unit_encoder
 
 
 def _checkpoint(path, seed):
-    from mfim.models.encoder import EncoderConfig
     from mfim.models.mfim import MFIM, save_swapper
     from mfim.models.stylegan2 import Generator
 
     torch.manual_seed(seed)
     G = Generator(resolution=64, style_dim=32, n_mlp=2, channel_base=1024, channel_max=16)
-    save_swapper(MFIM(G, EncoderConfig(input_size=64, width=8, code_channels=16), coarse_max_res=16), path,
+    save_swapper(MFIM(G, unit_encoder(input_size=64, width=8, code_channels=16), coarse_max_res=16), path,
                  meta={"align_output_size": 128, "data_resolution": 64})
     return path
 
@@ -27,8 +27,8 @@ def test_champion_moves_only_when_the_checks_hold(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MFIM_PIPELINE_ID", raising=False)
-    params = {"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t", "artifact_root": "art"}},
-              "train": {"config": "E"}}
+    params = params_with({"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t",
+                                                 "artifact_root": "art"}}, "train": {"config": "E"}})
     metrics = tmp_path / "metrics.json"
     for seed, checks in ((0, {"a": True, "b": True}), (1, {"a": True, "b": False}), (2, {"a": True, "b": True})):
         monkeypatch.setattr(stage, "MODEL", _checkpoint(tmp_path / f"m{seed}.pt", seed))

@@ -7,6 +7,7 @@ from torch import nn
 
 from mfim.models.source_fit import SourceCodeFitter, SourceFitConfig
 from tests.test_mfim_model import make_model
+from tests.defaults import source_fit_config
 
 
 class PoolEmbedder(nn.Module):
@@ -33,7 +34,7 @@ def fit_loss(model, fitter, codes, maps, x):
 
 def make(steps=20, source_torgb_max_res=0, **kw):
     model = make_model(source_torgb_max_res=source_torgb_max_res)
-    cfg = SourceFitConfig(steps=steps, lr=0.05, l1=1.0, lpips=0.0, id=1.0, **kw)
+    cfg = source_fit_config(steps=steps, lr=0.05, l1=1.0, lpips=0.0, id=1.0, **{"exp": 0.0, **kw})
     return model, SourceCodeFitter(cfg, PoolEmbedder(), None)
 
 
@@ -106,18 +107,26 @@ def test_swap_with_a_fitter_keeps_the_code_split():
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
-    assert SourceFitConfig.from_params({"steps": "50"}).steps == 50
-    assert SourceFitConfig.from_params(None).steps == 0
-    with pytest.raises(ValueError, match="unknown keys"):
-        SourceFitConfig.from_params({"step": 5})
-    with pytest.raises(ValueError, match="steps must be"):
-        SourceFitConfig.from_params({"steps": -1})
+    from mfim.params_schema import ParamsError, validate
+    from tests.defaults import default_group, default_params
+
+    assert SourceFitConfig.from_params(default_group("source_fit", steps="50")).steps == 50
+    params = default_params()
+    params["source_fit"]["step"] = 5  # the schema refuses it at stage start, naming the key meant
+    with pytest.raises(ParamsError, match="unknown key source_fit.step .*did you mean source_fit.steps"):
+        validate(params)
+    params = default_params()
+    params["source_fit"]["steps"] = -1
+    with pytest.raises(ParamsError, match=r"source_fit.steps is -1, allowed: an int >= 0"):
+        validate(params)
+    with pytest.raises(ValueError, match="steps must be"):  # built without the schema: still bounded
+        SourceFitConfig.from_params(default_group("source_fit", steps=-1))
     with pytest.raises(ValueError, match="LPIPS"):
-        SourceCodeFitter(SourceFitConfig(steps=1, lpips=1.0), PoolEmbedder(), None)
+        SourceCodeFitter(source_fit_config(steps=1, lpips=1.0, exp=0.0), PoolEmbedder(), None)
     with pytest.raises(ValueError, match="exp > 0 needs a 3DMM expression network"):
-        SourceCodeFitter(SourceFitConfig(steps=1, lpips=0.0, exp=1.0), PoolEmbedder(), None)
+        SourceCodeFitter(source_fit_config(steps=1, lpips=0.0, exp=1.0), PoolEmbedder(), None)
     with pytest.raises(ValueError, match="weights >= 0"):
-        SourceFitConfig.from_params({"exp": -1})
+        SourceFitConfig.from_params(default_group("source_fit", exp=-1))
 
 
 class PoolExpression(nn.Module):
@@ -140,7 +149,7 @@ def test_expression_anchor_keeps_the_reconstructions_expression_while_fitting():
     for w in (0.0, 10.0):
         model = make_model()
         expression = PoolExpression()
-        cfg = SourceFitConfig(steps=30, lr=0.05, l1=1.0, lpips=0.0, id=0.0, exp=w)
+        cfg = source_fit_config(steps=30, lr=0.05, l1=1.0, lpips=0.0, id=0.0, exp=w)
         fitter = SourceCodeFitter(cfg, None, None, expression)
         with torch.no_grad():
             codes, maps = model.invert(x)

@@ -14,30 +14,31 @@ import torch
 from mfim.criteria.id_loss import IDLoss
 from mfim.criteria.recon_loss import ReconLoss
 from mfim.criteria.threedmm_loss import ThreeDMMLoss
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM
 from mfim.models.stylegan2 import Discriminator, Generator
-from mfim.training.objective import LossWeights, MFIMObjective
+from mfim.training.objective import MFIMObjective
 from mfim.training.speed import SPEED_KEYS, SpeedOptions, apply_speed_options, fused_adam
-from mfim.training.trainer import TrainConfig, Trainer
+from mfim.training.trainer import Trainer
 from tests.stubs import Stub3DMM, StubEmbedder
+from tests.defaults import default_group, loss_weights, speed_options, train_config, unit_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
 RES = 32
 LR = 2e-3
 # every encoder term and the D update with R1 on the first step (step 0) and without it on the second
-WEIGHTS = LossWeights(id=1.0, l1=1.0, lpips=0.0, adv=0.1, r1=1.0, r1_every=2, shape=0.5, pose=0.5, exp=0.5)
+WEIGHTS = loss_weights(id=1.0, l1=1.0, lpips=0.0, adv=0.1, r1=1.0, r1_every=2, shape=0.5, pose=0.5, exp=0.5,
+                       recon_cross_identity=1.0, background_l1=0.0)
 
 
 def small_trainer(seed: int = 0) -> Trainer:
     torch.manual_seed(seed)
     G = Generator(resolution=RES, style_dim=16, n_mlp=1, channel_base=256, channel_max=16).eval()
-    model = MFIM(G, EncoderConfig(input_size=RES, width=8, style_map_resolutions=(8, 16)), coarse_max_res=8)
+    model = MFIM(G, unit_encoder(input_size=RES, width=8, style_map_resolutions=(8, 16)), coarse_max_res=8)
     D = Discriminator(RES, 256, 16)
     objective = MFIMObjective(WEIGHTS, id_loss=IDLoss(StubEmbedder()), recon=ReconLoss(None),
                               threedmm=ThreeDMMLoss(Stub3DMM()), discriminator=D)
-    return Trainer(model, objective, TrainConfig(lr=LR, d_lr=LR, log_every=1), torch.device("cpu"))
+    return Trainer(model, objective, train_config(lr=LR, d_lr=LR, log_every=1, steps=600), torch.device("cpu"))
 
 
 def batch(seed: int, n: int = 2) -> dict:
@@ -80,7 +81,7 @@ def assert_same_step(got, ref, tol: float) -> None:
 
 @pytest.fixture(scope="module")
 def baseline():
-    return run_steps(SpeedOptions())
+    return run_steps(speed_options())
 
 
 @pytest.fixture(autouse=True)
@@ -94,15 +95,15 @@ def restore_backend_flags():
 
 def test_baseline_is_deterministic(baseline):
     """The reference itself: two plain runs agree bit for bit (so any difference below is the option's)."""
-    again = run_steps(SpeedOptions())
+    again = run_steps(speed_options())
     assert_same_step(again, baseline, tol=0.0)
     assert "r1" in baseline[0][0] and "r1" not in baseline[1][0]  # lazy R1 on step 0 only (r1_every 2)
 
 
 @pytest.mark.parametrize("opts", [
-    SpeedOptions(channels_last=True),
-    SpeedOptions(fused_adam=True),
-    SpeedOptions(cudnn_benchmark=True, tf32=True),  # CUDA-only switches: on the CPU they must change nothing
+    speed_options(channels_last=True),
+    speed_options(fused_adam=True),
+    speed_options(cudnn_benchmark=True, tf32=True),  # CUDA-only switches: on the CPU they must change nothing
 ], ids=["channels_last", "fused_adam", "cudnn_benchmark+tf32"])
 def test_option_keeps_losses_gradients_and_updates(opts, baseline):
     assert_same_step(run_steps(opts), baseline, tol=2e-5)
@@ -111,15 +112,15 @@ def test_option_keeps_losses_gradients_and_updates(opts, baseline):
 @pytest.mark.timeout(600)
 def test_compile_keeps_losses_gradients_and_updates(baseline):
     """Encoder, generator and D compiled (D eager only for R1's double backward), two steps: with R1, without."""
-    opts = SpeedOptions(compile=("encoder", "generator", "discriminator"), compile_backend="aot_eager")
+    opts = speed_options(compile=("encoder", "generator", "discriminator"), compile_backend="aot_eager")
     torch._dynamo.reset()
     assert_same_step(run_steps(opts), baseline, tol=2e-5)
 
 
 @pytest.mark.slow  # ~35 s more of CPU compile on top of the test above
 def test_all_options_together(baseline):
-    opts = SpeedOptions(channels_last=True, fused_adam=True, cudnn_benchmark=True, tf32=True,
-                        compile=("encoder", "generator", "discriminator"), compile_backend="aot_eager")
+    opts = speed_options(channels_last=True, fused_adam=True, cudnn_benchmark=True, tf32=True,
+                         compile=("encoder", "generator", "discriminator"), compile_backend="aot_eager")
     torch._dynamo.reset()
     assert_same_step(run_steps(opts), baseline, tol=5e-5)
 
@@ -128,7 +129,7 @@ def test_channels_last_leaves_the_generator_contiguous():
     """NHWC for the encoder, D and the loss networks; the generator's weights stay as they were (speed.py: the CPU's
     grouped 1x1 conv gave ToRGB a wrong weight gradient with NHWC weights)."""
     tr = small_trainer()
-    apply_speed_options(tr, SpeedOptions(channels_last=True))
+    apply_speed_options(tr, speed_options(channels_last=True))
     convs = lambda m: [p for p in m.parameters() if p.ndim == 4 and p.shape[-1] > 1]  # noqa: E731 (1x1: ambiguous)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs(tr.model.encoder) + convs(tr.D))
     assert all(p.is_contiguous() for p in tr.model.generator.parameters())
@@ -164,8 +165,8 @@ def test_params_parse_and_are_listed_in_both_param_files():
         train = yaml.safe_load((REPO / name).read_text())["train"]
         assert SPEED_KEYS <= set(train), (name, SPEED_KEYS - set(train))
         SpeedOptions.from_params(train)  # valid values
-    assert SpeedOptions.from_params(yaml.safe_load((REPO / "params.yaml").read_text())["train"]) == SpeedOptions()
-    opts = SpeedOptions.from_params({"compile": "encoder", "channels_last": True})
+    assert not SpeedOptions.from_params(yaml.safe_load((REPO / "params.yaml").read_text())["train"]).any  # all off
+    opts = SpeedOptions.from_params(default_group("train", compile="encoder", channels_last=True))
     assert opts.compile == ("encoder",) and opts.channels_last and opts.any
     with pytest.raises(ValueError, match="train.compile: unknown module 'decoder'"):
-        SpeedOptions.from_params({"compile": ["decoder"]})
+        SpeedOptions.from_params(default_group("train", compile=["decoder"]))

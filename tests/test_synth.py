@@ -21,13 +21,14 @@ from mfim.data.synth import (
     synthesize_dataset,
 )
 from mfim.nets.rotation import angles_to_matrix, matrix_to_angles, normalize_pose_matrix
+from tests.defaults import synth_config
 
-CFG = SynthConfig(identities_train=3, identities_eval=2, images_per_identity=2, canvas=128, render_workers=1)
+CFG = synth_config(identities_train=3, identities_eval=2, images_per_identity=2, canvas=128, render_workers=1)
 
 
 @pytest.fixture(scope="module")
 def synth() -> Synthesizer:
-    return Synthesizer(SynthConfig())
+    return Synthesizer(synth_config(identities_train=160, images_per_identity=8))
 
 
 # --- renderer --------------------------------------------------------------------------------------------------------
@@ -93,16 +94,17 @@ def _split_ids(cfg: SynthConfig, split: str) -> list[int]:
 
 
 def test_eval_identity_offset_keeps_the_eval_people_while_train_grows():
-    base = SynthConfig(identities_train=4, identities_eval=3)
-    grown = SynthConfig(identities_train=9, identities_eval=3, eval_identity_offset=4)
+    base = synth_config(identities_train=4, identities_eval=3, images_per_identity=8)
+    grown = synth_config(identities_train=9, identities_eval=3, eval_identity_offset=4, images_per_identity=8)
     assert _split_ids(base, "eval") == _split_ids(grown, "eval") == [4, 5, 6]
     # the old train people first, then past the eval block
     assert _split_ids(grown, "train") == [0, 1, 2, 3, 7, 8, 9, 10, 11]
     assert not set(_split_ids(grown, "train")) & set(_split_ids(grown, "eval"))
-    assert SynthConfig(identities_train=2, identities_eval=1, eval_identity_offset=7).identities() == [
+    assert synth_config(identities_train=2, identities_eval=1, eval_identity_offset=7,
+                        images_per_identity=8).identities() == [
         (0, "train"), (1, "train"), (7, "eval")]
     with pytest.raises(ValueError, match="eval_identity_offset"):
-        SynthConfig(identities_train=2, eval_identity_offset=-1).identities()
+        synth_config(identities_train=2, eval_identity_offset=-1, images_per_identity=8).identities()
 
 
 def test_render_is_deterministic(synth):
@@ -256,7 +258,7 @@ def test_tddfa_recovers_the_pose(synth):
 def test_dataset_independent_of_worker_count(tmp_path):
     """Two worker processes write the same bytes and table as one (per-image seeds, no shared state)."""
     one = synthesize_dataset(CFG, tmp_path / "one", progress=False)
-    two = synthesize_dataset(SynthConfig(**{**CFG.__dict__, "render_workers": 2}), tmp_path / "two", progress=False)
+    two = synthesize_dataset(synth_config(**{**CFG.__dict__, "render_workers": 2}), tmp_path / "two", progress=False)
     assert one.equals(two)
     for file in one["file"]:
         assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes()
@@ -290,5 +292,5 @@ def test_dataset_layout_and_table(tmp_path):
     assert summary["images"] == n and summary["images_per_split"] == {"train": 6, "eval": 4}
     assert summary["mean_render_ms"] > 0
     # A smaller second run leaves no stale images behind.
-    synthesize_dataset(SynthConfig(**{**CFG.__dict__, "identities_train": 1}), tmp_path / "raw", progress=False)
+    synthesize_dataset(synth_config(**{**CFG.__dict__, "identities_train": 1}), tmp_path / "raw", progress=False)
     assert len(list((tmp_path / "raw" / "images" / "train").glob("*.png"))) == CFG.images_per_identity

@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+from mfim.config import flatten
 from mfim.tracking import _anchored, repo_root, start_run
+from tests.defaults import params_with
 
 
 def test_repo_root_escapes_dvc_experiment_copies(tmp_path):
@@ -23,26 +25,31 @@ def test_run_is_tagged_with_commit_and_params(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = {"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t", "artifact_root": "art"}},
-              "train": {"steps": 3, "betas": [0.9, 0.99]}, "loss": {"id": 1.0}}
+    params = params_with({"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t",
+                                                 "artifact_root": "art"}},
+                          "train": {"steps": 3, "betas": [0.9, 0.99]}, "loss": {"id": 1.0}})
     with start_run("train", params, groups=["train", "loss"]) as run:
         mlflow.log_metric("x", 1.0)
     r = mlflow.get_run(run.info.run_id)
-    assert r.data.params == {"train.steps": "3", "train.betas": "[0.9, 0.99]", "loss.id": "1.0"}
+    assert {k: r.data.params[k] for k in ("train.steps", "train.betas", "loss.id")} == {
+        "train.steps": "3", "train.betas": "[0.9, 0.99]", "loss.id": "1.0"}
+    assert set(r.data.params) == {k for k in flatten(params) if k.split(".")[0] in ("train", "loss")}  # those groups
     assert r.data.tags["mfim.stage"] == "train" and "mlflow.source.git.commit" in r.data.tags
     assert r.data.metrics["x"] == 1.0
     assert (tmp_path / "t.db").is_file()
 
 
 def _params(tmp_path):
-    return {"project": {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/t.db", "experiment": "t",
-                                   "artifact_root": str(tmp_path / "art")}}, "train": {"steps": 3}}
+    return params_with({"project": {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/t.db", "experiment": "t",
+                                               "artifact_root": str(tmp_path / "art")}}, "train": {"steps": 3}})
 
 
 _KILLED_RUN = """
 import os, signal, sys
 from mfim.tracking import start_run
-params = {"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t", "artifact_root": sys.argv[2]}}}
+from tests.defaults import params_with
+params = params_with({"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t",
+                                             "artifact_root": sys.argv[2]}}})
 with start_run("train", params, groups=["project"], run_name="train E 3 steps seed 0") as run:
     print(run.info.run_id, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 / OOM would: MLflow is never told
@@ -106,7 +113,8 @@ def test_large_outputs_are_logged_by_reference_not_copied(tmp_path, monkeypatch)
     model = tmp_path / "data" / "train" / "mfim.pt"
     model.parent.mkdir(parents=True)
     model.write_bytes(os.urandom(1 << 21))
-    params = {"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t", "artifact_root": "art"}}}
+    params = params_with({"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t",
+                                                 "artifact_root": "art"}}})
     with start_run("train", params, groups=[]) as run:
         ref = log_file_reference(model, "model")
     tags = mlflow.get_run(run.info.run_id).data.tags
@@ -175,7 +183,9 @@ _STAGE = """
 import os, sys, time
 import mlflow
 from mfim.tracking import log_progress, start_run
-params = {"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t", "artifact_root": sys.argv[2]}}}
+from tests.defaults import params_with
+params = params_with({"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t",
+                                             "artifact_root": sys.argv[2]}}})
 with start_run(sys.argv[3], params, groups=[]) as run:
     log_progress(1, {"done": 0.5})
     with start_run(sys.argv[3], params, groups=[]) as again:  # the end-of-stage logging reuses the open run
@@ -254,7 +264,8 @@ def test_stage_run_is_tagged_with_its_dvc_lock_inputs(tmp_path, monkeypatch):
                                        "    params: [p.a]\n    outs: [out.txt]\n")
     _git(tmp_path, "init", "-q")
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
-    params = {"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t", "artifact_root": "art"}}}
+    params = params_with({"project": {"mlflow": {"tracking_uri": "sqlite:///t.db", "experiment": "t",
+                                                 "artifact_root": "art"}}})
     with start_run("s", params, groups=[]) as run:
         pass
     subprocess.run(["dvc", "repro", "-q"], cwd=tmp_path, check=True, capture_output=True)
@@ -292,7 +303,9 @@ def test_a_parent_run_whose_dvc_process_is_gone_is_marked_killed(tmp_path, monke
 _TOY_STAGE = """
 import sys
 from mfim.tracking import log_progress, start_run
-params = {"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t", "artifact_root": sys.argv[2]}}}
+from tests.defaults import params_with
+params = params_with({"project": {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "t",
+                                             "artifact_root": sys.argv[2]}}})
 with start_run(sys.argv[3], params, groups=[]):
     log_progress(1, {"x": 1.0})
 open(sys.argv[3] + ".out", "w").write("done")

@@ -2,6 +2,7 @@
 metrics in the same run (small random MFIM and stub evaluation networks, as tests/test_evaluate_stream.py)."""
 
 from tests.test_evaluate_stream import checkpoint  # noqa: F401 - the fixture
+from tests.defaults import EVAL_BASE, params_with
 from tests.stubs import stub_evaluation_networks, write_evalsets
 
 
@@ -20,10 +21,10 @@ def test_evaluate_logs_progress_while_it_runs_into_its_one_run(tmp_path, checkpo
     stub_evaluation_networks(monkeypatch.setattr)
     monkeypatch.setattr(evaluate, "log_to_mlflow", real_logging)  # the stubs skip it; here it is the point
     evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=11, n_triplets=0)
-    params = {"project": {"device": "cpu", "threads": 1,
+    params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1,
                           "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/t.db", "experiment": "t",
                                      "artifact_root": str(tmp_path / "art")}},
-              "evaluate": {"batch_size": 4, "bootstrap": 20}}
+              "evaluate": {"batch_size": 4, "bootstrap": 20}})
     with start_run("evaluate", params, groups=["evaluate"]) as run:  # as pipelines/evaluate.py opens it
         out = run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "no_shards",
                              raw_dir=tmp_path / "no_raw", reports_dir=tmp_path / "reports")

@@ -14,13 +14,13 @@ import torch
 from mfim.criteria.id_loss import IDLoss
 from mfim.criteria.recon_loss import ReconLoss
 from mfim.criteria.threedmm_loss import ThreeDMMLoss
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM
 from mfim.training.checkpoint import atomic_torch_save, load_checkpoint
 from mfim.training.objective import LossWeights, MFIMObjective
 from mfim.training.presets import apply_preset
-from mfim.training.trainer import TrainConfig, Trainer, TrainingDiverged
+from mfim.training.trainer import Trainer, TrainingDiverged
 from tests.stubs import Stub3DMM, StubDiscriminator, StubEmbedder, StubGenerator
+from tests.defaults import loss_weights, params_with, train_config, unit_encoder
 
 RES = 16
 
@@ -36,7 +36,7 @@ def batch_norm_instead_of_group_norm(module: torch.nn.Module) -> None:
 
 def build(weights: LossWeights, seed=0, dist_info=None, norm="group", scramble=False, style_maps=True, **cfg):
     torch.manual_seed(seed)
-    model = MFIM(StubGenerator(RES, channels=8, w_dim=8), EncoderConfig(input_size=RES, width=8,
+    model = MFIM(StubGenerator(RES, channels=8, w_dim=8), unit_encoder(input_size=RES, width=8,
                  style_map_resolutions=(8,), style_maps=style_maps), coarse_max_res=4)
     if norm == "batch":
         batch_norm_instead_of_group_norm(model.encoder)
@@ -47,7 +47,8 @@ def build(weights: LossWeights, seed=0, dist_info=None, norm="group", scramble=F
         with torch.no_grad():
             for p in list(model.encoder.parameters()) + list(objective.discriminator.parameters()):
                 p.add_(torch.randn_like(p))
-    return Trainer(model, objective, TrainConfig(lr=2e-3, d_lr=2e-3, log_every=1, **cfg), torch.device("cpu"),
+    return Trainer(model, objective, train_config(lr=2e-3, d_lr=2e-3, log_every=1, **{"steps": 600, **cfg}),
+                                                  torch.device("cpu"),
                    dist_info)
 
 
@@ -77,12 +78,13 @@ class ListSource:
         self.pos = s["pos"]
 
 
-ONLY = dict(id=0.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0)
+ONLY = dict(id=0.0, l1=0.0, lpips=0.0, adv=0.0, r1=0.0, shape=0.0, pose=0.0, exp=0.0, recon_cross_identity=1.0,
+            background_l1=0.0)
 
 
 @pytest.mark.parametrize("term", ["id", "l1", "adv", "shape", "pose", "exp"])
 def test_each_term_decreases_on_a_fixed_batch(term):
-    w = LossWeights(**{**ONLY, term: 1.0})
+    w = loss_weights(**{**ONLY, term: 1.0})
     tr = build(w)
     if tr.opt_d is not None:  # keep D fixed so the adversarial term is a stationary target
         for g in tr.opt_d.param_groups:
@@ -105,9 +107,9 @@ def grads_of(weights: LossWeights):
 
 
 def test_zero_lambda_removes_the_term_gradient():
-    both = grads_of(LossWeights(**{**ONLY, "l1": 1.0, "id": 1.0}))
-    l1_only = grads_of(LossWeights(**{**ONLY, "l1": 1.0}))
-    id_zero = grads_of(LossWeights(**{**ONLY, "l1": 1.0, "id": 0.0}))
+    both = grads_of(loss_weights(**{**ONLY, "l1": 1.0, "id": 1.0}))
+    l1_only = grads_of(loss_weights(**{**ONLY, "l1": 1.0}))
+    id_zero = grads_of(loss_weights(**{**ONLY, "l1": 1.0, "id": 0.0}))
     assert all(torch.equal(a, b) for a, b in zip(id_zero, l1_only))
     assert any(not torch.allclose(a, b) for a, b in zip(both, l1_only))
 
@@ -121,7 +123,8 @@ def test_presets_switch_terms_and_maps():
         apply_preset({**p, "train": {"config": "Z"}})
 
 
-FULL = LossWeights(id=1.0, l1=1.0, lpips=0.0, adv=0.1, r1=1.0, r1_every=2, shape=0.5, pose=0.5, exp=0.5)
+FULL = loss_weights(id=1.0, l1=1.0, lpips=0.0, adv=0.1, r1=1.0, r1_every=2, shape=0.5, pose=0.5, exp=0.5,
+                    recon_cross_identity=1.0, background_l1=0.0)
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -369,7 +372,7 @@ def test_cross_identity_pairs_weigh_less_in_reconstruction():
     assert float(rec(x, y)["l1"]) == pytest.approx(0.6)
     # pair 0 same identity (weight 1), pair 1 different people (weight 0.25): (0.2 + 0.25) / 1.25
     assert float(rec(x, y, torch.tensor([1.0, 0.25]))["l1"]) == pytest.approx(0.36)
-    tr = build(LossWeights(**{**ONLY, "l1": 1.0, "recon_cross_identity": 0.0}))
+    tr = build(loss_weights(**{**ONLY, "l1": 1.0, "recon_cross_identity": 0.0}))
     b = fixed_batch()
     x_swap = tr.model(b["src"], b["tgt"])
     with pytest.raises(ValueError, match="same_identity"):
@@ -392,7 +395,7 @@ def test_background_l1_sees_only_the_background_of_cross_pairs():
     assert float(bg_loss(moved, tgt, cross)) == pytest.approx(0.5, rel=1e-5)
     assert float(bg_loss(moved, tgt, torch.tensor([1.0, 0.0]))) == pytest.approx(0.5, rel=1e-5)
     # in the objective: same-identity pairs do not count, and a batch without a cross pair has no such term
-    tr = build(LossWeights(**{**ONLY, "background_l1": 1.0}))
+    tr = build(loss_weights(**{**ONLY, "background_l1": 1.0}))
     b = fixed_batch()
     x_swap = tr.model(b["src"], b["tgt"])
     with pytest.raises(ValueError, match="same_identity"):
@@ -413,7 +416,7 @@ def test_background_l1_sees_only_the_background_of_cross_pairs():
 def test_loss_network_targets_stay_float32_under_bf16_autocast():
     """The no-grad targets (R(x_src), 3DMM of source and target) are computed in fp32 inside the trainer's bf16
     autocast; the swap's own branch is autocast as before."""
-    tr = build(LossWeights(**{**ONLY, "id": 1.0, "shape": 1.0, "pose": 1.0, "exp": 1.0}))
+    tr = build(loss_weights(**{**ONLY, "id": 1.0, "shape": 1.0, "pose": 1.0, "exp": 1.0}))
     seen = []
     for net in (tr.objective.id_loss.embedder.net[0], tr.objective.threedmm.encoder.head):
         net.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
@@ -430,27 +433,29 @@ def test_loss_network_targets_stay_float32_under_bf16_autocast():
 def test_train_seed_defaults_to_the_project_seed_and_overrides_it():
     from mfim.training.run import params_fingerprint, train_seed
 
-    base = {"project": {"seed": 3}, "train": {"seed": None}}
-    assert train_seed(base) == 3 and train_seed({"project": {"seed": 3}, "train": {"seed": 1}}) == 1
-    assert train_seed({}) == 0
-    assert params_fingerprint(base) != params_fingerprint({"project": {"seed": 3}, "train": {"seed": 1}})
+    base = params_with({"project": {"seed": 3}, "train": {"seed": None}})
+    seeded = params_with(base, {"train": {"seed": 1}})
+    assert train_seed(base) == 3 and train_seed(seeded) == 1
+    with pytest.raises(KeyError, match="project.seed"):  # no seed of its own in code: params.yaml has both keys
+        train_seed({"train": {"seed": None}})
+    assert params_fingerprint(base) != params_fingerprint(seeded)
 
 
 def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_path, capsys):
     from mfim.training.run import init_encoder
     from mfim.training.warmstart import save_warmstart
 
-    src = build(LossWeights(**{**ONLY, "l1": 1.0}))
+    src = build(loss_weights(**{**ONLY, "l1": 1.0}))
     with torch.no_grad():
         for p in src.model.encoder.parameters():
             p.add_(0.01)
     state = src.model.encoder.state_dict()
     path = save_warmstart(tmp_path / "ws.pt", state, state, {})
     torch.manual_seed(0)
-    model_a = MFIM(StubGenerator(RES, channels=8, w_dim=8), EncoderConfig(input_size=RES, width=8, style_maps=False),
+    model_a = MFIM(StubGenerator(RES, channels=8, w_dim=8), unit_encoder(input_size=RES, width=8, style_maps=False),
                    coarse_max_res=4)
-    tr_a = Trainer(model_a, MFIMObjective(LossWeights(**{**ONLY, "l1": 1.0}), recon=ReconLoss(None)),
-                   TrainConfig(), torch.device("cpu"))
+    tr_a = Trainer(model_a, MFIMObjective(loss_weights(**{**ONLY, "l1": 1.0}), recon=ReconLoss(None)),
+                   train_config(steps=600), torch.device("cpu"))
     init_encoder(tr_a, path)
     said = capsys.readouterr().out  # what is dropped is said, not silent
     assert "are not loaded" in said and "m2m." in said and "map_gain." in said
@@ -459,4 +464,4 @@ def test_init_encoder_from_warm_start_drops_map_heads_for_configuration_a(tmp_pa
     # a file lacking heads this configuration needs is refused, not half-loaded
     path2 = save_warmstart(tmp_path / "ws_a.pt", tr_a.model.encoder.state_dict(), tr_a.model.encoder.state_dict(), {})
     with pytest.raises(ValueError, match="lacks"):
-        init_encoder(build(LossWeights(**{**ONLY, "l1": 1.0})), path2)
+        init_encoder(build(loss_weights(**{**ONLY, "l1": 1.0})), path2)

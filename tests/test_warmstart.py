@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM
 from mfim.models.stylegan2 import Generator
 from mfim.training.warmstart import (
@@ -16,6 +15,7 @@ from mfim.training.warmstart import (
     sample_generator,
     style_statistics,
 )
+from tests.defaults import params_with, unit_encoder, warmstart_config
 
 
 def tiny_generator(noise_strength: float = 1e-3) -> Generator:
@@ -31,8 +31,8 @@ def tiny_generator(noise_strength: float = 1e-3) -> Generator:
 
 def make(injection: str, maps=(8, 16), **kw) -> MFIM:
     torch.manual_seed(1)
-    cfg = EncoderConfig(input_size=32, width=8, code_channels=16, style_map_resolutions=maps,
-                        style_map_injection=injection, **kw)
+    cfg = unit_encoder(input_size=32, width=8, code_channels=16, style_map_resolutions=maps,
+                       style_map_injection=injection, **kw)
     return MFIM(tiny_generator(), cfg, coarse_max_res=8, mix_global_res=(16,))
 
 
@@ -128,7 +128,8 @@ def test_run_warmstart_both_phases_and_ema(monkeypatch):
     m = make("direct")
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     real = iter(lambda: {"src": x[:2], "tgt": x[2:]}, None)
-    cfg = WarmStartConfig(regression_steps=3, recon_steps=2, batch_size=4, log_every=2, ema_decay=0.5)
+    cfg = warmstart_config(regression_steps=3, recon_steps=2, batch_size=4, log_every=2, ema_decay=0.5, image_l1=1.0,
+                           refine_steps=0, checkpoint_every=0)
     before = {k: v.clone() for k, v in m.encoder.state_dict().items()}
     state, ema, rows = run_warmstart(m, cfg, real, ReconLoss(None), progress=False)
     assert [r["step"] for r in rows] == [2, 3, 4, 5]
@@ -139,9 +140,16 @@ def test_run_warmstart_both_phases_and_ema(monkeypatch):
 
 
 def test_config_rejects_unknown_keys():
-    with pytest.raises(KeyError, match="unknown"):
-        WarmStartConfig.from_params({"regresion_steps": 3})
-    assert WarmStartConfig.from_params({"regression_steps": "5", "lr": "0.01"}).steps == 5 + 200
+    """A misspelt key is refused by the params schema (naming the key it meant), never dropped."""
+    from mfim.params_schema import ParamsError, validate
+    from tests.defaults import default_group, default_params
+
+    params = default_params()
+    params["warmstart"]["regresion_steps"] = 3
+    with pytest.raises(ParamsError, match="unknown key warmstart.regresion_steps .*warmstart.regression_steps"):
+        validate(params)
+    cfg = WarmStartConfig.from_params(default_group("warmstart", regression_steps=5, refine_steps=200))
+    assert cfg.steps == 5 + default_group("warmstart")["recon_steps"] + 200
 
 
 # --- checkpoint / resume ------------------------------------------------------------------------------------------
@@ -167,8 +175,8 @@ class Killed(Exception):
     pass
 
 
-RESUME_CFG = WarmStartConfig(regression_steps=3, recon_steps=2, refine_steps=3, batch_size=4, log_every=1,
-                             ema_decay=0.5, lr=1e-3, refine_lr=1e-3, checkpoint_every=2)
+RESUME_CFG = warmstart_config(regression_steps=3, recon_steps=2, refine_steps=3, batch_size=4, log_every=1,
+                              ema_decay=0.5, lr=1e-3, refine_lr=1e-3, checkpoint_every=2, image_l1=1.0)
 
 
 def warm_start(tmp_path, resume=None, kill_at=None, on_step=None):
@@ -267,7 +275,8 @@ def _ddp_rank(rank: int, world: int, init_file: str, out: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         m = make("direct")
-        cfg = WarmStartConfig(regression_steps=2, recon_steps=2, batch_size=2, log_every=1, checkpoint_every=3)
+        cfg = warmstart_config(regression_steps=2, recon_steps=2, batch_size=2, log_every=1, checkpoint_every=3,
+                               image_l1=1.0, refine_steps=0)
         batches = PositionedBatches({"n": 100 * rank})  # each rank its own images
         seen = []
         ck = Checkpointing(Path(out) / "checkpoint.pt", cfg.checkpoint_every, "fp")
@@ -313,7 +322,7 @@ def test_the_stage_command_starts_torchrun_on_every_gpu(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     params = {"project": {"device": "auto"}, "train": {"init_checkpoint": "data/warmstart/encoder.pt"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with(params)))
     for gpus, expected in ((0, None), (1, None), (4, "--nproc-per-node=4")):  # mfim.launch's count and flags
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
@@ -324,7 +333,7 @@ def test_the_stage_command_starts_torchrun_on_every_gpu(tmp_path, monkeypatch):
     assert stage.torchrun_argv() is None
     monkeypatch.delenv("WORLD_SIZE")
     for change in ({"project": {"device": "cpu"}}, {"train": {"init_checkpoint": "checkpoints/mfim.pt"}}):
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, **change}))
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with({**params, **change})))
         assert stage.torchrun_argv() is None
 
 
@@ -341,17 +350,18 @@ def stage_workspace(root: Path, workers: int) -> Path:
     root.mkdir(parents=True)
     save_checkpoint(root / "data" / "generator" / "generator.pt", tiny_generator())
     make_fixture_shards(root / "data" / "shards", size=32)
-    params = {
+    params = params_with({
         "project": {"seed": 0, "device": "cpu", "threads": 1, "mlflow": {"experiment": "warmstart-test"}},
         "data": {"resolution": 32},
         "generator": {"noise_mode": "const"},
         "encoder": {"width": 8, "code_channels": 16, "style_map_resolutions": [8, 16], "coarse_max_res": 8,
-                    "mix_global_res": [16]},
+                    "mix_global_res": [16], "refine_iterations": 0, "refine_map_resolutions": None},
         "loss": {"lpips_net": "alex"},
         "train": {"init_checkpoint": "data/warmstart/encoder.pt", "augment": True},
         "warmstart": {"regression_steps": 2, "recon_steps": 16, "batch_size": 4, "log_every": 1, "ema_decay": 0.5,
-                      "recon_lpips": 0.0, "checkpoint_every": 3, "workers": workers},
-    }
+                      "recon_lpips": 0.0, "checkpoint_every": 3, "workers": workers, "image_l1": 1.0,
+                      "refine_steps": 0},
+    })
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

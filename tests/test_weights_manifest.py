@@ -14,17 +14,20 @@ import pytest
 import yaml
 
 from mfim.assets.manifest import STAGES, manifest_path, stage_manifest, stage_weights
+from tests.defaults import params_with
 
 ROOT = Path(__file__).parents[1]
 
-PAPER_LIKE = {
+PAPER_LIKE = params_with({
     "nets": {"threedmm": {"deca_checkpoint": "w/deca_model.tar"}, "identity": {"iresnet_checkpoint": ""},
              "headpose": {"hopenet_checkpoint": "w/hopenet.pkl"}},
     "generator": {"checkpoint": "w/G.pkl"},
     "encoder": {"backbone": "ir_se50", "backbone_checkpoint": "w/ir_se50.pth"},
     "loss": {"threedmm_encoder": "deca", "lpips_net": "alex"},
     "evaluate": {"threedmm_encoder": "tddfa", "fid": {"inception_checkpoint": "w/inception.pth"}},
-}
+    "source_fit": {"steps": 0},  # the paper's feed-forward swap: no fit, so no anchor network
+})
+NO_SHIPPED = {"threedmm": {"regressor": {"shipped_checkpoint": ""}, "evaluator": {"shipped_checkpoint": ""}}}
 
 
 def test_each_stage_lists_the_weights_it_reads():
@@ -34,19 +37,20 @@ def test_each_stage_lists_the_weights_it_reads():
     assert set(evaluate) == {"nets.headpose.hopenet_checkpoint", "evaluate.fid.inception_checkpoint"}
     assert "tddfa_mb1_onnx" in assets and "hopenet_onnx" not in assets and "mobilefacenet_onnx" in assets
     # the embedded default: nothing by path, the registry assets instead
-    assets, official = stage_weights("train", {"loss": {"threedmm_encoder": "fitted"}})
+    assets, official = stage_weights("train", params_with({"loss": {"threedmm_encoder": "fitted"}}))
     assert official == {} and {"mobilefacenet_onnx", "lpips_alex"} <= set(assets)
     # a regressor started from 3DDFA_V2's weights reads them; the small one does not
-    assert "tddfa_mb1_onnx" not in stage_weights("fit_regressor", {})[0]
+    assert "tddfa_mb1_onnx" not in stage_weights("fit_regressor", params_with({}))[0]
     for group in ("regressor", "evaluator"):
-        assets, _ = stage_weights("fit_regressor", {"threedmm": {group: {"backbone": "mobilenet_v1"}}})
+        assets, _ = stage_weights("fit_regressor", params_with({"threedmm": {group: {"backbone": "mobilenet_v1"}}}))
         assert {"tddfa_mb1_onnx", "tddfa_param_stats", "bfm_noneck"} <= set(assets) and len(assets) == len(set(assets))
     # a loss network fitted elsewhere (checkpoints/) is a weight file of the stage: replacing it refits nothing
     # silently
-    _, official = stage_weights("fit_regressor", {"threedmm": {"regressor": {"shipped_checkpoint": "c/r.pt"}}})
+    regressor = {"threedmm": {"regressor": {"shipped_checkpoint": "c/r.pt"}}}
+    _, official = stage_weights("fit_regressor", params_with(NO_SHIPPED, regressor))
     assert official == {"threedmm.regressor.shipped_checkpoint": "c/r.pt"}
-    _, official = stage_weights("fit_regressor", {"threedmm": {"regressor": {"shipped_checkpoint": "c/r.pt"},
-                                                               "evaluator": {"shipped_checkpoint": "c/e.pt"}}})
+    evaluator = {"threedmm": {"evaluator": {"shipped_checkpoint": "c/e.pt"}}}
+    _, official = stage_weights("fit_regressor", params_with(regressor, evaluator))
     assert official == {"threedmm.regressor.shipped_checkpoint": "c/r.pt",
                         "threedmm.evaluator.shipped_checkpoint": "c/e.pt"}
 
@@ -56,7 +60,7 @@ def test_manifest_records_bytes_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.setenv("MFIM_HOME", str(tmp_path / "home"))
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "deca_model.tar").write_bytes(b"a" * 100)
-    m = stage_manifest("threedmm", {"threedmm": {"encoder": "deca"}, **PAPER_LIKE})
+    m = stage_manifest("threedmm", params_with(PAPER_LIKE, {"threedmm": {"encoder": "deca"}}))
     entry = m["official"]["nets.threedmm.deca_checkpoint"]
     assert entry["bytes"] == 100 and len(entry["sha256"]) == 64
     m = stage_manifest("evaluate", PAPER_LIKE)
@@ -126,8 +130,8 @@ def test_replaced_weight_file_reruns_only_the_stages_that_read_it(tmp_path):
 
 def test_the_source_fits_expression_anchor_makes_the_loss_3dmm_network_an_evaluate_weight():
     deca = {"loss": {"threedmm_encoder": "deca"}, "nets": {"threedmm": {"deca_checkpoint": "w/deca_model.tar"}}}
-    _, official = stage_weights("evaluate", {**deca, "source_fit": {"steps": 50, "exp": 0.1}})
+    _, official = stage_weights("evaluate", params_with(deca, {"source_fit": {"steps": 50, "exp": 0.1}}))
     assert official.get("nets.threedmm.deca_checkpoint") == "w/deca_model.tar"
     for fit in ({"steps": 0, "exp": 0.1}, {"steps": 50, "exp": 0.0}):  # no anchor run: not a weight of the stage
-        _, official = stage_weights("evaluate", {**deca, "source_fit": fit})
+        _, official = stage_weights("evaluate", params_with(deca, {"source_fit": fit}))
         assert "nets.threedmm.deca_checkpoint" not in official

@@ -20,6 +20,7 @@ import argparse
 import numpy as np
 import torch
 
+from mfim.config import embedded_default
 from mfim.data.synth import SynthConfig, Synthesizer, face_center, make_background, placement, render_face
 from mfim.nets.align import canonical_fractions_from_shape
 from mfim.nets.bfm import BFMModel
@@ -41,7 +42,7 @@ def box_offset(fractions: np.ndarray, size: int = 1024) -> tuple[np.ndarray, flo
 
 def heads(people: int, seed: int):
     """(yaw_deg, shape, exp, pose) of ``people`` BFM identities at each yaw of YAWS_DEG, random pitch and expression."""
-    synth = Synthesizer(SynthConfig(seed=seed))
+    synth = Synthesizer(SynthConfig.from_params({**embedded_default()["synthesize"], "seed": seed}))
     rng = np.random.default_rng(seed)
     for person in range(people):
         who = synth.identity(person)

@@ -34,12 +34,12 @@ def manifest_path(stage: str, root: str | Path = ".") -> Path:
 
 def _official(params: dict, key: str) -> dict[str, str]:
     """{params key: path} when the key is set (official weights are read only by path)."""
-    value = lookup(params, key, "") or ""
+    value = lookup(params, key) or ""
     return {key: str(value)} if value else {}
 
 
 def _landmarks(params: dict) -> list[str]:
-    return ["dlib_landmarks68"] + (["dlib_cnn_detector"] if lookup(params, "align.detector", "hog") == "cnn" else [])
+    return ["dlib_landmarks68"] + (["dlib_cnn_detector"] if lookup(params, "align.detector") == "cnn" else [])
 
 
 def _threedmm(params: dict, name: str) -> tuple[list[str], dict[str, str]]:
@@ -67,7 +67,7 @@ def stage_weights(stage: str, params: dict) -> tuple[list[str], dict[str, str]]:
 
     if stage in ("synthesize", "fit_regressor"):  # BFM renders
         assets += _BFM
-        if stage == "fit_regressor" and any(lookup(params, f"threedmm.{g}.backbone", "small") == "mobilenet_v1"
+        if stage == "fit_regressor" and any(lookup(params, f"threedmm.{g}.backbone") == "mobilenet_v1"
                                             for g in ("regressor", "evaluator")):
             assets += [a for a in _TDDFA if a not in assets]  # started from 3DDFA_V2's weights
         if stage == "fit_regressor":  # a loss network / evaluator fitted elsewhere, used as is (checkpoints/)
@@ -76,28 +76,28 @@ def stage_weights(stage: str, params: dict) -> tuple[list[str], dict[str, str]]:
     elif stage == "align":
         assets += _landmarks(params)
     elif stage == "evalsets":
-        if lookup(params, "evalsets.protocol", "synthetic") != "synthetic":  # real frames are detected + aligned
+        if lookup(params, "evalsets.protocol") != "synthetic":  # real frames are detected + aligned
             assets += _landmarks(params)
     elif stage == "threedmm":
-        add(_threedmm(params, str(lookup(params, "threedmm.encoder", "tddfa"))))
+        add(_threedmm(params, str(lookup(params, "threedmm.encoder"))))
     elif stage == "pretrain_generator":
         official.update(_official(params, "generator.checkpoint"))
     elif stage == "warmstart":
-        assets.append(f"lpips_{lookup(params, 'loss.lpips_net', 'alex')}")
+        assets.append(f"lpips_{lookup(params, 'loss.lpips_net')}")
     elif stage == "train":
         official.update(_official(params, "generator.checkpoint"))
-        if lookup(params, "encoder.backbone", "small") == "ir_se50":
+        if lookup(params, "encoder.backbone") == "ir_se50":
             official.update(_official(params, "encoder.backbone_checkpoint"))
         add(_identity(params))
-        assets.append(f"lpips_{lookup(params, 'loss.lpips_net', 'alex')}")
-        add(_threedmm(params, str(lookup(params, "loss.threedmm_encoder", "fitted"))))
+        assets.append(f"lpips_{lookup(params, 'loss.lpips_net')}")
+        add(_threedmm(params, str(lookup(params, "loss.threedmm_encoder"))))
     elif stage == "evaluate":
         add(_identity(params))  # the training ID network's similarity is reported too
-        identity = lookup(params, "evaluate.identity_embedder", "dlib")
+        identity = lookup(params, "evaluate.identity_embedder")
         assets += ["dlib_face_recognition", "dlib_landmarks5"] if identity == "dlib" else ["mobilefacenet_onnx"]
-        add(_threedmm(params, str(lookup(params, "evaluate.threedmm_encoder", "tddfa"))))
-        if int(lookup(params, "source_fit.steps", 0) or 0) > 0 and float(lookup(params, "source_fit.exp", 0) or 0) > 0:
-            add(_threedmm(params, str(lookup(params, "loss.threedmm_encoder", "fitted"))))  # the fit's anchor
+        add(_threedmm(params, str(lookup(params, "evaluate.threedmm_encoder"))))
+        if int(lookup(params, "source_fit.steps") or 0) > 0 and float(lookup(params, "source_fit.exp") or 0) > 0:
+            add(_threedmm(params, str(lookup(params, "loss.threedmm_encoder"))))  # the fit's anchor
         hopenet = _official(params, "nets.headpose.hopenet_checkpoint")
         official.update(hopenet)
         assets += [] if hopenet else ["hopenet_onnx"]

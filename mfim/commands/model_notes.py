@@ -71,18 +71,16 @@ def announce_synthetic(command: str, generator, what: str) -> None:
 def reports_source_fit(params_path: str | Path = "params.yaml") -> tuple[int, float] | None:
     """(steps, exp) of the `source_fit` group reports/ were made with, from the params.yaml of the working folder
     (where `make repro` runs); None when there is none to compare with."""
-    import yaml
+    from mfim.config import ParamsError, load_params
 
     p = Path(params_path)
     if not p.is_file():
         return None
     try:
-        group = (yaml.safe_load(p.read_text()) or {}).get("source_fit")
-    except (yaml.YAMLError, AttributeError):
+        group = load_params(p)["source_fit"]
+    except ParamsError:  # not a params file this code can read: nothing to compare with
         return None
-    if not isinstance(group, dict):
-        return None
-    return int(group.get("steps", 0)), float(group.get("exp", 0.0))
+    return int(group["steps"]), float(group["exp"])
 
 
 def fit_difference_note(fit_steps: int, fit_exp: float, params_path: str | Path = "params.yaml") -> str | None:

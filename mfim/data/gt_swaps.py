@@ -35,18 +35,16 @@ ARRAYS = ("src", "tgt", "gt", "source_identity", "target_identity")
 class GtSwapConfig:
     """params.yaml group ``gt_swaps``."""
 
-    pairs: int = 0  # triples rendered (3 renders + 3 alignments each, ~0.35 s on one core); 0: an empty set
-    first_index: int = 100  # scene indices start here: above synthesize.images_per_identity, so no shard image
-    seed: int = 0
-    size: int = 64  # aligned output size (data.resolution)
-    workers: int = 2
+    pairs: int  # triples rendered (3 renders + 3 alignments each, ~0.35 s on one core); 0: an empty set
+    first_index: int  # scene indices start here: above synthesize.images_per_identity, so no shard image
+    seed: int
+    size: int  # aligned output size (data.resolution)
+    workers: int
 
     @classmethod
     def from_params(cls, group: dict, size: int) -> "GtSwapConfig":
-        unknown = sorted(set(group) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise KeyError(f"gt_swaps: unknown params {unknown}")
-        return cls(**{**group, "size": int(size)})
+        """From the validated ``gt_swaps`` group (every key present) and data.resolution."""
+        return cls(**{k: int(group[k]) for k in ("pairs", "first_index", "seed", "workers")}, size=int(size))
 
 
 def draw_triples(train_ids: list[int], cfg: GtSwapConfig) -> np.ndarray:

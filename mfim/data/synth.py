@@ -16,7 +16,7 @@ import json
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -64,32 +64,28 @@ HAIR_PALETTE = np.array(  # black, dark brown, brown, blond, red, grey
 class SynthConfig:
     """params.yaml group ``synthesize``."""
 
-    seed: int = 0
-    identities_train: int = 160
-    identities_eval: int = 40
+    seed: int
+    identities_train: int
+    identities_eval: int
     # First eval identity id (None: right after the train ids). Fixing it lets identities_train grow while the eval
     # people stay the same renders; train ids then skip the eval block.
-    eval_identity_offset: int | None = None
-    images_per_identity: int = 8
-    canvas: int = 256
-    face_size: tuple[float, float] = (0.38, 0.55)
-    shape_sigma: float = 3.0
-    expression_sigma: float = 1.2
-    yaw_deg: float = 30.0
-    pitch_deg: float = 15.0
-    roll_deg: float = 12.0
-    render_workers: int = 2
-    supersample: int = 2  # anti-aliasing of the face edge (k×k samples per pixel)
+    eval_identity_offset: int | None
+    images_per_identity: int
+    canvas: int
+    face_size: tuple[float, float]
+    shape_sigma: float
+    expression_sigma: float
+    yaw_deg: float
+    pitch_deg: float
+    roll_deg: float
+    render_workers: int
+    supersample: int  # anti-aliasing of the face edge (k×k samples per pixel)
 
     @classmethod
     def from_params(cls, group: dict) -> "SynthConfig":
-        known = {k: v for k, v in group.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(group) - set(known))
-        if unknown:
-            raise KeyError(f"synthesize: unknown params {unknown}")
-        if "face_size" in known:
-            known["face_size"] = tuple(float(x) for x in known["face_size"])
-        return cls(**known)
+        """From the validated ``synthesize`` group (mfim.params_schema: every key present, none unknown)."""
+        return cls(**{**{f.name: group[f.name] for f in fields(cls)},
+                      "face_size": tuple(float(x) for x in group["face_size"])})
 
     def identities(self) -> list[tuple[int, str]]:
         """(identity id, split): train ids, then eval ids; the splits never share an identity."""

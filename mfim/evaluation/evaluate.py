@@ -50,7 +50,7 @@ def progress_fingerprint(params: dict, device, inputs) -> str:
     contents of the input files (swapper, evaluator networks, eval sets and shards)."""
     from mfim.assets import sha256_file
 
-    scoped = {k: lookup(params, k, None) for k in PROGRESS_PARAMS}
+    scoped = {k: lookup(params, k) for k in PROGRESS_PARAMS}
     scoped["evaluate"] = {k: v for k, v in (scoped["evaluate"] or {}).items() if k != "workers"}
     scoped["device"], scoped["format"] = str(getattr(device, "type", device)), PROGRESS_FORMAT
     scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
@@ -121,14 +121,14 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
     from mfim.training.build import build_source_fitter
 
     t0 = time.perf_counter()
-    device = pick_device(lookup(params, "project.device", "auto"))
+    device = pick_device(lookup(params, "project.device"))
     rank = join_ranks(device)  # under torchrun: this process's rank, world size and GPU
     device = torch.device("cuda", rank.local_rank) if device.type == "cuda" and rank.world > 1 else device
-    configure_threads(lookup(params, "project.threads", 0))
-    ev_cfg = params.get("evaluate", {})
-    n_boot, seed = int(ev_cfg.get("bootstrap", 1000)), int(lookup(params, "project.seed", 0))
-    batch = int(ev_cfg.get("batch_size", 16))
-    workers = int(ev_cfg.get("workers", 0) or 0)
+    configure_threads(lookup(params, "project.threads"))
+    ev_cfg = params["evaluate"]
+    n_boot, seed = int(ev_cfg["bootstrap"]), int(lookup(params, "project.seed"))
+    batch = int(ev_cfg["batch_size"])
+    workers = int(ev_cfg["workers"])
     workers = max(1, workers // rank.world) if workers else 0  # evaluate.workers: the machine's, shared by the ranks
     reports_dir = Path(reports_dir)
     (reports_dir / "grids").mkdir(parents=True, exist_ok=True)
@@ -145,9 +145,9 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
     lpips = load_lpips("alex").to(device).eval()
     # FID at one resolution: the real images' (data.resolution) unless evaluate.fid.resolution says otherwise;
     # swaps at the generator's resolution are area-downsampled to it (mfim.nets.fid.FrechetDistance).
-    fd = FrechetDistance(lookup(params, "evaluate.fid.inception_checkpoint", "") or None, device=device,
-                         substitute=str(lookup(params, "evaluate.fid.substitute", "lpips_alex")),
-                         resolution=int(lookup(params, "evaluate.fid.resolution", 0) or 0) or res)
+    fd = FrechetDistance(lookup(params, "evaluate.fid.inception_checkpoint") or None, device=device,
+                         substitute=str(lookup(params, "evaluate.fid.substitute")),
+                         resolution=int(lookup(params, "evaluate.fid.resolution") or 0) or res)
     inputs = [model_path, "data/threedmm/regressor.pt", "data/threedmm/evaluator.pt", "data/threedmm/stats.json",
               "data/weights/evaluate.json", *(Path(evalsets_dir) / n for n in ("pairs.parquet", "triplets.parquet",
                                                                                  "protocol.json")),
@@ -176,7 +176,7 @@ def _run_evaluation(params: dict, model_path, evalsets_dir, shards_dir, raw_dir,
     swap_summary = T.summarize(per_pair, n_boot, seed)
     fd_report = pf.fd
     out = {
-        "protocol": protocol.get("protocol", lookup(params, "evalsets.protocol", "synthetic")),
+        "protocol": protocol.get("protocol", lookup(params, "evalsets.protocol")),
         "n_pairs": int(len(pairs)),
         "n_triplets": int(len(triplets)),
         "swap": {k: v["mean"] for k, v in swap_summary.items()},
@@ -231,13 +231,13 @@ def log_to_mlflow(params: dict, out: dict, grids: list[Path], reports_dir: Path)
     with start_run("evaluate", params, groups=["evaluate", "source_fit", "evalsets", "train", "loss", "encoder"]):
         import mlflow
 
-        mlflow.set_tags({"train.config": str(lookup(params, "train.config", "E")),
-                         "train.steps": str(lookup(params, "train.steps", "")),
+        mlflow.set_tags({"train.config": str(lookup(params, "train.config")),
+                         "train.steps": str(lookup(params, "train.steps")),
                          "train.seed": str(train_seed(params)),
                          # how the swaps were made: the ablation table keeps to feed-forward (0) runs
-                         "source_fit.steps": str(lookup(params, "source_fit.steps", 0)),
+                         "source_fit.steps": str(lookup(params, "source_fit.steps")),
                          # the split the ablation rows were trained with (runs before the tag: 0)
-                         "encoder.source_torgb_max_res": str(lookup(params, "encoder.source_torgb_max_res", 0) or 0)})
+                         "encoder.source_torgb_max_res": str(lookup(params, "encoder.source_torgb_max_res") or 0)})
         flat = {k: float(v) for k, v in flatten({k: out[k] for k in ("swap", "reconstruction", "id_mixing",
                                                                        "evaluators_on_real_images")}).items()}
         flat[f"fd.{out['fd']['name']}"] = out["fd"]["value"]

@@ -50,15 +50,15 @@ class Evaluators:
 
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.identity_name = str(lookup(params, "evaluate.identity_embedder", "dlib"))
-        self.threedmm_name = str(lookup(params, "evaluate.threedmm_encoder", "tddfa"))
+        self.identity_name = str(lookup(params, "evaluate.identity_embedder"))
+        self.threedmm_name = str(lookup(params, "evaluate.threedmm_encoder"))
         # the network inside L_shape / L_pose / L_exp (mfim.training.build's default): the report warns when the
         # evaluation measures with the very network the swapper was optimised against
-        self.loss_threedmm_name = str(lookup(params, "loss.threedmm_encoder", "fitted"))
+        self.loss_threedmm_name = str(lookup(params, "loss.threedmm_encoder"))
         # the network the ID loss trained against (reference only): the iresnet when one is configured
         from mfim.training.build import build_identity_embedder
 
-        iresnet = lookup(params, "nets.identity.iresnet_checkpoint", "") or ""
+        iresnet = lookup(params, "nets.identity.iresnet_checkpoint") or ""
         self.train_embedder_name = "arcface_iresnet" if iresnet else "mobilefacenet"
         self.train_embedder = build_identity_embedder(params, self.device)
         self.dlib = DlibIdentityEmbedder() if self.identity_name == "dlib" else None
@@ -83,8 +83,8 @@ class Evaluators:
                                   "threedmm.encoder: deca)")
         self.normalizer = build_threedmm_normalizer(self.threedmm_name, stats_path=stats).to(self.device)
         # FLAME opens the mouth with its jaw joint: evaluate.jaw_pose puts that rotation into Pose (DECA only)
-        self.jaw_pose = bool(lookup(params, "evaluate.jaw_pose", False))
-        self.loss_jaw_pose = bool(lookup(params, "loss.jaw_pose", False))
+        self.jaw_pose = bool(lookup(params, "evaluate.jaw_pose"))
+        self.loss_jaw_pose = bool(lookup(params, "loss.jaw_pose"))
         if self.jaw_pose and self.threedmm_name != "deca":
             raise ValueError(f"evaluate.jaw_pose needs evaluate.threedmm_encoder: deca ({self.threedmm_name} has no "
                              "jaw); set evaluate.jaw_pose: false")
@@ -93,19 +93,19 @@ class Evaluators:
         # r ~0.12 and expression at r ~0.24 (it reads skin tone as expression), the regressor far better.
         self.shape_name = self._regressor_or_3dmm(params, "shape_encoder")
         self.exp_name = self._regressor_or_3dmm(params, "expression_encoder")
-        k = lookup(params, "evaluate.shape_coefficients", 0)
+        k = lookup(params, "evaluate.shape_coefficients")
         self.shape_k = int(k) if k else None
         self.regressor = None
         if "evaluator" in (self.shape_name, self.exp_name):
             from mfim.nets.threedmm_regressor import load_fitted_regressor
 
             self.regressor = load_fitted_regressor(FITTED_EVALUATOR, device=self.device)
-        hopenet = lookup(params, "nets.headpose.hopenet_checkpoint", "") or ""
+        hopenet = lookup(params, "nets.headpose.hopenet_checkpoint") or ""
         self.pose_name = "hopenet_resnet50" if hopenet else "hopenet_onnx"
         self.headpose = HopenetResNet50(hopenet, device=self.device) if hopenet else HopenetOnnx(device=self.device)
 
     def _regressor_or_3dmm(self, params: dict, key: str) -> str:
-        name = str(lookup(params, f"evaluate.{key}", "") or self.threedmm_name)
+        name = str(lookup(params, f"evaluate.{key}") or self.threedmm_name)
         if name not in ("evaluator", self.threedmm_name):
             raise ValueError(f"evaluate.{key} must be 'evaluator' or empty, not {name!r}")
         return name

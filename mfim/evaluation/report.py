@@ -181,7 +181,7 @@ def ablation_rows_from_mlflow(params: dict) -> dict[str, list[dict]]:
         from mfim.tracking import configure
 
         configure(params)
-        steps = str(params.get("train", {}).get("steps", ""))
+        steps = str(params["train"]["steps"])
         runs = mlflow.search_runs(
             filter_string=f"tags.`mfim.stage` = 'evaluate' and tags.`train.steps` = '{steps}'",
             order_by=["start_time DESC"],
@@ -220,7 +220,7 @@ def export_ablation_runs(params: dict, path: str | Path | None = None) -> Path:
     from mfim.atomic import atomic_write
 
     rows = merged_ablation_rows(params, path)
-    steps = params.get("train", {}).get("steps")
+    steps = params["train"]["steps"]
     payload = {"train_steps": steps, "note": "exported by `python pipelines/report.py --export-ablation`",
                "rows": {cfg: runs for cfg, runs in sorted(rows.items())}}
     path = Path(path or ABLATION_RUNS)
@@ -235,7 +235,7 @@ def load_ablation_runs(params: dict, path: str | Path | None = None) -> dict[str
     if not path.is_file():
         return {}
     payload = json.loads(path.read_text())
-    if str(payload.get("train_steps")) != str(params.get("train", {}).get("steps")):
+    if str(payload.get("train_steps")) != str(params["train"]["steps"]):
         return {}
     return {cfg: list(runs) for cfg, runs in payload.get("rows", {}).items()}
 
@@ -292,8 +292,8 @@ def beyond_seed_noise(rows: dict[str, list[dict]]) -> list[str]:
 
 def ablation_table(params: dict, current: str, metrics: dict) -> str:
     rows = merged_ablation_rows(params)
-    feed_forward = int(params.get("source_fit", {}).get("steps", 0) or 0) == 0
-    split = str(params.get("encoder", {}).get("source_torgb_max_res", 0) or 0)
+    feed_forward = int(params["source_fit"]["steps"]) == 0
+    split = str(params["encoder"]["source_torgb_max_res"])
     if current not in rows and feed_forward:  # the current run stands in only when it is a feed-forward one
         cur = {c: metrics["swap"].get(c) for c in SWAP_COLS + ["id_retrieval"]}
         cur["self_swap_lpips"] = metrics.get("reconstruction", {}).get("self_swap_lpips")
@@ -349,7 +349,7 @@ def write_reports(params: dict, reports_dir="reports") -> list[Path]:
         "Images: reports/grids/swaps.png (source | target | swap | E+), id_mixing.png (global | local | target | mix), "
         "style_maps.png (target | self-swap | self-swap without style maps), paste_back.png (raw target | E+ pasted).\n"
     )
-    current = str(params.get("train", {}).get("config", "E")).upper()
+    current = str(params["train"]["config"]).upper()
     ablation = reports_dir / "ablation.md"
     ablation.write_text(ablation_table(params, current, metrics) + "\n\n" + note + "\n")
     return [tables, ablation]

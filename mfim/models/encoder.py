@@ -51,37 +51,42 @@ def level_for_resolution(res: int) -> str:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    input_size: int = 64
-    backbone: str = "small"  # small | ir_se50
-    width: int = 32  # small backbone: channels of the first stage (doubling per stage)
-    latent_channels: int | None = None  # FPN width; default 512 for ir_se50, 4*width for small
-    code_channels: int | None = None  # hidden width of the M2C blocks; default: latent_channels (pSp: 512)
-    style_maps: bool = True
-    style_map_resolutions: tuple[int, ...] = (16, 32, 64)  # paper scale (pSp-style mid levels of 1024 px)
-    style_map_channels: int = 1  # 1: B×1×H×W maps like StyleGAN noise; 0: per-channel maps (B×C×H×W)
+    """params.yaml's ``encoder`` keys that shape the network (values: params.yaml, or a checkpoint's stored config),
+    plus ``input_size`` (data.resolution)."""
+
+    input_size: int
+    backbone: str  # small | ir_se50
+    width: int  # small backbone: channels of the first stage (doubling per stage)
+    latent_channels: int | None  # FPN width; None: 512 for ir_se50, 4*width for small
+    code_channels: int | None  # hidden width of the M2C blocks; None: latent_channels (pSp: 512)
+    style_maps: bool
+    style_map_resolutions: tuple[int, ...]
+    style_map_channels: int  # 1: B×1×H×W maps like StyleGAN noise; 0: per-channel maps (B×C×H×W)
     # How a map reaches the generator. "direct": added to the layer's activations, scaled by a trainable per-layer
     # gain the encoder owns (init ``style_map_gain``). "strength": as a literal noise input, i.e. times the frozen
     # generator's learned noise strength -- ~1e-3 in the shipped 64 px generator, which leaves the maps inert.
-    style_map_injection: str = "direct"
-    style_map_gain: float = 1.0
+    style_map_injection: str
+    style_map_gain: float
     # ReStyle-style refinement passes after the one-shot encoding (module docstring); 0: the paper's single pass
-    refine_iterations: int = 0
+    refine_iterations: int
     # the style-map resolutions whose maps the refiner corrects (None: all of style_map_resolutions). Its 16 px map
     # corrections carried the target's face shape into the swap at 64 px (docs/EXPERIMENTS.md §12)
-    refine_map_resolutions: tuple[int, ...] | None = None
+    refine_map_resolutions: tuple[int, ...] | None
 
     @staticmethod
     def from_params(params: dict, input_size: int) -> "EncoderConfig":
-        """From the params.yaml ``encoder`` group; a key it leaves out takes the default above (the one source of
-        defaults: these are the paper-scale values, params.yaml states the embedded default's own)."""
-        enc = params.get("encoder", {})
+        """From the validated params.yaml ``encoder`` group (mfim.params_schema: every key present). Its other keys
+        (backbone_checkpoint, coarse_max_res, source_torgb_max_res, mix_global_res) configure MFIM around it."""
+        enc = params["encoder"]
         casts = {"width": int, "style_maps": bool, "style_map_channels": int, "style_map_injection": str,
                  "style_map_gain": float, "backbone": str, "refine_iterations": int,
+                 "latent_channels": lambda v: None if v is None else int(v),
+                 "code_channels": lambda v: None if v is None else int(v),
                  "style_map_resolutions": lambda v: tuple(int(r) for r in v),
                  "refine_map_resolutions": lambda v: None if v is None else tuple(int(r) for r in v)}
-        kw = {f.name: casts.get(f.name, lambda v: v)(enc[f.name])
-              for f in fields(EncoderConfig) if f.name != "input_size" and f.name in enc}
-        return EncoderConfig(input_size=input_size, **kw)
+        return EncoderConfig(input_size=input_size,
+                             **{f.name: casts[f.name](enc[f.name]) for f in fields(EncoderConfig)
+                                if f.name != "input_size"})
 
 
 def _conv_lrelu(cin: int, cout: int, stride: int) -> list[nn.Module]:

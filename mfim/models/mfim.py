@@ -27,6 +27,15 @@ from mfim.models.encoder import EncoderConfig, FacialAttributeEncoder
 # 32 px from the global source. The one source of these defaults (params.yaml states the embedded default's values).
 COARSE_MAX_RES = 16
 MIX_GLOBAL_RES = (32,)
+# A swapper file holds its whole encoder config. Files written before a key existed lack it: these are the values
+# such files were trained with (a fact of the file format, not a params default; params.yaml holds those).
+ENCODER_CONFIG_BEFORE_KEY = {
+    "input_size": 64, "backbone": "small", "width": 32, "style_map_resolutions": (16, 32, 64), "latent_channels": None,
+    "code_channels": None, "style_maps": True, "style_map_channels": 1,
+    "style_map_injection": "strength",  # before the direct path existed, maps were noise inputs
+    "style_map_gain": 1.0, "refine_iterations": 0, "refine_map_resolutions": None,
+}
+SWAPPER_BEFORE_KEY = {"source_torgb_max_res": 0}  # the paper's split, from before the option
 
 
 class MFIM(nn.Module):
@@ -256,18 +265,17 @@ def _load_swapper(path, device="cpu") -> tuple[MFIM, dict]:
     config = validate_network_config("generator", gen.get("config"), str(path), gen["state_dict"])
     G = Generator(**config)
     G.load_state_dict(gen["state_dict"])
-    cfg = validate_encoder_config(state["encoder_config"], str(path), G.resolution)
+    cfg = {**ENCODER_CONFIG_BEFORE_KEY, **validate_encoder_config(state["encoder_config"], str(path), G.resolution)}
     cfg["style_map_resolutions"] = tuple(cfg["style_map_resolutions"])
     if cfg.get("refine_map_resolutions") is not None:
         cfg["refine_map_resolutions"] = tuple(cfg["refine_map_resolutions"])
-    cfg.setdefault("style_map_injection", "strength")  # files written before the direct path existed
     model = MFIM(
         G.to(device),
         EncoderConfig(**cfg),
         coarse_max_res=state["coarse_max_res"],
         mix_global_res=tuple(state["mix_global_res"]),
         noise_mode=state["noise_mode"],
-        source_torgb_max_res=int(state.get("source_torgb_max_res", 0)),  # 0: files from before the option
+        source_torgb_max_res=int(state.get("source_torgb_max_res", SWAPPER_BEFORE_KEY["source_torgb_max_res"])),
     )
     model.encoder.load_state_dict(state["encoder"])
     from mfim.weights.limits import refuse_non_finite

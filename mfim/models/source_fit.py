@@ -28,27 +28,30 @@ import torch.nn.functional as F
 from mfim.criteria.threedmm_loss import l2_distance
 
 
+CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class SourceFitConfig:
-    steps: int = 0  # optimiser steps per source image; 0 = the paper's feed-forward swap
-    lr: float = 0.05  # Adam on additive offsets to the S-space codes
+    """params.yaml group ``source_fit`` (values there only; mfim.params_schema bounds them)."""
+
+    steps: int  # optimiser steps per source image; 0 = the paper's feed-forward swap
+    lr: float  # Adam on additive offsets to the S-space codes
     # Small pixel weights: the pixel terms also copy the source's expression into the ID codes (EXPERIMENTS §16)
-    l1: float = 0.1
-    lpips: float = 0.1
-    id: float = 1.0  # weight of 1 - cos(R(fit), R(source)), R the training ID network
+    l1: float
+    lpips: float
+    id: float  # weight of 1 - cos(R(fit), R(source)), R the training ID network
     # Expression anchor: weight of the L2 between the training 3DMM network's (standardised) expression of the fitted
     # image and of the encoder's own reconstruction. The fit is there for the person; the pixel terms also pull the
     # source's expression into the ID codes, which a swap then puts on the target's face (EXPERIMENTS §19).
-    exp: float = 0.0
-    cache_size: int = 4096  # images whose fitted codes are kept (a few KB each at 64 px)
+    exp: float
+    # images whose fitted codes are kept (a few KB each at 64 px); not a params key: memory, not what is computed
+    cache_size: int = CACHE_SIZE
 
     @classmethod
-    def from_params(cls, group: dict | None) -> SourceFitConfig:
-        group = dict(group or {})
-        unknown = set(group) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"source_fit: unknown keys {sorted(unknown)}")
-        cfg = cls(**{k: type(getattr(cls, k))(v) for k, v in group.items()})
+    def from_params(cls, group: dict) -> SourceFitConfig:
+        """From the validated ``source_fit`` group (every key present)."""
+        cfg = cls(steps=int(group["steps"]), **{k: float(group[k]) for k in ("lr", "l1", "lpips", "id", "exp")})
         if cfg.steps < 0 or cfg.lr <= 0 or min(cfg.l1, cfg.lpips, cfg.id, cfg.exp) < 0:
             raise ValueError(f"source_fit: steps must be >= 0, lr > 0 and weights >= 0, got {cfg}")
         return cfg

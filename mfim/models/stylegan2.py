@@ -477,11 +477,11 @@ def discriminator_at(D: Discriminator, resolution: int) -> Discriminator:
 def generator_from_params(group: dict) -> Generator:
     """A randomly initialised Generator from the params.yaml ``generator`` group."""
     return Generator(
-        resolution=group.get("resolution", 64),
-        style_dim=group.get("style_dim", 512),
-        n_mlp=group.get("n_mlp", 8),
-        channel_base=group.get("channel_base", 32768),
-        channel_max=group.get("channel_max", 512),
+        resolution=group["resolution"],
+        style_dim=group["style_dim"],
+        n_mlp=group["n_mlp"],
+        channel_base=group["channel_base"],
+        channel_max=group["channel_max"],
     )
 
 

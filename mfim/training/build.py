@@ -17,7 +17,7 @@ import torch
 
 from mfim.config import lookup
 from mfim.models.encoder import EncoderConfig
-from mfim.models.mfim import COARSE_MAX_RES, MIX_GLOBAL_RES, MFIM
+from mfim.models.mfim import MFIM
 
 PRETRAINED_GENERATOR = Path("data/generator/generator.pt")
 FITTED_REGRESSOR = Path("data/threedmm/regressor.pt")
@@ -25,7 +25,7 @@ THREEDMM_STATS = Path("data/threedmm/stats.json")  # the threedmm stage's coeffi
 
 
 def generator_path(params: dict) -> Path:
-    ck = lookup(params, "generator.checkpoint", "") or ""
+    ck = lookup(params, "generator.checkpoint") or ""
     return Path(ck) if ck else PRETRAINED_GENERATOR
 
 
@@ -36,7 +36,7 @@ def load_frozen_generator(params: dict, device):
     if not path.is_file():
         from mfim.assets import missing_error, get
 
-        if lookup(params, "generator.checkpoint", ""):
+        if lookup(params, "generator.checkpoint"):
             raise missing_error(get("stylegan2_ffhq"), path)
         raise FileNotFoundError(f"{path} not found: run `dvc repro pretrain_generator` (or set generator.checkpoint)")
     G = load_generator(path, device=device)
@@ -54,8 +54,8 @@ def build_discriminator(params: dict, G, device):
     from mfim.weights import CheckpointError, load_discriminator
     from mfim.models.stylegan2 import Discriminator, discriminator_at
 
-    res = int(lookup(params, "data.resolution", G.resolution))
-    init = str(lookup(params, "loss.d_init", "pretrained"))
+    res = int(lookup(params, "data.resolution"))
+    init = str(lookup(params, "loss.d_init"))
     if init not in ("pretrained", "scratch"):
         raise ValueError(f"loss.d_init must be pretrained or scratch, not {init!r}")
     c = G.config
@@ -76,17 +76,17 @@ def build_discriminator(params: dict, G, device):
 
 
 def build_model(params: dict, G) -> MFIM:
-    enc = params.get("encoder", {})
-    cfg = EncoderConfig.from_params(params, input_size=int(lookup(params, "data.resolution", G.resolution)))
+    enc = params["encoder"]
+    cfg = EncoderConfig.from_params(params, input_size=int(lookup(params, "data.resolution")))
     model = MFIM(
         G,
         cfg,
-        coarse_max_res=int(enc.get("coarse_max_res", COARSE_MAX_RES)),
-        mix_global_res=tuple(enc.get("mix_global_res", MIX_GLOBAL_RES)),
-        noise_mode=str(lookup(params, "generator.noise_mode", "const")),
-        source_torgb_max_res=int(enc.get("source_torgb_max_res", 0) or 0),
+        coarse_max_res=int(enc["coarse_max_res"]),
+        mix_global_res=tuple(enc["mix_global_res"]),
+        noise_mode=str(lookup(params, "generator.noise_mode")),
+        source_torgb_max_res=int(enc["source_torgb_max_res"]),
     )
-    if cfg.backbone == "ir_se50" and enc.get("backbone_checkpoint"):
+    if cfg.backbone == "ir_se50" and enc["backbone_checkpoint"]:
         from mfim.models.encoder import load_ir_se50
 
         load_ir_se50(model.encoder, enc["backbone_checkpoint"])  # pSp's initialisation of the IR-SE50 body
@@ -96,7 +96,7 @@ def build_model(params: dict, G) -> MFIM:
 def build_identity_embedder(params: dict, device):
     from mfim.nets import identity
 
-    iresnet = lookup(params, "nets.identity.iresnet_checkpoint", "") or ""
+    iresnet = lookup(params, "nets.identity.iresnet_checkpoint") or ""
     if iresnet:
         from mfim.nets.iresnet import load_iresnet
 
@@ -111,13 +111,13 @@ def build_source_fitter(params: dict, device):
     from mfim.models.source_fit import SourceCodeFitter, SourceFitConfig
     from mfim.nets.perceptual import load_lpips
 
-    cfg = SourceFitConfig.from_params(params.get("source_fit"))
+    cfg = SourceFitConfig.from_params(params["source_fit"])
     if cfg.steps == 0:
         return None
     lpips = load_lpips("alex").to(device).eval() if cfg.lpips > 0 else None
     expression = None
     if cfg.exp > 0:  # the expression anchor reads the training 3DMM network, standardised as L_exp does
-        name = str(lookup(params, "loss.threedmm_encoder", "fitted"))
+        name = str(lookup(params, "loss.threedmm_encoder"))
         encoder = build_threedmm_encoder(name, device, params=params).eval().requires_grad_(False)
         exp_std = threedmm_std(name, encoder)[1].to(device)
         expression = lambda x: encoder(x).exp / exp_std  # noqa: E731
@@ -131,7 +131,7 @@ def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REG
     if name == "fitted":
         kw["checkpoint"] = str(regressor)
     elif name == "deca":
-        kw["checkpoint"] = lookup(params or {}, "nets.threedmm.deca_checkpoint", "") or None
+        kw["checkpoint"] = (lookup(params, "nets.threedmm.deca_checkpoint") if params is not None else "") or None
     return build(name, params=params, device=device, **kw)
 
 
@@ -154,28 +154,28 @@ def build_objective(params: dict, G, device):
     from mfim.criteria.threedmm_loss import ThreeDMMLoss
     from mfim.training.objective import LossWeights, MFIMObjective
 
-    loss = params.get("loss", {})
+    loss = params["loss"]
     w = LossWeights.from_params(loss)
     # not in the paper (docs/DEVIATIONS.md#additions-to-the-objective): id_views / id_jitter, gt_swap_region,
     # gt_swap_id_target
-    id_loss = IDLoss(build_identity_embedder(params, device), views=int(loss.get("id_views", 0)),
-                     jitter=loss.get("id_jitter")) if w.id > 0 else None
+    id_loss = IDLoss(build_identity_embedder(params, device), views=int(loss["id_views"]),
+                     jitter=loss["id_jitter"]) if w.id > 0 else None
     lp = None
     if w.lpips > 0 or w.gt_swap > 0:  # the ground-truth swap term is L1 + LPIPS too
         from mfim.nets.perceptual import load_lpips
 
-        lp = load_lpips(loss.get("lpips_net", "alex")).to(device).eval().requires_grad_(False)
+        lp = load_lpips(loss["lpips_net"]).to(device).eval().requires_grad_(False)
     tdmm = None
     if w.threedmm_terms:
-        name = loss.get("threedmm_encoder", "fitted")
+        name = loss["threedmm_encoder"]
         enc = build_threedmm_encoder(name, device, params=params)
         shape_std, exp_std = threedmm_std(name, enc)
-        jaw = bool(loss.get("jaw_pose", False))
+        jaw = bool(loss["jaw_pose"])
         if jaw and name != "deca":
             raise ValueError(f"loss.jaw_pose needs loss.threedmm_encoder: deca ({name} has no jaw: BFM / 3DDFA_V2 "
                              "model no mouth opening as a pose); set loss.jaw_pose: false")
-        tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss.get("shape_coefficients"), jaw_pose=jaw)
+        tdmm = ThreeDMMLoss(enc, shape_std, exp_std, shape_coefficients=loss["shape_coefficients"], jaw_pose=jaw)
     D = build_discriminator(params, G, device) if w.adv > 0 else None  # R1 only regularises an adversarial D
     return MFIMObjective(w, id_loss=id_loss, recon=ReconLoss(lp), threedmm=tdmm, discriminator=D,
-                         gt_swap_region=str(loss.get("gt_swap_region", "image")),
-                         gt_swap_id_target=bool(loss.get("gt_swap_id_target", False)))
+                         gt_swap_region=str(loss["gt_swap_region"]),
+                         gt_swap_id_target=bool(loss["gt_swap_id_target"]))

@@ -155,8 +155,8 @@ def device_and_dist(params: dict) -> tuple[torch.device, DistInfo]:
     from mfim.config import lookup
     from mfim.runtime import configure_threads, pick_device
 
-    device = pick_device(lookup(params, "project.device", "auto"))
-    configure_threads(lookup(params, "project.threads", 0))
+    device = pick_device(lookup(params, "project.device"))
+    configure_threads(lookup(params, "project.threads"))
     dist = init_from_env(device)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)

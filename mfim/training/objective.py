@@ -32,30 +32,31 @@ from mfim.nets.threedmm import encode
 
 @dataclass(frozen=True)
 class LossWeights:
-    id: float = 1.0
-    l1: float = 1.0
-    lpips: float = 0.8
-    adv: float = 0.1
-    r1: float = 10.0
-    r1_every: int = 16
-    shape: float = 1.0
-    pose: float = 1.0
-    exp: float = 1.0
+    """The eq. (6) weights of params.yaml's ``loss`` group (their values live in params.yaml only)."""
+
+    id: float
+    l1: float
+    lpips: float
+    adv: float
+    r1: float
+    r1_every: int
+    shape: float
+    pose: float
+    exp: float
     # L1 + LPIPS weight of pairs of *different* people relative to same-identity pairs. 1.0 is eq. (2) as written
     # (every pair); below 1 the pixel terms pull less towards the target's face where the ID loss pulls away.
-    recon_cross_identity: float = 1.0
+    recon_cross_identity: float
     # L1 outside the face on pairs of different people: hair and background come from the target whatever the
     # source, so this pixel pull does not fight the ID loss the way full-image L1/LPIPS on a cross pair does.
-    background_l1: float = 0.0
+    background_l1: float
     # L1 + LPIPS against the ground-truth swap on the batch rows that have one (synthetic data: mfim.data.gt_swaps)
-    gt_swap: float = 0.0
+    gt_swap: float
 
     @staticmethod
     def from_params(loss: dict) -> "LossWeights":
-        names = {f.name for f in fields(LossWeights)}
-        kw = {k: loss[k] for k in names if k in loss}
-        kw["r1_every"] = int(kw.get("r1_every", 16))
-        return LossWeights(**{k: (float(v) if k != "r1_every" else v) for k, v in kw.items()})
+        """From the validated ``loss`` group (mfim.params_schema): its other keys configure the loss networks."""
+        return LossWeights(**{f.name: (int if f.name == "r1_every" else float)(loss[f.name])
+                              for f in fields(LossWeights)})
 
     @property
     def threedmm_terms(self) -> tuple[str, ...]:

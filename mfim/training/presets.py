@@ -20,13 +20,13 @@ PRESETS: dict[str, dict[str, bool]] = {
 
 def apply_preset(params: dict) -> dict:
     """A copy of ``params`` with train.config's switches applied to encoder.style_maps and loss.{shape,pose,exp}."""
-    name = str(params.get("train", {}).get("config", "E")).upper()
+    name = str(params["train"]["config"]).upper()
     if name not in PRESETS:
         raise ValueError(f"train.config must be one of {', '.join(PRESETS)}, not {name!r}")
     out = copy.deepcopy(params)
     switches = PRESETS[name]
-    out.setdefault("encoder", {})["style_maps"] = bool(out["encoder"].get("style_maps", True)) and switches["style_maps"]
-    loss = out.setdefault("loss", {})
+    out["encoder"]["style_maps"] = bool(out["encoder"]["style_maps"]) and switches["style_maps"]
+    loss = out["loss"]
     for term in ("shape", "pose", "exp"):
-        loss[term] = float(loss.get(term, 1.0)) if switches[term] else 0.0  # 1.0: LossWeights' default
+        loss[term] = float(loss[term]) if switches[term] else 0.0
     return out

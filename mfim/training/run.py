@@ -36,9 +36,9 @@ BOOKKEEPING = {"log_every", "sample_every", "sample_pairs", "checkpoint_every", 
                "sample_max_px", "gpus"} | SPEED_KEYS  # gpus: the global batch is a param, so a resume may change the count
 
 
-def per_process(tr: dict, key: str, world: int, default: int) -> int:
+def per_process(tr: dict, key: str, world: int) -> int:
     """Each process's share of a global per-batch count (``train.batch_size``, ``train.gt_swap_pairs``)."""
-    total = int(tr.get(key, default) or 0)
+    total = int(tr[key])
     if total % world:
         raise ValueError(f"train.{key} {total} is global (all processes together) and does not split over {world} "
                          f"processes: make it a multiple of {world}, or set train.gpus")
@@ -48,11 +48,11 @@ def per_process(tr: dict, key: str, world: int, default: int) -> int:
 def scheduled_steps(tr: dict) -> int:
     """``train.steps`` counted at ``train.schedule_batch`` samples a step, as steps of this run's global batch
     (batch_size x grad_accum): the same number of samples, rounded up. schedule_batch null: steps as given."""
-    steps = int(tr.get("steps", 600))
-    at = tr.get("schedule_batch")
+    steps = int(tr["steps"])
+    at = tr["schedule_batch"]
     if not at:
         return steps
-    step_batch = int(tr.get("batch_size", 8)) * int(tr.get("grad_accum", 1))
+    step_batch = int(tr["batch_size"]) * int(tr["grad_accum"])
     return -(-steps * int(at) // step_batch)
 
 
@@ -76,8 +76,8 @@ def train_seed(params: dict) -> int:
     """The seed of the `train` stage: train.seed, or project.seed when it is unset (null). A seed of the train
     stage alone lets `dvc exp run -S train.seed=1` repeat a configuration without re-running the upstream stages
     that depend on project.seed (regressor fit, warm start)."""
-    value = lookup(params, "train.seed", None)
-    return int(lookup(params, "project.seed", 0) if value is None else value)
+    value = lookup(params, "train.seed")
+    return int(lookup(params, "project.seed") if value is None else value)
 
 
 def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
@@ -85,8 +85,8 @@ def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
     contents of the input files (generator, 3DMM regressor, shard index)."""
     from mfim.assets import sha256_file
 
-    scoped = {g: params.get(g) for g in TRAIN_GROUPS}
-    scoped["train"] = {k: v for k, v in (scoped["train"] or {}).items() if k not in BOOKKEEPING}
+    scoped = {g: params[g] for g in TRAIN_GROUPS}
+    scoped["train"] = {k: v for k, v in scoped["train"].items() if k not in BOOKKEEPING}
     scoped["seed"] = train_seed(params)
     scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     return hashlib.sha256(json.dumps(scoped, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -226,10 +226,10 @@ def training_batches(params: dict, shards_dir, resolution: int, batch_size: int,
         seed,
         rank=dist.rank,
         world=dist.world,
-        same_identity_fraction=float(tr.get("same_identity_fraction", 0.2)),
-        self_pair_fraction=float(tr.get("self_pair_fraction", 0.0)),
-        augment=bool(tr.get("augment", True)),
-        workers=int(tr.get("workers", 0)),
+        same_identity_fraction=float(tr["same_identity_fraction"]),
+        self_pair_fraction=float(tr["self_pair_fraction"]),
+        augment=bool(tr["augment"]),
+        workers=int(tr["workers"]),
         position=position,
         resolution=resolution,
     )
@@ -239,7 +239,7 @@ def training_batches(params: dict, shards_dir, resolution: int, batch_size: int,
     # synthetic data: rendered (source, target, exact swap) triples join every batch
     from mfim.data.gt_swaps import BatchesWithGtRows, GtSwapRows, load_gt_swap_set
 
-    if lookup(params, "loss.gt_swap", 0) <= 0 and not lookup(params, "loss.gt_swap_id_target", False):
+    if lookup(params, "loss.gt_swap") <= 0 and not lookup(params, "loss.gt_swap_id_target"):
         raise ValueError("train.gt_swap_pairs > 0 needs loss.gt_swap > 0 or loss.gt_swap_id_target: true (what "
                          "the triples are for)")
     gt_rows = GtSwapRows(load_gt_swap_set(gt_set), gt_pairs, seed + 1000 * dist.rank, drawn=start.gt_drawn)
@@ -259,9 +259,9 @@ class Tracking:
         self.trainer, self.device, self.reports_dir = trainer, device, reports_dir
         self.history, self.fingerprint, self.world = history, fingerprint, dist.world
         self.mlflow_on = dist.is_main
-        self.max_px = int(tr.get("sample_max_px", 2048) or 0)
+        self.max_px = int(tr["sample_max_px"])
         self.run_ids: list[str] = []  # this run's MLflow id once started, saved in checkpoints so a resume links to it
-        sample = next(iter(pair_batches(split_pattern(shards_dir, "eval"), None, int(tr.get("sample_pairs", 6)),
+        sample = next(iter(pair_batches(split_pattern(shards_dir, "eval"), None, int(tr["sample_pairs"]),
                                         seed + 99, same_identity_fraction=0.0,
                                         resolution=resolution)))
         self.x_src, self.x_tgt = sample["src"].to(device), sample["tgt"].to(device)
@@ -318,15 +318,15 @@ def export_and_report(trainer, params: dict, out_dir: Path, reports_dir: Path, t
         trainer.ema,
         out_dir / "mfim.pt",
         meta={
-            "train_config": str(tr.get("config", "E")),
+            "train_config": str(tr["config"]),
             "steps": trainer.step,
             "fingerprint": track.fingerprint,
-            "align_output_size": int(lookup(params, "align.output_size", 256)),
+            "align_output_size": int(lookup(params, "align.output_size")),
             "data_resolution": resolution,
         },
     )
     summary = {
-        "config": str(tr.get("config", "E")),
+        "config": str(tr["config"]),
         "steps": trainer.step,
         "seconds": round(seconds, 1),
         "world_size": track.world,
@@ -341,7 +341,7 @@ def export_and_report(trainer, params: dict, out_dir: Path, reports_dir: Path, t
     )
     log_file_reference(export, "model")  # the file stays the DVC output; MLflow keeps its sha256
     mlflow.log_metric("train_seconds", seconds)
-    if not bool(tr.get("keep_checkpoint", False)):
+    if not bool(tr["keep_checkpoint"]):
         # a finished run's training state is never resumed (run_training starts over), and at paper scale it is
         # 6.4 GB; the swapper above is what the run leaves
         (out_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -375,16 +375,16 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
         d.mkdir(parents=True, exist_ok=True)
 
     G = load_frozen_generator(params, device)
-    resolution = int(lookup(params, "data.resolution", G.resolution))
+    resolution = int(lookup(params, "data.resolution"))
     model = build_model(params, G).to(device)
     objective = build_objective(params, G, device)
     cfg = TrainConfig.from_params(tr)
     cfg.steps = scheduled_steps(tr)
-    batch_size = per_process(tr, "batch_size", dist.world, 8)
+    batch_size = per_process(tr, "batch_size", dist.world)
     ck_path = out_dir / "checkpoint.pt"
     trainer = Trainer(model, objective, cfg, device, dist, checkpoint_path=ck_path)
-    init_path = Path(tr["init_checkpoint"]) if tr.get("init_checkpoint") else None
-    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world, 0)  # rows of each batch that are ground-truth triples
+    init_path = Path(tr["init_checkpoint"]) if tr["init_checkpoint"] else None
+    gt_pairs = per_process(tr, "gt_swap_pairs", dist.world)  # rows of each batch that are ground-truth triples
     gt_set = Path(gt_swaps_path)
     fingerprint = params_fingerprint(
         params, [generator_path(params), FITTED_REGRESSOR, THREEDMM_STATS, Path(shards_dir) / "index.json"]
@@ -400,7 +400,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
                      fingerprint)
     track.batches, track.samples, track.gt_rows = batches, samples, gt_rows
 
-    run_name = f"train {tr.get('config', 'E')} {cfg.steps} steps seed {seed}" + (" (resumed)" if start.resumed else "")
+    run_name = f"train {tr['config']} {cfg.steps} steps seed {seed}" + (" (resumed)" if start.resumed else "")
     ctx = (start_run("train", params, groups=TRAIN_GROUPS + ["project"], run_name=run_name,
                      resumed_from=start.mlflow_run_id) if dist.is_main else nullcontext())  # fmt: skip
     global_batch = batch_size * dist.world * cfg.grad_accum
@@ -410,7 +410,7 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
             import mlflow
 
             track.run_ids.append(active.info.run_id)
-            mlflow.set_tags({"train.config": str(tr.get("config", "E")), "params.fingerprint": fingerprint,
+            mlflow.set_tags({"train.config": str(tr["config"]), "params.fingerprint": fingerprint,
                              "train.world_size": dist.world, "train.steps_run": cfg.steps,
                              "train.global_batch": global_batch})
         last = trainer.fit(batches, on_log=track.on_log, on_sample=track.on_sample, data_state=track.data_state)
@@ -422,6 +422,8 @@ def run_training(raw_params: dict, out_dir="data/train", reports_dir="reports", 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from mfim.config import load_params
+    from mfim.config import exit_on_params_error, load_params
 
-    run_training(load_params(os.environ.get("MFIM_PARAMS", "params.yaml")))
+    with exit_on_params_error("train"):
+        params = load_params(os.environ.get("MFIM_PARAMS", "params.yaml"))
+    run_training(params)

@@ -43,13 +43,15 @@ SPEED_KEYS = frozenset({"channels_last", "compile", "compile_mode", "compile_bac
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    channels_last: bool = False
-    compile: tuple[str, ...] = ()
-    compile_mode: str = "default"
-    compile_backend: str = "inductor"
-    fused_adam: bool = False
-    cudnn_benchmark: bool = False
-    tf32: bool = False
+    """params.yaml ``train`` group's speed keys (SPEED_KEYS; their values live in params.yaml only)."""
+
+    channels_last: bool
+    compile: tuple[str, ...]
+    compile_mode: str
+    compile_backend: str
+    fused_adam: bool
+    cudnn_benchmark: bool
+    tf32: bool
 
     def __post_init__(self):
         unknown = [m for m in self.compile if m not in COMPILABLE]
@@ -57,20 +59,19 @@ class SpeedOptions:
             raise ValueError(f"train.compile: unknown module {unknown[0]!r}; choose from {', '.join(COMPILABLE)}")
 
     @staticmethod
-    def from_params(train: dict | None) -> "SpeedOptions":
-        train = train or {}
-        comp = train.get("compile") or ()
+    def from_params(train: dict) -> "SpeedOptions":
+        """From the ``train`` group (validated: every speed key present); ``compile`` may be one name or a list."""
+        comp = train["compile"] or ()
         if isinstance(comp, str):
             comp = (comp,)
-        defaults = SpeedOptions()
         return SpeedOptions(
-            channels_last=bool(train.get("channels_last", False)),
+            channels_last=bool(train["channels_last"]),
             compile=tuple(str(m) for m in comp),
-            compile_mode=str(train.get("compile_mode", defaults.compile_mode) or defaults.compile_mode),
-            compile_backend=str(train.get("compile_backend", defaults.compile_backend) or defaults.compile_backend),
-            fused_adam=bool(train.get("fused_adam", False)),
-            cudnn_benchmark=bool(train.get("cudnn_benchmark", False)),
-            tf32=bool(train.get("tf32", False)),
+            compile_mode=str(train["compile_mode"]),
+            compile_backend=str(train["compile_backend"]),
+            fused_adam=bool(train["fused_adam"]),
+            cudnn_benchmark=bool(train["cudnn_benchmark"]),
+            tf32=bool(train["tf32"]),
         )
 
     def as_dict(self) -> dict:
@@ -78,7 +79,8 @@ class SpeedOptions:
 
     @property
     def any(self) -> bool:
-        return self != SpeedOptions()
+        """An option is switched on (compile_mode / compile_backend only matter with something to compile)."""
+        return bool(self.channels_last or self.compile or self.fused_adam or self.cudnn_benchmark or self.tf32)
 
 
 def apply_backend_flags(opts: SpeedOptions) -> None:

@@ -47,36 +47,39 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    grad_accum: int = 1
-    lr: float = 5e-4
-    d_lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)  # encoder (pSp-style optimiser settings)
-    d_betas: tuple[float, float] = (0.0, 0.99)  # discriminator (StyleGAN2)
-    ema_decay: float = 0.995
-    checkpoint_every: int = 200
-    sample_every: int = 100
-    log_every: int = 10
-    bf16: bool = True  # autocast on CUDA only
+    """The params.yaml ``train`` keys the trainer reads (their values live in params.yaml only)."""
+
+    steps: int
+    grad_accum: int
+    lr: float
+    d_lr: float
+    betas: tuple[float, float]  # encoder (pSp-style optimiser settings)
+    d_betas: tuple[float, float]  # discriminator (StyleGAN2)
+    ema_decay: float
+    checkpoint_every: int
+    sample_every: int
+    log_every: int
+    bf16: bool  # autocast on CUDA only
     # encoder.refine_iterations > 0: the refiner learns inversion in the warm start's refine phase (a reconstruction
     # objective, as ReStyle); the swap objective trains the one-pass encoder only unless this is true
-    train_refiner: bool = False
+    train_refiner: bool
 
     @staticmethod
     def from_params(train: dict) -> "TrainConfig":
+        """From the validated ``train`` group (mfim.params_schema): every key is present."""
         return TrainConfig(
-            steps=int(train.get("steps", 600)),
-            grad_accum=int(train.get("grad_accum", 1)),
-            lr=float(train.get("lr", 5e-4)),
-            d_lr=float(train.get("d_lr", 5e-4)),
-            betas=tuple(float(b) for b in train.get("betas", (0.9, 0.999))),
-            d_betas=tuple(float(b) for b in train.get("d_betas", (0.0, 0.99))),
-            ema_decay=float(train.get("ema_decay", 0.995)),
-            checkpoint_every=int(train.get("checkpoint_every", 200)),
-            sample_every=int(train.get("sample_every", 100)),
-            log_every=int(train.get("log_every", 10)),
-            bf16=bool(train.get("bf16", True)),
-            train_refiner=bool(train.get("train_refiner", False)),
+            steps=int(train["steps"]),
+            grad_accum=int(train["grad_accum"]),
+            lr=float(train["lr"]),
+            d_lr=float(train["d_lr"]),
+            betas=tuple(float(b) for b in train["betas"]),
+            d_betas=tuple(float(b) for b in train["d_betas"]),
+            ema_decay=float(train["ema_decay"]),
+            checkpoint_every=int(train["checkpoint_every"]),
+            sample_every=int(train["sample_every"]),
+            log_every=int(train["log_every"]),
+            bf16=bool(train["bf16"]),
+            train_refiner=bool(train["train_refiner"]),
         )
 
 

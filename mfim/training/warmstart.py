@@ -54,34 +54,30 @@ SKIPPED = "mfim-encoder-warmstart-skipped"
 class WarmStartConfig:
     """params.yaml group ``warmstart``."""
 
-    regression_steps: int = 400
-    recon_steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-3
-    mixing_prob: float = 0.9  # share of samples drawn with style mixing
-    truncation_psi: float = 1.0
-    code_weight: float = 1.0  # on std-normalised S codes
-    image_l1: float = 1.0  # phase 1: L1(G(predicted codes, predicted maps), sample)
-    recon_l1: float = 1.0  # phase 2 (pSp: l2_lambda 1, lpips_lambda 0.8)
-    recon_lpips: float = 0.8
-    ema_decay: float = 0.99
-    log_every: int = 20
-    refine_steps: int = 0  # phase 3 (encoder.refine_iterations > 0 only)
-    refine_lr: float = 3e-4
-    refine_id: float = 2.0  # ID term of phase 3 (reconstruction L1/LPIPS weights: recon_l1, recon_lpips)
-    checkpoint_every: int = 0  # resumable state every N steps (0: none)
-    workers: int = 0  # DataLoader workers reading the real images of phases 2-3 (0: the main process)
-    bf16: bool = True  # autocast on CUDA only
+    regression_steps: int
+    recon_steps: int
+    batch_size: int
+    lr: float
+    mixing_prob: float  # share of samples drawn with style mixing
+    truncation_psi: float
+    code_weight: float  # on std-normalised S codes
+    image_l1: float  # phase 1: L1(G(predicted codes, predicted maps), sample)
+    recon_l1: float  # phase 2 (pSp: l2_lambda 1, lpips_lambda 0.8)
+    recon_lpips: float
+    ema_decay: float
+    log_every: int
+    refine_steps: int  # phase 3 (encoder.refine_iterations > 0 only)
+    refine_lr: float
+    refine_id: float  # ID term of phase 3 (reconstruction L1/LPIPS weights: recon_l1, recon_lpips)
+    checkpoint_every: int  # resumable state every N steps (0: none)
+    workers: int  # DataLoader workers reading the real images of phases 2-3 (0: the main process)
+    bf16: bool  # autocast on CUDA only
 
     @classmethod
-    def from_params(cls, group: dict | None) -> "WarmStartConfig":
-        group = dict(group or {})
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(group) - set(known))
-        if unknown:
-            raise KeyError(f"warmstart: unknown params {unknown}")
+    def from_params(cls, group: dict) -> "WarmStartConfig":
+        """From the validated ``warmstart`` group (mfim.params_schema: every key present, none unknown)."""
         cast = {"int": int, "float": float, "bool": bool}
-        return cls(**{k: cast[known[k]](v) for k, v in group.items()})
+        return cls(**{f.name: cast[f.type](group[f.name]) for f in fields(cls)})
 
     @property
     def steps(self) -> int:
@@ -425,7 +421,7 @@ def warmstart_fingerprint(params: dict, inputs: list[Path], world: int = 1) -> s
     from mfim.assets import sha256_file
     from mfim.config import lookup
 
-    scoped = {name: lookup(params, name, None) for name in FINGERPRINT_PARAMS}
+    scoped = {name: lookup(params, name) for name in FINGERPRINT_PARAMS}
     scoped["warmstart"] = {k: v for k, v in (scoped["warmstart"] or {}).items() if k not in BOOKKEEPING}
     scoped["world"] = int(world)
     scoped["inputs"] = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
@@ -473,7 +469,7 @@ def _losses(params: dict, cfg: WarmStartConfig, model: MFIM, device):
 
         lp = None
         if cfg.recon_lpips > 0:
-            lp = load_lpips(lookup(params, "loss.lpips_net", "alex")).to(device).eval().requires_grad_(False)
+            lp = load_lpips(lookup(params, "loss.lpips_net")).to(device).eval().requires_grad_(False)
         recon = ReconLoss(lp)
     return recon, id_loss
 
@@ -493,16 +489,16 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
     from mfim.training.build import build_model, generator_path, load_frozen_generator
     from mfim.training.checkpoint import remove_stale_parts
 
-    cfg = WarmStartConfig.from_params(params.get("warmstart"))
-    init = str(lookup(params, "train.init_checkpoint", "") or "")
+    cfg = WarmStartConfig.from_params(params["warmstart"])
+    init = str(lookup(params, "train.init_checkpoint"))
     if Path(init) != Path(out_path):
         # train starts elsewhere (a shipped swapper, or from scratch): nothing here would be used
         why = f"train.init_checkpoint is {init!r}, not this stage's output" if init else "train.init_checkpoint is empty"
         return _skip_stage(why, out_path, reports_dir)
     device, dist = device_and_dist(params)
-    seed = int(lookup(params, "project.seed", 0))
+    seed = int(lookup(params, "project.seed"))
     ck_path = Path(out_path).parent / "checkpoint.pt"
-    backbone = lookup(params, "encoder.backbone_checkpoint", "") or ""
+    backbone = lookup(params, "encoder.backbone_checkpoint") or ""
     fingerprint = warmstart_fingerprint(
         params, [generator_path(params), Path(shards_dir) / "index.json"] + ([Path(backbone)] if backbone else []),
         dist.world)
@@ -512,7 +508,7 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
     torch.manual_seed(seed)
     G = load_frozen_generator(params, device)
     # maps on regardless of train.config: configuration A simply drops the M2M heads when it loads this file
-    p = {**params, "encoder": {**params.get("encoder", {}), "style_maps": True}}
+    p = {**params, "encoder": {**params["encoder"], "style_maps": True}}
     model = build_model(p, G).to(device)
     recon, id_loss = _losses(params, cfg, model, device)
     # the loading copies of the networks are freed now; under GLIBC_TUNABLES glibc would keep them resident for good
@@ -522,9 +518,9 @@ def run_warmstart_stage(params: dict, out_path="data/warmstart/encoder.pt", repo
         # workers start in a fresh process (mfim.data.shards), so they hold none of the models built above
         real = pair_batches(split_pattern(shards_dir, "train"), None, (cfg.batch_size + 1) // 2, seed + 7,
                             rank=dist.rank, world=dist.world, same_identity_fraction=0.0,
-                            augment=bool(lookup(params, "train.augment", True)), workers=cfg.workers,
+                            augment=bool(lookup(params, "train.augment")), workers=cfg.workers,
                             position=resume_position(resume, dist.rank),
-                            resolution=int(lookup(params, "data.resolution", G.resolution)))
+                            resolution=int(lookup(params, "data.resolution")))
     extra = dict((resume or {}).get("extra") or {})
     earlier = float(extra.get("seconds", 0.0))  # time the interrupted runs spent
     ctx = start_run("warmstart", params, groups=["warmstart", "encoder", "generator", "project"],
