@@ -116,12 +116,14 @@ THREEDMM = ("fitted", "tddfa", "deca")
 
 
 def _fit_group(evaluator: bool) -> dict:
-    """threedmm.regressor and threedmm.evaluator share their keys but for ``seed`` / ``shape_tail_weight``."""
-    own = {"seed": Int(0)} if evaluator else {"shape_tail_weight": Weight}
+    """threedmm.regressor and threedmm.evaluator share their keys but for ``seed`` (the loss network's is
+    project.seed)."""
+    own = {"seed": Int(0)} if evaluator else {}
     return {"target": Enum("ground_truth", "estimate"), "shipped_checkpoint": Shipped, "render_identities": Int(0),
             "render_images_per_identity": Int(1), "identity_offset": Int(0), "input_size": Res,
             "backbone": Enum("small", "mobilenet_v1"), "width": Int(1), **own, "epochs": Int(1),
-            "batch_size": Int(1), "lr": Float(0), "val_fraction": Float(0, 1)}
+            "batch_size": Int(1), "lr": Float(0), "val_fraction": Float(0, 1),
+            "shape_tail_weight": Weight, "group_weights": List(Weight, length=3), "workers": Int(0)}
 
 
 SCHEMA: dict = {

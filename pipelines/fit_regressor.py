@@ -41,9 +41,8 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
                     # the evaluator has a seed of its own (other people, network and seed than the loss network)
                     seed=int(group["seed"] if name == "evaluator" else lookup(params, "project.seed")),
                     augment=True,  # not a params key: the fits always augment
-                    # the evaluator's loss weighs every shape coefficient alike (no key: shape_tail_weight is the
-                    # loss network's, whose L_shape reads only the leading ones)
-                    shape_tail_weight=float(group["shape_tail_weight"]) if name == "regressor" else 1.0)
+                    shape_tail_weight=float(group["shape_tail_weight"]),
+                    group_weights=tuple(float(w) for w in group["group_weights"]), workers=int(group["workers"]))
     synthetic = lookup(params, "data.source") == "synthetic"
     if group["shipped_checkpoint"] and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't
         return use_shipped_regressor(group["shipped_checkpoint"], out, model_cfg, eval_pattern, TABLE, log=log,

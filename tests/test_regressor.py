@@ -146,12 +146,17 @@ def test_mobilenet_v1_with_tddfa_weights_matches_the_onnx_file():
         assert np.abs(net(x).numpy() - reference).max() <= 1e-4
 
 
-def test_a_regressor_started_from_tddfa_predicts_what_tddfa_predicts(tmp_path):
-    """Before any fitting, the mobilenet_v1 regressor is 3DDFA_V2: same roi, same input scaling, and a head that
-    re-expresses 3DDFA_V2's shape and expression in the regressor's own normalisation (a wrong row, scale or crop
-    shows here). Its pose rows start at the training mean. Then it round-trips through a checkpoint bit-exactly."""
+def test_a_regressor_started_from_tddfa_predicts_what_tddfa_predicts(tmp_path, monkeypatch):
+    """Before any fitting, the mobilenet_v1 regressor is 3DDFA_V2: same input scaling, and a head that re-expresses
+    3DDFA_V2's shape and expression in the regressor's own normalisation (a wrong row or scale shows here), given the
+    same roi (the fitted regressors keep the continuous crop they were fitted on; the official network gets its
+    whole-pixel one, so the comparison hands 3DDFA_V2 the regressor's crop). Its pose rows start at the training
+    mean. Then it round-trips through a checkpoint bit-exactly."""
+    from mfim.nets.mobilenet_v1 import fitted_regressor_crop
     from mfim.nets.threedmm import TDDFAEncoder
     from mfim.nets.threedmm_regressor import init_from_tddfa
+
+    monkeypatch.setattr(TDDFAEncoder, "crop", staticmethod(fitted_regressor_crop))
 
     g = torch.Generator().manual_seed(0)
     # statistics at BFM's scales: shape coefficients ~1e5, expression ~1, pose angles ~0.3
@@ -257,3 +262,23 @@ def test_a_fine_tune_starts_from_the_given_fit_and_keeps_its_normalisation():
     with pytest.raises(ValueError, match="config"):
         fit_regressor(images[64:], {k: v[64:] for k, v in targets.items()}, groups[64:],
                       RegressorConfig(input_size=16, width=4), FitConfig(epochs=1), log=lambda *_: None, init=first)
+
+
+def test_the_fitted_regressor_reads_the_crop_it_was_fitted_on():
+    """regressor_synth64.pt was fitted on the continuous canonical roi (the crop before 3DDFA_V2's whole-pixel rule
+    was adopted for the official network): its input must stay that crop, which at 64 px sits visibly off the
+    whole-pixel one. Known answer: the roi is the square on the canonical 68-landmark box's centre, side its larger
+    extent times sqrt(2), mapped onto 120 px."""
+    from mfim.nets.face_crops import canonical_landmark_box, warp
+    from mfim.nets.mobilenet_v1 import fitted_regressor_crop, tddfa_crop, tddfa_network_input
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x0, y0, x1, y1 = canonical_landmark_box(64)
+    half = max(x1 - x0, y1 - y0) * np.sqrt(2.0) / 2
+    cx, cy, k = (x0 + x1) / 2, (y0 + y1) / 2, 2 * half / 120
+    m = np.array([[k, 0, cx - half], [0, k, cy - half]])  # 120 px crop -> the continuous roi
+    expected = warp(x, m, 120, fill=-1.0)
+    assert torch.allclose(fitted_regressor_crop(x), expected, atol=1e-5)
+    model = ThreeDMMRegressor(RegressorConfig(input_size=64, backbone="mobilenet_v1"), torch.zeros(53), torch.ones(53))
+    assert torch.equal(model.prepare(x), tddfa_network_input(fitted_regressor_crop(x)))
+    assert (tddfa_crop(x) - fitted_regressor_crop(x)).abs().max() > 0.1

@@ -8,6 +8,7 @@ import ast
 import json
 import re
 import subprocess
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -276,15 +277,15 @@ device: cpu
 datasets: {}
 common: {}
 phases:
-  - {name: a, run: fake, data: {n: 1}, params: {x: 1}}
-  - {name: b, run: fake, data: {n: 2}, continues: a, params: {x: 2}}
-  - {name: c, run: fake, data: {n: 3}, continues: b, params: {x: 3}}
+  - {name: a, run: fake, data: {n: 1}, params: {train.steps: 1}}
+  - {name: b, run: fake, data: {n: 2}, continues: a, params: {train.steps: 2}}
+  - {name: c, run: fake, data: {n: 3}, continues: b, params: {train.steps: 3}}
 """
 
 
 def fake_root(tmp_path: Path) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "params.yaml").write_text("project: {seed: 0}\n")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # phases' params are validated like a stage's
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/fake.yaml").write_text(FAKE)
     return tmp_path
@@ -303,8 +304,8 @@ class FakePhases:
             raise KeyboardInterrupt("killed")
         prior = ctx.input.read_bytes() if ctx.input else b""
         out = ctx.folder / "out.pt"
-        out.write_bytes(prior + f"{phase.name}{ctx.params['x']}".encode())
-        return PhaseResult(out, {"x": ctx.params["x"]}, [{"step": 1, "loss": float(ctx.params["x"])}])
+        out.write_bytes(prior + f"{phase.name}{ctx.params['train']['steps']}".encode())
+        return PhaseResult(out, {"x": ctx.params["train"]["steps"]}, [{"step": 1, "loss": float(ctx.params["train"]["steps"])}])
 
 
 def test_killed_run_resumes_at_the_phase_it_stopped_in(tmp_path):
@@ -330,7 +331,7 @@ def test_killed_run_resumes_at_the_phase_it_stopped_in(tmp_path):
     run_schedule(load_schedule(other / "configs/fake.yaml"), other, log=lambda *_: None, runner=FakePhases())
     assert (other / "data/ship/fake.pt").read_bytes() == out.read_bytes()
     # a changed phase reruns from there on; the phases before it stay done
-    (root / "configs/fake.yaml").write_text(FAKE.replace("params: {x: 2}", "params: {x: 5}"))
+    (root / "configs/fake.yaml").write_text(FAKE.replace("params: {train.steps: 2}", "params: {train.steps: 5}"))
     third = FakePhases()
     run_schedule(load_schedule(root / "configs/fake.yaml"), root, log=lambda *_: None, runner=third)
     assert third.ran == ["b", "c"]  # c: its input changed

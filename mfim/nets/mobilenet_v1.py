@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from mfim.assets import resolve
-from mfim.nets.face_crops import box_transform, canonical_landmarks_continuous, landmark_box, square_box, warp
+from mfim.nets.face_crops import (
+    box_transform,
+    canonical_landmark_box,
+    canonical_landmarks_continuous,
+    landmark_box,
+    square_box,
+    warp,
+)
 from mfim.nets.onnx_utils import load_numpy_pickle, onnx_to_torch
 from mfim.nets.types import N_EXP, N_SHAPE
 
@@ -123,6 +130,17 @@ def aligned_roi_box(size: int) -> np.ndarray:
     """The 3DDFA_V2 crop of an FFHQ-aligned face of side ``size``: from the canonical 68 landmarks in that image's
     pixel indices."""
     return roi_box_from_landmark_box(landmark_box(canonical_landmarks_continuous(size) - 0.5))
+
+
+def fitted_regressor_crop(aligned: torch.Tensor) -> torch.Tensor:
+    """The 120 px roi our fitted ``mobilenet_v1`` regressors read (threedmm_regressor): the canonical 68-landmark box
+    in continuous coordinates grown to its diagonal, not rounded to whole pixels. The shipped regressor_synth64.pt and
+    its records were fitted on exactly this crop; :func:`tddfa_crop` (the official network's whole-pixel crop) sits
+    up to ~0.5 px off it at 64 px, a shift that network was never trained on."""
+    box = canonical_landmark_box(aligned.shape[-1])
+    x0, y0, x1, y1 = [float(v) for v in box]
+    roi = square_box(((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * np.sqrt(2.0))
+    return warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
 
 
 def tddfa_crop(aligned: torch.Tensor) -> torch.Tensor:

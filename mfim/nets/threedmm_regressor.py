@@ -33,8 +33,8 @@ from mfim.nets.mobilenet_v1 import (
     TDDFA_EXP,
     TDDFA_SHAPE,
     MobileNetV1,
+    fitted_regressor_crop,
     load_tddfa_stats,
-    tddfa_crop,
     tddfa_network_input,
     tddfa_state,
 )
@@ -140,8 +140,9 @@ class ThreeDMMRegressor(nn.Module):
 
 
 def _tddfa_input(aligned: torch.Tensor) -> torch.Tensor:
-    """Aligned RGB in [-1, 1] -> what 3DDFA_V2's network reads (its 120 px roi, BGR, scaled), as TDDFAEncoder."""
-    return tddfa_network_input(tddfa_crop(aligned))
+    """Aligned RGB in [-1, 1] -> the 120 px roi (the crop these fits were made on), BGR, scaled as 3DDFA_V2's network
+    reads it."""
+    return tddfa_network_input(fitted_regressor_crop(aligned))
 
 
 def init_from_tddfa(model: ThreeDMMRegressor, onnx_path=None, stats_path=None) -> ThreeDMMRegressor:

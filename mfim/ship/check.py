@@ -39,7 +39,7 @@ def check_pretrain_generator(params: dict, steps: int) -> list[dict]:
     from mfim.training.pretrain import pretrain
 
     pg = params["pretrain_generator"]
-    seed = int(lookup(params, "project.seed", 0))
+    seed = int(lookup(params, "project.seed"))
     torch.manual_seed(seed)
     G = generator_from_params(params["generator"])
     D = discriminator_for(G)
@@ -66,7 +66,7 @@ def check_warmstart(params: dict, steps: int) -> list[dict]:
     from mfim.training.build import build_model, load_frozen_generator
     from mfim.training.warmstart import WarmStartConfig, run_warmstart
 
-    seed = int(lookup(params, "project.seed", 0))
+    seed = int(lookup(params, "project.seed"))
     torch.manual_seed(seed)
     G = load_frozen_generator(params, "cpu")
     model = build_model({**params, "encoder": {**params["encoder"], "style_maps": True}}, G)
@@ -82,7 +82,7 @@ def check_regressor(params: dict, steps: int, group: str, init: Path | None = No
     from mfim.ship.regressor import fit_config, model_config
 
     r = params["threedmm"][group]
-    size = int(r.get("input_size", 64))
+    size = int(r["input_size"])
     fit = fit_config(params, group, "cpu")
     # a few people's renders repeated to `steps` full batches of one epoch: rendering, not fitting, is the check's cost
     few = _render(params, int(r["identity_offset"]), CHECK_PEOPLE, 2, size)

@@ -76,7 +76,7 @@ def run_pretrain_generator(ctx: PhaseContext) -> PhaseResult:
     """The `pretrain_generator` stage (training: the schedule sets pretrain_generator.shipped_checkpoint "")."""
     import pipelines.pretrain_generator as stage
 
-    source = [k for k in ("generator.checkpoint", "pretrain_generator.shipped_checkpoint") if lookup(ctx.params, k, "")]
+    source = [k for k in ("generator.checkpoint", "pretrain_generator.shipped_checkpoint") if lookup(ctx.params, k)]
     if source:  # the stage would import that file instead of training
         raise ValueError(f"phase {ctx.folder.name}: pretrain_generator trains only with {' and '.join(source)} "
                          "set to \"\" in the schedule")
@@ -141,26 +141,26 @@ def run_refine(ctx: PhaseContext) -> PhaseResult:
     link_dataset(ctx)
     _write_params(ctx)
     params = ctx.params
-    configure_threads(lookup(params, "project.threads", 0))
-    device = pick_device(str(lookup(params, "project.device", "auto")))
-    seed = int(lookup(params, "project.seed", 0))
-    cfg = replace(WarmStartConfig.from_params(params.get("warmstart")), regression_steps=0, recon_steps=0)
+    configure_threads(lookup(params, "project.threads"))
+    device = pick_device(str(lookup(params, "project.device")))
+    seed = int(lookup(params, "project.seed"))
+    cfg = replace(WarmStartConfig.from_params(params["warmstart"]), regression_steps=0, recon_steps=0)
     model, _ = load_swapper(ctx.input)
     G = model.generator
     if model.encoder.refiner is None:
-        res = lookup(params, "encoder.refine_map_resolutions", None)
+        res = lookup(params, "encoder.refine_map_resolutions")
         enc = FacialAttributeEncoder(replace(model.encoder.cfg,
-                                             refine_iterations=max(1, int(lookup(params, "encoder.refine_iterations", 1))),
+                                             refine_iterations=max(1, int(lookup(params, "encoder.refine_iterations"))),
                                              refine_map_resolutions=None if res is None else tuple(res)),
                                      G.style_layers, G.noise_layers)
         if not enc.load_state_starting_refiner(model.encoder.state_dict()):
             raise ValueError(f"{ctx.input}: its encoder does not load into the refiner's encoder")
         model.encoder = enc
     model = model.to(device)
-    lp = load_lpips(lookup(params, "loss.lpips_net", "alex")).to(device).eval().requires_grad_(False)
+    lp = load_lpips(lookup(params, "loss.lpips_net")).to(device).eval().requires_grad_(False)
     with contextlib.chdir(ctx.folder):
         real = iter(pair_batches(split_pattern("data/shards", "train"), None, (cfg.batch_size + 1) // 2, seed + 7,
-                                 same_identity_fraction=0.0, augment=bool(lookup(params, "train.augment", True)),
+                                 same_identity_fraction=0.0, augment=bool(lookup(params, "train.augment")),
                                  resolution=G.resolution))
         t0 = time.perf_counter()
         _, ema_state, rows = run_warmstart(model, cfg, real, ReconLoss(lp), device=device, seed=seed,

@@ -37,7 +37,7 @@ def render_range(ctx: PhaseContext, first: int, people: int, renders: int, worke
     if cache.is_file():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
-    size = int(lookup(ctx.params, "threedmm.regressor.input_size", 64))
+    size = int(lookup(ctx.params, "threedmm.regressor.input_size"))
     out = render_aligned_set(SynthConfig.from_params(ctx.params["synthesize"]),
                              RenderSetConfig(people, renders, first, size, workers), log=log)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +61,10 @@ def fit_config(params: dict, group: str, device: str, epochs: int | None = None)
 
     r = params["threedmm"][group]
     return FitConfig(epochs=int(epochs if epochs is not None else r["epochs"]), batch_size=int(r["batch_size"]),
-                     lr=float(r["lr"]), shape_tail_weight=float(r.get("shape_tail_weight", 1.0)),
-                     group_weights=tuple(float(w) for w in r.get("group_weights", (1.0, 1.0, 1.0))),
-                     seed=int(r.get("seed", 0)), workers=int(r.get("workers", 0)),
+                     lr=float(r["lr"]), shape_tail_weight=float(r["shape_tail_weight"]),
+                     group_weights=tuple(float(w) for w in r["group_weights"]),
+                     seed=int(r["seed"] if group == "evaluator" else params["project"]["seed"]),
+                     workers=int(r["workers"]),
                      device=str(pick_device(device)))
 
 
@@ -71,7 +72,7 @@ def model_config(params: dict, group: str):
     from mfim.nets.threedmm_regressor import RegressorConfig
 
     r = params["threedmm"][group]
-    return RegressorConfig(int(r.get("input_size", 64)), int(r["width"]), backbone=str(r["backbone"]))
+    return RegressorConfig(int(r["input_size"]), int(r["width"]), backbone=str(r["backbone"]))
 
 
 def _fit(ctx: PhaseContext, group: str, workers: int, init=None) -> PhaseResult:
@@ -80,7 +81,7 @@ def _fit(ctx: PhaseContext, group: str, workers: int, init=None) -> PhaseResult:
     from mfim.nets.threedmm_regressor import save_regressor
 
     train, val = render_data(ctx, workers)
-    fit = fit_config(ctx.params, group, str(lookup(ctx.params, "project.device", "auto")))
+    fit = fit_config(ctx.params, group, str(lookup(ctx.params, "project.device")))
     cfg = init.config if init is not None else model_config(ctx.params, group)
     model, rep = fit_regressor(train["images"], train, train["identity"], cfg, fit, val=val, init=init)
     out = ctx.folder / "regressor.pt"

@@ -65,7 +65,7 @@ def prepare_dataset(folder: Path, params: dict, log=print) -> Path:
 def dataset_folder(root: Path, sched: Schedule, phase: Phase, params: dict) -> Path | None:
     if not isinstance(phase.data, str):
         return None
-    data_groups = {k: params.get(k) for k in ("data", "synthesize", "align", "shard", "threedmm", "nets")}
+    data_groups = {k: params[k] for k in ("data", "synthesize", "align", "shard", "threedmm", "nets")}
     return root / SHIP_DIR / "_data" / f"{phase.data}-{digest(data_groups)[:10]}"
 
 

@@ -112,12 +112,12 @@ def phase_params(sched: Schedule, phase: Phase, base: dict | None = None, root: 
     params = copy.deepcopy(base if base is not None else load_params(root / "params.yaml"))
     data = sched.datasets.get(phase.data, {}) if isinstance(phase.data, str) else {}
     params = override(params, _assignments({**data, **sched.common, **phase.params}))
-    params.setdefault("project", {})["device"] = sched.device
-    mlflow = params["project"].get("mlflow") or {}
-    uri = str(mlflow.get("tracking_uri", ""))
+    params["project"]["device"] = sched.device
+    mlflow = params["project"]["mlflow"]
+    uri = str(mlflow["tracking_uri"])
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # the project's database, not the phase's
         mlflow["tracking_uri"] = f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
-    if mlflow.get("artifact_root") and not Path(mlflow["artifact_root"]).is_absolute():
+    if mlflow["artifact_root"] and not Path(mlflow["artifact_root"]).is_absolute():
         mlflow["artifact_root"] = str((root / mlflow["artifact_root"]).resolve())
     return absolute_repo_paths(params, root)
 
