@@ -471,7 +471,8 @@ def test_each_image_and_each_swap_gets_the_landmarks_deca_crops_with(tmp_path, c
     stub_evaluation_networks(monkeypatch.setattr)
     monkeypatch.setattr(evaluators, "Evaluators", Spy)
     evalsets = write_evalsets(tmp_path / "evalsets", n_images=6, n_pairs=10, n_triplets=5, size=RES)
-    params = {"project": {"device": "cpu", "threads": 1}, "evaluate": {"batch_size": 4, "bootstrap": 20}}
+    params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": 1},
+                                     "evaluate": {"batch_size": 4, "bootstrap": 20}})
     from mfim.evaluation.evaluate import run_evaluation
 
     run_evaluation(params, model_path=checkpoint, evalsets_dir=evalsets, shards_dir=tmp_path / "shards",

@@ -153,10 +153,11 @@ def test_dlib_fixed_box_on_aligned_faces_measures_what_detection_would():
     nearer its own detected one than any other person's (retrieval unchanged)."""
     import dlib
 
-    from mfim.data.synth import SynthConfig, Synthesizer
+    from mfim.data.synth import Synthesizer
+    from tests.defaults import synth_config
     from mfim.nets.align import align_face
 
-    synth, dl, detector = Synthesizer(SynthConfig()), DlibIdentityEmbedder(), dlib.get_frontal_face_detector()
+    synth, dl, detector = Synthesizer(synth_config()), DlibIdentityEmbedder(), dlib.get_frontal_face_detector()
     renders = [synth.render(synth.identity(i), 0)[0] for i in range(8)]
     for size, upsample in ((64, 2), (256, 0)):
         faces = [align_face(r.image, r.landmarks, size, transform_size=4 * size).image for r in renders]

@@ -195,7 +195,7 @@ def test_self_starting_stages_use_the_launchers_count_and_flags(monkeypatch):
 
 
 def test_a_self_starting_stage_runs_in_place_on_cpu_and_under_torchrun_with_a_rendezvous(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"project": {"device": "cpu"}}))
+    write_params(tmp_path / "params.yaml", {"project": {"device": "cpu"}})
     (tmp_path / "stage.py").write_text(textwrap.dedent(
         """
         import os

@@ -3,18 +3,20 @@ computed from the paper's own formulas (a second path, written from eqs. (1)-(6)
 module declares are exactly what a training step logs."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from mfim.criteria.id_loss import IDLoss
 from mfim.criteria.recon_loss import ReconLoss
 from mfim.criteria.threedmm_loss import ThreeDMMLoss
-from mfim.models.encoder import EncoderConfig
 from mfim.models.mfim import MFIM
 from mfim.training.objective import COMPUTED_ORDER, ENCODER_TERMS, EXTRA_TERMS, PAPER_TERMS, LossWeights, MFIMObjective
-from mfim.training.trainer import TrainConfig, Trainer
+from mfim.training.trainer import Trainer
+from tests.defaults import loss_weights, train_config, unit_encoder
 from tests.stubs import Stub3DMM, StubDiscriminator, StubEmbedder, StubGenerator, StubLPIPS
 
 RES = 32
@@ -52,10 +54,10 @@ def eq6_by_hand(obj, w: LossWeights, x_swap, x_src, x_tgt):
 
 
 def test_with_every_extra_off_the_loss_is_eq6_of_the_paper_terms():
-    off = {f.name: f.default for f in dataclasses.fields(LossWeights) if f.name in ("recon_cross_identity",
-                                                                                     *EXTRA_TERMS)}
-    assert off == {"recon_cross_identity": 1.0, "background_l1": 0.0, "gt_swap": 0.0}  # the defaults are "off"
-    w = LossWeights(**PAPER)
+    paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())["loss"]
+    off = {k: paper[k] for k in ("recon_cross_identity", *EXTRA_TERMS)}
+    assert off == {"recon_cross_identity": 1.0, "background_l1": 0.0, "gt_swap": 0.0}  # paper scale: extras off
+    w = loss_weights(**PAPER, **off)
     obj = objective(w)
     b = batch()
     x_swap = torch.rand(4, 3, RES, RES, generator=torch.Generator().manual_seed(9)) * 2 - 1
@@ -81,11 +83,11 @@ def test_encoder_terms_are_the_paper_terms_and_the_extras_and_exactly_what_a_ste
     assert ENCODER_TERMS == PAPER_TERMS + EXTRA_TERMS and not set(PAPER_TERMS) & set(EXTRA_TERMS)
     assert sorted(COMPUTED_ORDER) == sorted(ENCODER_TERMS)
     assert set(ENCODER_TERMS) <= {f.name for f in dataclasses.fields(LossWeights)}
-    w = LossWeights(**PAPER, r1=1.0, r1_every=1, background_l1=0.5, gt_swap=0.5)
+    w = loss_weights(**PAPER, r1=1.0, r1_every=1, recon_cross_identity=1.0, background_l1=0.5, gt_swap=0.5)
     torch.manual_seed(0)
-    model = MFIM(StubGenerator(RES, channels=8, w_dim=8), EncoderConfig(input_size=RES, width=8,
+    model = MFIM(StubGenerator(RES, channels=8, w_dim=8), unit_encoder(RES, width=8,
                  style_map_resolutions=(8,)), coarse_max_res=4)
-    tr = Trainer(model, objective(w), TrainConfig(lr=1e-3, d_lr=1e-3, log_every=1), torch.device("cpu"))
+    tr = Trainer(model, objective(w), train_config(lr=1e-3, d_lr=1e-3, log_every=1), torch.device("cpu"))
     logs = tr.train_step([batch()])
     discriminator = {"d_adv", "r1"}
     assert set(logs) - {"loss"} - discriminator == set(ENCODER_TERMS)
