@@ -40,6 +40,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.defaults import EVAL_BASE, params_with  # noqa: E402  (run_evaluation reads full params, as the stage does)
+
 DATA_RES, BATCH, IMAGES = 64, 8, 24
 SOURCE_REPEATS, TARGET_REPEATS = 20, 10  # CelebA-HQ: 300k pairs over 30k images
 
@@ -106,8 +108,8 @@ def child(pairs: int, swap_res: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         evalsets = write_evalsets(Path(tmp) / "evalsets", n_images=IMAGES, n_pairs=pairs, n_triplets=pairs // 2,
                                   size=DATA_RES)
-        params = {"project": {"device": "cpu", "threads": threads},
-                  "evaluate": {"batch_size": BATCH, "bootstrap": 1000}}
+        params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": threads},
+                                         "evaluate": {"batch_size": BATCH, "bootstrap": 1000}})
         t0 = time.perf_counter()
         out = run_evaluation(params, model_path="fake", evalsets_dir=evalsets, shards_dir=Path(tmp) / "none",
                              raw_dir=Path(tmp) / "none", reports_dir=Path(tmp) / "reports")
@@ -226,8 +228,8 @@ def cpu_child(n_pairs: int, workers: int, threads: int) -> dict:
             if not evalsets.exists():
                 celebahq_like_evalsets(evalsets, n)
             features.Streamer = timed(streamer)
-            params = {"project": {"device": "cpu", "threads": threads},
-                      "evaluate": {"batch_size": BATCH, "bootstrap": 100, "workers": w}}
+            params = params_with(EVAL_BASE, {"project": {"device": "cpu", "threads": threads},
+                                             "evaluate": {"batch_size": BATCH, "bootstrap": 100, "workers": w}})
             c0, t0 = cpu_seconds(), time.perf_counter()
             out = run_evaluation(params, model_path=model, evalsets_dir=evalsets, shards_dir=tmp / "none",
                                  raw_dir=tmp / "none", reports_dir=tmp / f"reports{len(rows)}")
