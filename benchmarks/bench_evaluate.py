@@ -10,7 +10,7 @@ mfim.evaluation.features.Streamer: each pair recomputes its source's and target'
 extra self-swaps), "after" the cached pass in one process, and "after, N workers" with decoding and dlib in worker
 processes. The swapper is a small random-weight MFIM (generator at 4× the 64 px data resolution, like 1024 vs 256);
 the evaluation networks are the stubs of tests/stubs.py plus the real dlib embedder (the CPU-only network that was
-~0.2 CPU-s a pair), so the CPU-seconds are the stage's own and dlib's. Pairs are drawn like CelebA-HQ's: each
+~0.2 CPU-s a pair; dlib's ResNet now runs in torch, mfim.nets.dlib_resnet), so the CPU-seconds are the stage's own and dlib's. Pairs are drawn like CelebA-HQ's: each
 source ~20 times, each target ~10 times. CPU-seconds count this process and its finished children (the workers)
 (time.process_time + RUSAGE_CHILDREN); on shared cores wall times are noisy, CPU-seconds much less so.
 
