@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 import torch
 
@@ -46,3 +48,40 @@ def release_free_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+def exit_with_parent(parent: int | None = None, poll_s: float = 1.0) -> None:
+    """End this process (``os._exit``) within ``poll_s`` once ``parent`` (default: today's parent) is gone.
+
+    A SIGKILL of a stage (dvc, a scheduler, the user) reaches that one process only. torchrun's ranks run in their
+    own sessions and would go on training beside the run the next `dvc repro` starts; a DataLoader worker's own
+    watchdog leaves its loop but then hangs at exit, joining a queue feeder blocked on the pipe nobody reads any
+    more (torch's worker cancels that join only on an orderly shutdown). Our writes are atomic, so ending at any
+    point is safe. ``parent`` is the pid the caller saw before the child started: a parent already dead when this
+    runs is seen at the first poll."""
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+class LoaderWorkerInit:
+    """``worker_init_fn`` for every DataLoader of the pipeline: one intra-op thread per worker (decoding is the
+    work; the workers, not threads, are the parallelism) and an exit once the process that made the loader is
+    gone. Built in that process, so it carries that process's pid to spawned and forked workers alike."""
+
+    def __init__(self, threads: int = 1):
+        self.parent, self.threads = os.getpid(), threads
+
+    def __call__(self, worker_id: int) -> None:
+        exit_with_parent(self.parent)
+        torch.set_num_threads(self.threads)
+        try:
+            import cv2
+        except ImportError:  # cv2 is a dependency of the data stages, not of this module
+            return
+        cv2.setNumThreads(self.threads)

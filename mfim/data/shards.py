@@ -53,6 +53,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mfim.runtime import LoaderWorkerInit
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
@@ -537,12 +539,6 @@ def _stack_items(items: list[dict], positions: list[int], end: int) -> dict:
 WORKER_CONTEXT = "spawn"
 
 
-def _worker_init(_):
-    # Decoding is the work; one intra-op thread per worker keeps 2 workers on 2 cores from oversubscribing.
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 class BatchIterator:
     """Infinite iterator of batches assembled in stream order; ``position`` is what to save for an exact resume."""
 
@@ -555,7 +551,7 @@ class BatchIterator:
         start = source.plan.to_position(ReaderPosition.from_dict(position))
         stream = _ChunkStream(source, start, batch_size)
         if workers > 0:
-            loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+            loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=LoaderWorkerInit(),
                                 prefetch_factor=4, persistent_workers=False, multiprocessing_context=WORKER_CONTEXT)
             self._chunks = iter(loader)
         else:

@@ -44,6 +44,7 @@ from mfim.nets.face_crops import from_uint8
 from mfim.nets.threedmm import encode as encode_3dmm
 from mfim.nets.threedmm import read_stats  # noqa: F401  (the stats file's reader, beside its writer's module)
 from mfim.nets.types import N_EXP, N_SHAPE, POSE_NAMES, ThreeDMMParams
+from mfim.runtime import LoaderWorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -336,15 +337,11 @@ def _decoded_chunks(raw: list, size: int, skip: set[str], workers: int) -> Itera
     if workers <= 0:
         return iter(dataset)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                       worker_init_fn=_one_thread, prefetch_factor=4)
+                                       worker_init_fn=LoaderWorkerInit(), prefetch_factor=4)
 
 
 def _as_is(chunk):
     return chunk
-
-
-def _one_thread(_) -> None:
-    torch.set_num_threads(1)  # decoding is the work; the workers, not threads, are the parallelism
 
 
 class _Parts:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mfim.evaluation.evaluators import Features
 from mfim.nets.face_crops import from_uint8, resize_points, to_uint8
+from mfim.runtime import LoaderWorkerInit
 from mfim.tracking import log_progress
 
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global
@@ -375,7 +376,8 @@ class Streamer:
         bounds, todo = self.bounds[kind], self.todo[kind]
         dlib = kind == "images" and self.workers > 0 and getattr(self.evaluators, "dlib", None) is not None
         reader = BatchReader(self.pattern, self.res, self._columns(kind), bounds, todo, dlib=dlib)
-        loader = DataLoader(reader, batch_size=None, num_workers=self.workers, collate_fn=_as_is)
+        loader = DataLoader(reader, batch_size=None, num_workers=self.workers, collate_fn=_as_is,
+                            worker_init_fn=LoaderWorkerInit())
         done = 0
         with _progress(sum(bounds[j][1] - bounds[j][0] for j in todo), kind[:-1]) as bar:
             try:

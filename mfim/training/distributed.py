@@ -18,14 +18,14 @@ differentiable all-reduces (torch's functional collectives). GroupNorm (the embe
 from __future__ import annotations
 
 import os
-import threading
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from mfim.runtime import exit_with_parent
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,6 @@ def init_from_env(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """End this process when its parent (torchrun's agent) is gone. A SIGKILL of the stage (dvc, a scheduler) reaches
-    the agent only; its workers run in their own sessions and would otherwise go on training -- and writing the
-    checkpoint and outputs -- beside the run that the next `dvc repro` starts. Checkpoint writes are atomic, so
-    ending at any point is safe."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
