@@ -36,13 +36,7 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
     group = lookup(params, f"threedmm.{name}")
     model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),
                                 backbone=str(group["backbone"]))
-    fit = FitConfig(epochs=int(group["epochs"]), batch_size=int(group["batch_size"]), lr=float(group["lr"]),
-                    val_fraction=float(group["val_fraction"]),
-                    # the evaluator has a seed of its own (other people, network and seed than the loss network)
-                    seed=int(group["seed"] if name == "evaluator" else lookup(params, "project.seed")),
-                    augment=True,  # not a params key: the fits always augment
-                    shape_tail_weight=float(group["shape_tail_weight"]),
-                    group_weights=tuple(float(w) for w in group["group_weights"]), workers=int(group["workers"]))
+    fit = FitConfig.from_params(params, name)
     synthetic = lookup(params, "data.source") == "synthetic"
     if group["shipped_checkpoint"] and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't
         return use_shipped_regressor(group["shipped_checkpoint"], out, model_cfg, eval_pattern, TABLE, log=log,

@@ -125,3 +125,10 @@ def write_params(path: str | Path, overrides: dict | None = None) -> Path:
 # evaluate.threedmm_encoder (no fitted evaluator file needed) over every shape coefficient.
 EVAL_BASE = {"source_fit": {"steps": 0},
              "evaluate": {"shape_encoder": "", "expression_encoder": "", "shape_coefficients": 0}}
+
+
+def fit_config(group: str = "regressor", **kw):
+    """params.yaml's ``threedmm.<group>`` fit, on the CPU (the tests' device)."""
+    from mfim.data.regressor_fit import FitConfig
+
+    return _replace(FitConfig.from_params(default_params(), group), {"device": "cpu", **kw})

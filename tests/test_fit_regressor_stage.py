@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from tests.defaults import fit_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,7 @@ def test_distilling_a_flame_width_table_gives_a_flame_width_regressor(tmp_path, 
     """`target: estimate` on DECA's table: the head is as wide as FLAME (100 / 50), not BFM's 40 / 10. (The paper
     smoke checked this through the stage, which the paper configuration now skips.)"""
     from mfim.data import threedmm_table as T
-    from mfim.data.regressor_fit import FitConfig, fit_from_table
+    from mfim.data.regressor_fit import fit_from_table
     from mfim.nets.threedmm_regressor import RegressorConfig, load_fitted_regressor
     from tests.test_shards import make_fixture_shards
     from tests.test_threedmm_table import FlameWidthEncoder
@@ -62,7 +64,7 @@ def test_distilling_a_flame_width_table_gives_a_flame_width_regressor(tmp_path, 
     pattern = str(tmp_path / "train-*.tar")
     T.run_precompute([pattern], FlameWidthEncoder(), "deca", tmp_path / "params.parquet")
     report = fit_from_table(pattern, tmp_path / "params.parquet", tmp_path / "regressor.pt", "estimate",
-                            RegressorConfig(input_size=16, width=8), FitConfig(epochs=1, batch_size=8, augment=False),
+                            RegressorConfig(input_size=16, width=8), fit_config(epochs=1, batch_size=8, augment=False),
                             log=lambda *_: None)
     assert (report["config"]["n_shape"], report["config"]["n_exp"]) == (100, 50)
     model = load_fitted_regressor(tmp_path / "regressor.pt")

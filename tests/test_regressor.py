@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mfim.data.regressor_fit import FitConfig, fit_regressor, predict, split_by_group, use_shipped_regressor
+from mfim.data.regressor_fit import fit_regressor, predict, split_by_group, use_shipped_regressor
 from mfim.nets.threedmm_regressor import RegressorConfig, ThreeDMMRegressor, load_fitted_regressor, save_regressor
 from mfim.nets.types import ThreeDMMParams
+from tests.defaults import fit_config
 
 
 def known_function_data(n: int = 320, size: int = 16, seed: int = 0):
@@ -28,7 +29,7 @@ def known_function_data(n: int = 320, size: int = 16, seed: int = 0):
 def test_fitting_reduces_validation_error_on_a_known_function():
     images, targets, groups = known_function_data()
     model, report = fit_regressor(images, targets, groups, RegressorConfig(input_size=16, width=8),
-                                  FitConfig(epochs=10, batch_size=32, lr=3e-3, val_fraction=0.2, augment=False),
+                                  fit_config(epochs=10, batch_size=32, lr=3e-3, val_fraction=0.2, augment=False),
                                   log=lambda *_: None)
     assert report["val_split"] == "held-out identities" and report["n_val"] == 64
     assert report["train_loss"][-1] < 0.5 * report["train_loss"][0]
@@ -43,7 +44,7 @@ def test_fitting_reduces_validation_error_on_a_known_function():
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     images, targets, groups = known_function_data(n=64)
     model, report = fit_regressor(images, targets, groups, RegressorConfig(input_size=32, width=8),
-                                  FitConfig(epochs=1, batch_size=16, augment=True), log=lambda *_: None)
+                                  fit_config(epochs=1, batch_size=16, augment=True), log=lambda *_: None)
     path = save_regressor(model, tmp_path / "regressor.pt", "ground_truth", report["val_error"])
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["format"] == "mfim-threedmm-regressor" and ckpt["config"]["width"] == 8
@@ -88,7 +89,7 @@ def test_a_shipped_fit_is_used_as_is_and_checked(tmp_path):
 
     images, targets, groups = known_function_data(n=64, size=32)
     model, report = fit_regressor(images, targets, groups, RegressorConfig(input_size=32, width=8),
-                                  FitConfig(epochs=1, batch_size=16, augment=False), log=lambda *_: None)
+                                  fit_config(epochs=1, batch_size=16, augment=False), log=lambda *_: None)
     shipped = save_regressor(model, tmp_path / "shipped.pt", "ground_truth", report["val_error"],
                              extra={"recipe": json.dumps({"train_loss": [0.9, 0.5], "seconds": 40.5})})
     out = tmp_path / "data" / "regressor.pt"
@@ -186,7 +187,7 @@ def test_shape_tail_weight_leaves_the_leading_coefficients_to_the_loss():
     images, targets, groups = known_function_data(n=64)
     noisy = dict(targets, shape=targets["shape"].copy())
     noisy["shape"][:, 10:] = np.random.default_rng(5).normal(size=noisy["shape"][:, 10:].shape)
-    fit = FitConfig(epochs=2, batch_size=16, augment=False, shape_tail_weight=0.0)
+    fit = fit_config(epochs=2, batch_size=16, augment=False, shape_tail_weight=0.0)
     cfg = RegressorConfig(input_size=16, width=4)
     torch.manual_seed(0)
     a, ra = fit_regressor(images, targets, groups, cfg, fit, log=lambda *_: None)
@@ -202,14 +203,14 @@ def test_augmenting_in_worker_processes_gives_the_same_fit():
     # each image's augmentation is seeded by (seed, epoch, row): worker processes change where it runs, not what
     images, targets, groups = known_function_data(n=48)
     cfg = RegressorConfig(input_size=16, width=8)
-    fits = [fit_regressor(images, targets, groups, cfg, FitConfig(epochs=2, batch_size=16, augment=True, workers=w),
+    fits = [fit_regressor(images, targets, groups, cfg, fit_config(epochs=2, batch_size=16, augment=True, workers=w),
                           log=lambda *_: None) for w in (0, 2)]
     (a, ra), (b, rb) = fits
     assert ra["train_loss"] == rb["train_loss"]
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
     # and the augmentation is on: without it the same seed fits another model
-    c, _ = fit_regressor(images, targets, groups, cfg, FitConfig(epochs=2, batch_size=16, augment=False),
+    c, _ = fit_regressor(images, targets, groups, cfg, fit_config(epochs=2, batch_size=16, augment=False),
                          log=lambda *_: None)
     assert not torch.equal(a.head[1].weight, c.head[1].weight)
 
@@ -218,7 +219,7 @@ def test_a_separate_validation_set_is_used_and_every_row_trains():
     images, targets, groups = known_function_data(n=96)
     val = {"images": images[:32], **{k: v[:32] for k, v in targets.items()}}
     model, report = fit_regressor(images[32:], {k: v[32:] for k, v in targets.items()}, groups[32:],
-                                  RegressorConfig(input_size=16, width=8), FitConfig(epochs=1, batch_size=16,
+                                  RegressorConfig(input_size=16, width=8), fit_config(epochs=1, batch_size=16,
                                                                                      augment=False),
                                   log=lambda *_: None, val=val)
     assert report["n_train"] == 64 and report["n_val"] == 32
@@ -238,7 +239,7 @@ def test_a_group_at_weight_zero_is_not_fitted():
 
     def fit(t, weights):
         torch.manual_seed(0)
-        return fit_regressor(images, t, groups, cfg, FitConfig(epochs=2, batch_size=16, augment=False,
+        return fit_regressor(images, t, groups, cfg, fit_config(epochs=2, batch_size=16, augment=False,
                                                                group_weights=weights), log=lambda *_: None)[1]
 
     assert fit(targets, (1.0, 0.0, 1.0))["train_loss"] == fit(noisy, (1.0, 0.0, 1.0))["train_loss"]
@@ -249,11 +250,11 @@ def test_a_fine_tune_starts_from_the_given_fit_and_keeps_its_normalisation():
     images, targets, groups = known_function_data(n=128)
     cfg = RegressorConfig(input_size=16, width=8)
     first, r1 = fit_regressor(images[:64], {k: v[:64] for k, v in targets.items()}, groups[:64], cfg,
-                              FitConfig(epochs=3, batch_size=16, lr=3e-3, augment=False), log=lambda *_: None)
+                              fit_config(epochs=3, batch_size=16, lr=3e-3, augment=False), log=lambda *_: None)
     before = {k: v.clone() for k, v in first.state_dict().items()}
     # more people: continuing lowers the training loss below where the first fit started and keeps its mean/std
     second, r2 = fit_regressor(images[64:], {k: v[64:] for k, v in targets.items()}, groups[64:], cfg,
-                               FitConfig(epochs=3, batch_size=16, lr=1e-3, augment=False), log=lambda *_: None,
+                               fit_config(epochs=3, batch_size=16, lr=1e-3, augment=False), log=lambda *_: None,
                                init=first)
     assert torch.equal(second.mean, first.mean) and torch.equal(second.std, first.std)
     assert r2["train_loss"][0] < r1["train_loss"][0]
@@ -261,7 +262,7 @@ def test_a_fine_tune_starts_from_the_given_fit_and_keeps_its_normalisation():
     assert not torch.equal(second.head[1].weight, first.head[1].weight)
     with pytest.raises(ValueError, match="config"):
         fit_regressor(images[64:], {k: v[64:] for k, v in targets.items()}, groups[64:],
-                      RegressorConfig(input_size=16, width=4), FitConfig(epochs=1), log=lambda *_: None, init=first)
+                      RegressorConfig(input_size=16, width=4), fit_config(epochs=1), log=lambda *_: None, init=first)
 
 
 def test_the_fitted_regressor_reads_the_crop_it_was_fitted_on():

@@ -11,6 +11,7 @@ stage: held-out people of the set (10 %, all drawn from the first 600 when EXTRA
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -40,7 +41,8 @@ def main() -> None:
     render = {k: np.concatenate([s[k] for s in sets]) for k in ("images", "shape", "exp", "pose", "identity")}
     rep = fit_from_render_set(render, "/tmp/regressor_backbone.pt", RegressorConfig(64, int(r["width"]),
                                                                                     backbone=backbone),
-                              FitConfig(epochs=epochs, batch_size=64, lr=1e-3, shape_tail_weight=0.1),
+                              replace(FitConfig.from_params(params, "regressor"), epochs=epochs, lr=1e-3,
+                                      shape_tail_weight=0.1),
                               "data/shards/eval-*.tar", "data/threedmm/params.parquet", log=lambda *_: None)
     val, ev = rep["val_error"], rep["eval_split_error"]
     print(json.dumps({"people": people + extra, "images": int(len(render["images"])), "backbone": backbone,

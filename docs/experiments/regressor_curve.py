@@ -33,7 +33,7 @@ def main() -> None:
         keep = full["identity"] < int(r["identity_offset"]) + n
         subset = {k: v[keep] for k, v in full.items()}
         rep = fit_from_render_set(subset, "/tmp/regressor_curve.pt", RegressorConfig(64, int(r["width"])),
-                                  FitConfig(epochs=int(r["epochs"]), batch_size=64, lr=float(r["lr"])),
+                                  FitConfig.from_params(params, "regressor"),
                                   "data/shards/eval-*.tar", "data/threedmm/params.parquet", log=lambda *_: None)
         e = rep["eval_split_error"]
         rows.append({"identities": n, "images": int(keep.sum()), "seconds": rep["seconds"],

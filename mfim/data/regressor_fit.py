@@ -31,28 +31,50 @@ from mfim.nets.threedmm_regressor import (
     read_regressor_checkpoint,
     save_regressor,
 )
+from mfim.runtime import LoaderWorkerInit
+
+# Where FitConfig.shape_tail_weight starts: the leading shape coefficients the 64 px default's L_shape reads (its
+# loss.shape_coefficients). Not a params key: it matters only with shape_tail_weight != 1, which no config uses now.
+SHAPE_LEAD = 10
+
 
 @dataclass
 class FitConfig:
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 2e-3
-    val_fraction: float = 0.1
-    seed: int = 0
-    augment: bool = True
+    """How a 3DMM regressor is fitted: ``threedmm.<group>`` (:meth:`from_params`, the one place it is read)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    val_fraction: float
+    seed: int
     # weight of the shape coefficients after the first ``shape_lead`` in the loss (1: every coefficient alike). The
     # later BFM coefficients change a 64 px face by a pixel or less and L_shape reads only the leading ones
     # (loss.shape_coefficients), so fitting them at full weight spends the network on noise
-    shape_tail_weight: float = 1.0
-    shape_lead: int = 10
+    shape_tail_weight: float
     # weights of the (shape, expression, pose) groups in the loss (each group's error is a mean over its
-    # coefficients). Equal by default; a fine-tune can lean on the group that lags (the loss network's expression)
-    group_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # coefficients). Equal in params.yaml; a fine-tune can lean on the group that lags (the loss network's expression)
+    group_weights: tuple[float, float, float]
     # processes that augment the next batches while the network fits (torch DataLoader workers; 0: in-process).
     # Worth it on an accelerator, where albumentations on one core is the bottleneck; the batches are the same
     # for any number (each image's augmentation is seeded by (seed, epoch, row)).
-    workers: int = 0
-    device: str = "cpu"  # where the network fits ("cuda" on a GPU machine); the saved checkpoint is CPU tensors
+    workers: int
+    device: str  # where the network fits ("cuda" on a GPU machine); the saved checkpoint is CPU tensors
+    augment: bool  # not a params key: the pipeline's fits always augment (tests switch it off)
+    shape_lead: int  # where shape_tail_weight starts (SHAPE_LEAD)
+
+    @classmethod
+    def from_params(cls, params: dict, group: str) -> "FitConfig":
+        """``threedmm.<group>`` of ``params``, on ``project.device``. The evaluator has a seed of its own (other
+        people, network and seed than the loss network); the loss network's is ``project.seed``."""
+        from mfim.runtime import pick_device
+
+        r = params["threedmm"][group]
+        return cls(epochs=int(r["epochs"]), batch_size=int(r["batch_size"]),
+                   lr=float(r["lr"]), val_fraction=float(r["val_fraction"]),
+                   seed=int(r["seed"] if group == "evaluator" else params["project"]["seed"]),
+                   shape_tail_weight=float(r["shape_tail_weight"]),
+                   group_weights=tuple(float(w) for w in r["group_weights"]), workers=int(r["workers"]),
+                   device=str(pick_device(str(params["project"]["device"]))), augment=True, shape_lead=SHAPE_LEAD)
 
 
 def split_by_group(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +124,8 @@ def _epoch_batches(rows: _AugmentedRows, order: np.ndarray, epoch: int, batch_si
     batches = [keys[b : b + batch_size] for b in range(0, len(keys), batch_size)]
     extra = {}
     if workers > 0:
-        extra = {"num_workers": workers, "multiprocessing_context": multiprocessing.get_context("fork")}
+        extra = {"num_workers": workers, "multiprocessing_context": multiprocessing.get_context("fork"),
+                 "worker_init_fn": LoaderWorkerInit()}
     return torch.utils.data.DataLoader(rows, batch_sampler=batches, pin_memory=False, **extra)
 
 

@@ -77,13 +77,13 @@ def check_warmstart(params: dict, steps: int) -> list[dict]:
 
 
 def check_regressor(params: dict, steps: int, group: str, init: Path | None = None) -> list[dict]:
-    from mfim.data.regressor_fit import fit_regressor
+    from mfim.data.regressor_fit import FitConfig, fit_regressor
     from mfim.nets.threedmm_regressor import load_fitted_regressor
-    from mfim.ship.regressor import fit_config, model_config
+    from mfim.ship.regressor import model_config
 
     r = params["threedmm"][group]
     size = int(r["input_size"])
-    fit = fit_config(params, group, "cpu")
+    fit = replace(FitConfig.from_params(params, group), device="cpu")  # the reference curve is a CPU one
     # a few people's renders repeated to `steps` full batches of one epoch: rendering, not fitting, is the check's cost
     few = _render(params, int(r["identity_offset"]), CHECK_PEOPLE, 2, size)
     reps = -(-steps * fit.batch_size // len(few["images"]))

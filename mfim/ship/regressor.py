@@ -55,19 +55,6 @@ def render_data(ctx: PhaseContext, workers: int, log=print) -> tuple[dict, dict]
     return train, render_range(ctx, int(v["first"]), int(v["people"]), int(v["renders"]), workers, log)
 
 
-def fit_config(params: dict, group: str, device: str, epochs: int | None = None):
-    from mfim.data.regressor_fit import FitConfig
-    from mfim.runtime import pick_device
-
-    r = params["threedmm"][group]
-    return FitConfig(epochs=int(epochs if epochs is not None else r["epochs"]), batch_size=int(r["batch_size"]),
-                     lr=float(r["lr"]), shape_tail_weight=float(r["shape_tail_weight"]),
-                     group_weights=tuple(float(w) for w in r["group_weights"]),
-                     seed=int(r["seed"] if group == "evaluator" else params["project"]["seed"]),
-                     workers=int(r["workers"]),
-                     device=str(pick_device(device)))
-
-
 def model_config(params: dict, group: str):
     from mfim.nets.threedmm_regressor import RegressorConfig
 
@@ -77,11 +64,11 @@ def model_config(params: dict, group: str):
 
 def _fit(ctx: PhaseContext, group: str, workers: int, init=None) -> PhaseResult:
     from mfim.atomic import temp_path, move_into_place
-    from mfim.data.regressor_fit import fit_regressor
+    from mfim.data.regressor_fit import FitConfig, fit_regressor
     from mfim.nets.threedmm_regressor import save_regressor
 
     train, val = render_data(ctx, workers)
-    fit = fit_config(ctx.params, group, str(lookup(ctx.params, "project.device")))
+    fit = FitConfig.from_params(ctx.params, group)
     cfg = init.config if init is not None else model_config(ctx.params, group)
     model, rep = fit_regressor(train["images"], train, train["identity"], cfg, fit, val=val, init=init)
     out = ctx.folder / "regressor.pt"
