@@ -109,13 +109,18 @@ def whole_pixel_crop(roi) -> np.ndarray:
     return np.round(np.asarray(roi, dtype=np.float64))
 
 
-def roi_box_from_landmark_box(box) -> np.ndarray:
-    """3DDFA_V2's crop from landmarks (``parse_roi_box_from_landmark``): ``box`` is the points' bounding box in pixel
-    INDICES (dlib / ``mfim.nets.align`` points, as the published code reads them); the bounding square grown to its
-    own diagonal, same centre, as the whole-pixel region it crops (:func:`whole_pixel_crop`)."""
+def diagonal_square(box) -> np.ndarray:
+    """3DDFA_V2's roi geometry from a landmark box (``parse_roi_box_from_landmark``): the bounding square grown to
+    its own diagonal, same centre, in the box's own coordinates (not rounded)."""
     x0, y0, x1, y1 = [float(v) for v in box]
-    side = max(x1 - x0, y1 - y0) * np.sqrt(2.0)
-    return whole_pixel_crop(square_box(((x0 + x1) / 2, (y0 + y1) / 2), side))
+    return square_box(((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * np.sqrt(2.0))
+
+
+def roi_box_from_landmark_box(box) -> np.ndarray:
+    """3DDFA_V2's crop from landmarks: ``box`` is the points' bounding box in pixel INDICES (dlib /
+    ``mfim.nets.align`` points, as the published code reads them); :func:`diagonal_square` as the whole-pixel region
+    it crops (:func:`whole_pixel_crop`)."""
+    return whole_pixel_crop(diagonal_square(box))
 
 
 def roi_box_from_face_box(box) -> np.ndarray:
@@ -137,9 +142,7 @@ def fitted_regressor_crop(aligned: torch.Tensor) -> torch.Tensor:
     in continuous coordinates grown to its diagonal, not rounded to whole pixels. The shipped regressor_synth64.pt and
     its records were fitted on exactly this crop; :func:`tddfa_crop` (the official network's whole-pixel crop) sits
     up to ~0.5 px off it at 64 px, a shift that network was never trained on."""
-    box = canonical_landmark_box(aligned.shape[-1])
-    x0, y0, x1, y1 = [float(v) for v in box]
-    roi = square_box(((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * np.sqrt(2.0))
+    roi = diagonal_square(canonical_landmark_box(aligned.shape[-1]))
     return warp(aligned, box_transform(roi, TDDFA_INPUT_SIZE), TDDFA_INPUT_SIZE, fill=-1.0)
 
 
