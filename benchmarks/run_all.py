@@ -12,6 +12,7 @@ BENCHES = [
     ["bench_train.py"],
     ["bench_watermark.py", "--keys", "5"],
     ["bench_evaluate.py"],
+    ["bench_dlib_resnet.py"],
 ]
 
 if __name__ == "__main__":
