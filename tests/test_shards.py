@@ -367,7 +367,8 @@ def test_huge_member_is_skipped_with_a_warning_by_both_readers(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     assert got["streamed"] == ["train/ok"] and got["indexed"] == ["train/ok"]
-    assert got["stream_s"] < 1.0 and got["index_s"] < 1.0, got
+    # a hang guard, not a speed target: honouring the 2**62-byte header takes for ever; skipping it, milliseconds
+    assert got["stream_s"] < 10.0 and got["index_s"] < 10.0, got
     assert "train/huge.png" in r.stderr and "declares 4611686018427387904 bytes" in r.stderr
 
 
