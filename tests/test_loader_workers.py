@@ -37,6 +37,7 @@ if __name__ == "__main__":  # a spawned worker imports this file again
                         multiprocessing_context=sys.argv[1])
     items = iter(loader)
     pids = {next(items)["pid"] for _ in range(2)}
+    time.sleep(1)  # each worker fills its prefetched items: some of them the consumer never reads
     print(" ".join(map(str, sorted(pids))), flush=True)
     time.sleep(600)
 """
