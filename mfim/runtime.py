@@ -74,14 +74,12 @@ class LoaderWorkerInit:
     work; the workers, not threads, are the parallelism) and an exit once the process that made the loader is
     gone. Built in that process, so it carries that process's pid to spawned and forked workers alike."""
 
-    def __init__(self, threads: int = 1):
-        self.parent, self.threads = os.getpid(), threads
+    def __init__(self):
+        self.parent = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
+        import cv2  # in the worker only: importing this module stays light
+
         exit_with_parent(self.parent)
-        torch.set_num_threads(self.threads)
-        try:
-            import cv2
-        except ImportError:  # cv2 is a dependency of the data stages, not of this module
-            return
-        cv2.setNumThreads(self.threads)
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)

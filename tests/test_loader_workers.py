@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-# A stage in miniature: a loader of 1 MB items pickled into the pipe (more than a pipe holds) whose consumer stops reading after it has seen
-# one item of each worker, then waits to be killed. ``init`` picks the worker_init_fn under test.
+# A stage in miniature: a loader of 1 MB items pickled into the pipe (more than a pipe holds) whose consumer stops
+# reading after it has seen one item of each worker, then waits to be killed. argv: the start method, and "ours" or
+# "none" for the worker_init_fn under test.
 _STAGE = r"""
 import os, sys, time
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 from mfim.runtime import LoaderWorkerInit
 
 class Items(IterableDataset):
@@ -60,6 +59,7 @@ def _kill_stage_and_wait_for_workers(folder: Path, context: str, init: str, wait
     script = folder / "stage.py"
     script.write_text(_STAGE)
     stage = subprocess.Popen([sys.executable, str(script), context, init], env=env, stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
     try:
         pids = [int(p) for p in stage.stdout.readline().split()]
         assert len(pids) == 2, pids
@@ -71,7 +71,7 @@ def _kill_stage_and_wait_for_workers(folder: Path, context: str, init: str, wait
         return [p for p in pids if _alive(p)]
     finally:
         stage.kill()
-        for p in locals().get("pids", []):
+        for p in pids:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:

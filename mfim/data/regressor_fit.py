@@ -31,7 +31,7 @@ from mfim.nets.threedmm_regressor import (
     read_regressor_checkpoint,
     save_regressor,
 )
-from mfim.runtime import LoaderWorkerInit
+from mfim.runtime import LoaderWorkerInit, pick_device
 
 # Where FitConfig.shape_tail_weight starts: the leading shape coefficients the 64 px default's L_shape reads (its
 # loss.shape_coefficients). Not a params key: it matters only with shape_tail_weight != 1, which no config uses now.
@@ -66,8 +66,6 @@ class FitConfig:
     def from_params(cls, params: dict, group: str) -> "FitConfig":
         """``threedmm.<group>`` of ``params``, on ``project.device``. The evaluator has a seed of its own (other
         people, network and seed than the loss network); the loss network's is ``project.seed``."""
-        from mfim.runtime import pick_device
-
         r = params["threedmm"][group]
         return cls(epochs=int(r["epochs"]), batch_size=int(r["batch_size"]),
                    lr=float(r["lr"]), val_fraction=float(r["val_fraction"]),
