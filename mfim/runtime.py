@@ -70,16 +70,12 @@ def exit_with_parent(parent: int | None = None, poll_s: float = 1.0) -> None:
 
 
 class LoaderWorkerInit:
-    """``worker_init_fn`` for every DataLoader of the pipeline: one intra-op thread per worker (decoding is the
-    work; the workers, not threads, are the parallelism) and an exit once the process that made the loader is
-    gone. Built in that process, so it carries that process's pid to spawned and forked workers alike."""
+    """``worker_init_fn`` for every DataLoader of the pipeline: the worker exits once the process that made the
+    loader is gone. Built in that process, so it carries that process's pid to spawned and forked workers alike.
+    (torch's worker loop already runs each worker on one intra-op thread.)"""
 
     def __init__(self):
         self.parent = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
-        import cv2  # in the worker only: importing this module stays light
-
         exit_with_parent(self.parent)
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)

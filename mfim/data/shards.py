@@ -539,6 +539,16 @@ def _stack_items(items: list[dict], positions: list[int], end: int) -> dict:
 WORKER_CONTEXT = "spawn"
 
 
+class _ReaderWorkerInit(LoaderWorkerInit):
+    """Also one OpenCV thread per worker (decoding is the work; 2 workers on 2 cores must not oversubscribe). Only
+    in these spawned workers: a forked worker inherits the parent's OpenCV thread pool, whose locks a fork can leave
+    held, so the forked loaders leave OpenCV alone (as they did before this init)."""
+
+    def __call__(self, worker_id: int) -> None:
+        super().__call__(worker_id)
+        cv2.setNumThreads(1)
+
+
 class BatchIterator:
     """Infinite iterator of batches assembled in stream order; ``position`` is what to save for an exact resume."""
 
@@ -551,7 +561,7 @@ class BatchIterator:
         start = source.plan.to_position(ReaderPosition.from_dict(position))
         stream = _ChunkStream(source, start, batch_size)
         if workers > 0:
-            loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=LoaderWorkerInit(),
+            loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_ReaderWorkerInit(),
                                 prefetch_factor=4, persistent_workers=False, multiprocessing_context=WORKER_CONTEXT)
             self._chunks = iter(loader)
         else:
