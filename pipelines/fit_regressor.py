@@ -30,12 +30,11 @@ def _fit(name: str, params: dict, out: str, train_pattern: str, eval_pattern, lo
     from mfim.config import lookup
     from mfim.data.regressor_set import RenderSetConfig, render_aligned_set
     from mfim.data.synth import SynthConfig
-    from mfim.data.regressor_fit import FitConfig, fit_from_render_set, fit_from_table, use_shipped_regressor
-    from mfim.nets.threedmm_regressor import RegressorConfig
+    from mfim.data.regressor_fit import (FitConfig, fit_from_render_set, fit_from_table, regressor_config,
+                                         use_shipped_regressor)
 
     group = lookup(params, f"threedmm.{name}")
-    model_cfg = RegressorConfig(input_size=int(group["input_size"]), width=int(group["width"]),
-                                backbone=str(group["backbone"]))
+    model_cfg = regressor_config(params, name)
     fit = FitConfig.from_params(params, name)
     synthetic = lookup(params, "data.source") == "synthetic"
     if group["shipped_checkpoint"] and synthetic:  # fitted on the same render recipe, at a scale 2 cores can't

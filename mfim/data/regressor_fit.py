@@ -75,6 +75,12 @@ class FitConfig:
                    device=str(pick_device(str(params["project"]["device"]))), augment=True, shape_lead=SHAPE_LEAD)
 
 
+def regressor_config(params: dict, group: str) -> RegressorConfig:
+    """The network ``threedmm.<group>`` fits (the checkpoint's own config wins when a fit continues one)."""
+    r = params["threedmm"][group]
+    return RegressorConfig(input_size=int(r["input_size"]), width=int(r["width"]), backbone=str(r["backbone"]))
+
+
 def split_by_group(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train/val row indices; rows with a known group (identity >= 0) are split by group, so validation measures
     unseen identities; unknown ones are split by row."""

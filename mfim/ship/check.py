@@ -76,14 +76,12 @@ def check_warmstart(params: dict, steps: int) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-def check_regressor(params: dict, steps: int, group: str, init: Path | None = None) -> list[dict]:
-    from mfim.data.regressor_fit import FitConfig, fit_regressor
-    from mfim.nets.threedmm_regressor import load_fitted_regressor
-    from mfim.ship.regressor import model_config
+def check_regressor(params: dict, steps: int, group: str) -> list[dict]:
+    from mfim.data.regressor_fit import FitConfig, fit_regressor, regressor_config
 
     r = params["threedmm"][group]
     size = int(r["input_size"])
-    fit = replace(FitConfig.from_params(params, group), device="cpu")  # the reference curve is a CPU one
+    fit = FitConfig.from_params(params, group)  # on the CPU: first_phase_curve sets project.device
     # a few people's renders repeated to `steps` full batches of one epoch: rendering, not fitting, is the check's cost
     few = _render(params, int(r["identity_offset"]), CHECK_PEOPLE, 2, size)
     reps = -(-steps * fit.batch_size // len(few["images"]))
@@ -95,10 +93,8 @@ def check_regressor(params: dict, steps: int, group: str, init: Path | None = No
         rows.append({"step": step, "loss": loss})
         return step >= steps
 
-    start = load_fitted_regressor(init) if init is not None else None
-    cfg = start.config if start is not None else model_config(params, group)
-    fit_regressor(train["images"], train, train["identity"], cfg, replace(fit, workers=0), log=lambda *_: None,
-                  val=val, init=start, step_hook=hook)
+    fit_regressor(train["images"], train, train["identity"], regressor_config(params, group), replace(fit, workers=0),
+                  log=lambda *_: None, val=val, step_hook=hook)
     return rows
 
 

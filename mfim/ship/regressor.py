@@ -55,21 +55,14 @@ def render_data(ctx: PhaseContext, workers: int, log=print) -> tuple[dict, dict]
     return train, render_range(ctx, int(v["first"]), int(v["people"]), int(v["renders"]), workers, log)
 
 
-def model_config(params: dict, group: str):
-    from mfim.nets.threedmm_regressor import RegressorConfig
-
-    r = params["threedmm"][group]
-    return RegressorConfig(int(r["input_size"]), int(r["width"]), backbone=str(r["backbone"]))
-
-
 def _fit(ctx: PhaseContext, group: str, workers: int, init=None) -> PhaseResult:
     from mfim.atomic import temp_path, move_into_place
-    from mfim.data.regressor_fit import FitConfig, fit_regressor
+    from mfim.data.regressor_fit import FitConfig, fit_regressor, regressor_config
     from mfim.nets.threedmm_regressor import save_regressor
 
     train, val = render_data(ctx, workers)
     fit = FitConfig.from_params(ctx.params, group)
-    cfg = init.config if init is not None else model_config(ctx.params, group)
+    cfg = init.config if init is not None else regressor_config(ctx.params, group)
     model, rep = fit_regressor(train["images"], train, train["identity"], cfg, fit, val=val, init=init)
     out = ctx.folder / "regressor.pt"
     recipe = {"group": group, "data": ctx.data, "fit": asdict(fit), "backbone": cfg.backbone,
