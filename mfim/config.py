@@ -67,15 +67,23 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
 def override(params: dict, assignments: list[str]) -> dict:
     """Apply ``key=value`` strings (YAML-parsed values), as ``dvc exp run -S`` does, to a copy of ``params``;
     the result is validated (a misspelt key is refused, not added)."""
-    out = copy.deepcopy(params)
+    values = {}
     for a in assignments:
         key, _, raw = a.partition("=")
+        values[key] = yaml.safe_load(raw)
+    return override_values(params, values, where=f"override {' '.join(assignments)}")
+
+
+def override_values(params: dict, values: dict, where: str) -> dict:
+    """``params`` (a copy) with each dotted key of ``values`` set, validated (``where`` heads an error)."""
+    out = copy.deepcopy(params)
+    for key, value in values.items():
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
-    return validate(out, where=f"override {' '.join(assignments)}")
+        node[leaf] = copy.deepcopy(value)
+    return validate(out, where=where)
 
 
 def _merge(base: dict, overlay: dict, prefix: str = "") -> dict:

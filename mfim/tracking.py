@@ -65,12 +65,19 @@ def repo_root(cwd: str | Path = ".") -> Path:
     return here
 
 
-def _anchored(uri: str, root: Path) -> str:
+def anchored_uri(uri: str, root: Path) -> str:
     """sqlite:///relative.db -> sqlite:////abs/root/relative.db; other URIs unchanged."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         return prefix + str(root / uri[len(prefix) :])
     return uri
+
+
+def anchored_artifact_root(path: str, root: Path) -> str:
+    """A relative artifact folder -> under ``root``; absolute folders and URIs (s3://...) unchanged."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str(root / path)
 
 
 def configure(params: dict) -> str:
@@ -79,12 +86,10 @@ def configure(params: dict) -> str:
 
     root = repo_root()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or lookup(params, "project.mlflow.tracking_uri")
-    uri = _anchored(uri, root)
+    uri = anchored_uri(uri, root)
     mlflow.set_tracking_uri(uri)
     name = lookup(params, "project.mlflow.experiment")
-    artifact_root = lookup(params, "project.mlflow.artifact_root")
-    if "://" not in artifact_root and not Path(artifact_root).is_absolute():
-        artifact_root = str(root / artifact_root)
+    artifact_root = anchored_artifact_root(lookup(params, "project.mlflow.artifact_root"), root)
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
@@ -361,7 +366,7 @@ def resolve_checkpoint(uri: str) -> Path:
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and Path("params.yaml").is_file():
         uri_store = lookup(load_params(), "project.mlflow.tracking_uri")
-        mlflow.set_tracking_uri(_anchored(uri_store, repo_root()))
+        mlflow.set_tracking_uri(anchored_uri(uri_store, repo_root()))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     found = sorted((local / "artifacts").glob("*.pt"))
     if not found:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from mfim.config import flatten
-from mfim.tracking import _anchored, repo_root, start_run
+from mfim.tracking import anchored_uri, repo_root, start_run
 from tests.defaults import params_with
 
 
@@ -14,10 +14,10 @@ def test_repo_root_escapes_dvc_experiment_copies(tmp_path):
     assert repo_root(tmp_path) == tmp_path.resolve()
 
 
-def test_relative_sqlite_uri_is_anchored():
-    assert _anchored("sqlite:///mlflow.db", Path("/r")) == "sqlite:////r/mlflow.db"
-    assert _anchored("sqlite:////abs/m.db", Path("/r")) == "sqlite:////abs/m.db"
-    assert _anchored("http://127.0.0.1:5000", Path("/r")) == "http://127.0.0.1:5000"
+def test_relative_sqlite_uri_isanchored_uri():
+    assert anchored_uri("sqlite:///mlflow.db", Path("/r")) == "sqlite:////r/mlflow.db"
+    assert anchored_uri("sqlite:////abs/m.db", Path("/r")) == "sqlite:////abs/m.db"
+    assert anchored_uri("http://127.0.0.1:5000", Path("/r")) == "http://127.0.0.1:5000"
 
 
 def test_run_is_tagged_with_commit_and_params(tmp_path, monkeypatch):

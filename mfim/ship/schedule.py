@@ -24,7 +24,6 @@ phase runs in its own folder).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from mfim.config import load_params, override
+from mfim.config import load_params, override_values
+from mfim.tracking import anchored_artifact_root, anchored_uri
 
 REPO_PATH_PREFIXES = ("checkpoints/", "data/ship/")
 
@@ -102,23 +102,18 @@ def absolute_repo_paths(value, root: Path):
     return value
 
 
-def _assignments(overrides: dict) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-
-
-def phase_params(sched: Schedule, phase: Phase, base: dict | None = None, root: Path = Path(".")) -> dict:
-    """params.yaml (or ``base``) + the phase's data set + `common` + the phase's own overrides, repository paths
-    absolute. The device option becomes project.device."""
-    params = copy.deepcopy(base if base is not None else load_params(root / "params.yaml"))
+def phase_params(sched: Schedule, phase: Phase, root: Path = Path(".")) -> dict:
+    """params.yaml + the phase's data set + `common` + the phase's own overrides, repository paths absolute. The
+    device option becomes project.device."""
     data = sched.datasets.get(phase.data, {}) if isinstance(phase.data, str) else {}
-    params = override(params, _assignments({**data, **sched.common, **phase.params}))
+    params = override_values(load_params(root / "params.yaml"), {**data, **sched.common, **phase.params},
+                             where=f"{sched.source} phase {phase.name}")
     params["project"]["device"] = sched.device
-    mlflow = params["project"]["mlflow"]
-    uri = str(mlflow["tracking_uri"])
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # the project's database, not the phase's
-        mlflow["tracking_uri"] = f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
-    if mlflow["artifact_root"] and not Path(mlflow["artifact_root"]).is_absolute():
-        mlflow["artifact_root"] = str((root / mlflow["artifact_root"]).resolve())
+    # the project's MLflow store, not one in the phase's folder
+    mlflow, here = params["project"]["mlflow"], root.resolve()
+    mlflow["tracking_uri"] = anchored_uri(str(mlflow["tracking_uri"]), here)
+    if mlflow["artifact_root"]:
+        mlflow["artifact_root"] = anchored_artifact_root(mlflow["artifact_root"], here)
     return absolute_repo_paths(params, root)
 
 
