@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from mfim.assets import resolve
+from mfim.config import lookup
 from mfim.nets.deca import FLAME_N_EXP, FLAME_N_SHAPE, DECAEncoder
 from mfim.nets.face_crops import (
     box_transform,
@@ -176,15 +176,6 @@ def encode(encoder: nn.Module, images: torch.Tensor, landmarks=None) -> ThreeDMM
 THREEDMM_ENCODERS = ("tddfa", "deca", "fitted")
 
 
-def _lookup(params: dict | None, dotted: str) -> Any:
-    node: Any = params or {}
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def build_threedmm_encoder(
     name: str,
     params: dict | None = None,
@@ -202,7 +193,9 @@ def build_threedmm_encoder(
     if name == "tddfa":
         return TDDFAEncoder(device=device)
     if name == "deca":
-        return DECAEncoder(checkpoint or _lookup(params, "nets.threedmm.deca_checkpoint") or None, device=device)
+        if not checkpoint and params is not None:
+            checkpoint = lookup(params, "nets.threedmm.deca_checkpoint")
+        return DECAEncoder(checkpoint or None, device=device)
     if name == "fitted":
         if not checkpoint:
             raise ValueError(

@@ -130,8 +130,6 @@ def build_threedmm_encoder(name: str, device, regressor: str | Path = FITTED_REG
     kw = {}
     if name == "fitted":
         kw["checkpoint"] = str(regressor)
-    elif name == "deca":
-        kw["checkpoint"] = (lookup(params, "nets.threedmm.deca_checkpoint") if params is not None else "") or None
     return build(name, params=params, device=device, **kw)
 
 
