@@ -52,6 +52,15 @@ def init_from_env(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` in rank order (``[obj]`` in a one-process run); every rank must call this."""
+    if info.world <= 1:
+        return [obj]
+    gathered: list = [None] * info.world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
     """Rank 0's parameters and buffers to every rank (once, after rank 0 alone loaded a warm start)."""
     if info.world <= 1:

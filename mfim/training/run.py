@@ -95,12 +95,9 @@ def params_fingerprint(params: dict, inputs: list[Path] = ()) -> str:
 def same_start(dist, step: int, ck_path: Path) -> None:
     """Every rank resumed at the same step (each reads the checkpoint itself), else a one-line error: across
     machines, a rank that found no checkpoint would train from step 0 beside ranks at step N."""
-    if dist.world <= 1:
-        return
-    import torch.distributed as tdist
+    from mfim.training.distributed import all_gather_objects
 
-    steps: list = [None] * dist.world
-    tdist.all_gather_object(steps, step)
+    steps = all_gather_objects(step, dist)
     if len(set(steps)) > 1:
         odd = next(r for r, s in enumerate(steps) if s != steps[0])
         raise RuntimeError(f"rank {odd} starts at step {steps[odd]}, rank 0 at step {steps[0]}: every machine must "

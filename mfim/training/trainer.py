@@ -33,6 +33,7 @@ from torch import nn
 from mfim.training.checkpoint import atomic_torch_save, load_checkpoint, reseed, rng_state, set_rng_state
 from mfim.training.distributed import (
     DistInfo,
+    all_gather_objects,
     all_reduce_mean,
     broadcast_parameters,
     convert_sync_batchnorm,
@@ -282,14 +283,7 @@ class Trainer:
 
     def gather_rng(self) -> list[dict]:
         """Every rank's RNG states, in rank order (collective: all ranks call it)."""
-        own = rng_state()
-        if self.dist.world <= 1:
-            return [own]
-        import torch.distributed as tdist
-
-        ranks: list = [None] * self.dist.world
-        tdist.all_gather_object(ranks, own)
-        return ranks
+        return all_gather_objects(rng_state(), self.dist)
 
     def restore_rng(self, state: dict, seed: int = 0) -> None:
         """This rank's own RNG states when the checkpoint was saved by as many processes; else (another process
@@ -367,11 +361,7 @@ class Trainer:
         term in a window (e.g. no cross pair in their batches), so the key lists are gathered first."""
         keys = list(window)
         if self.dist.world > 1:
-            import torch.distributed as tdist
-
-            gathered: list = [None] * self.dist.world
-            tdist.all_gather_object(gathered, keys)
-            keys = list(dict.fromkeys(k for ks in gathered for k in ks))
+            keys = list(dict.fromkeys(k for ks in all_gather_objects(keys, self.dist) for k in ks))
         if not keys:
             return {}
         zero = torch.zeros((), dtype=torch.float64, device=self.device)

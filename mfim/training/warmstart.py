@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from mfim.models.mfim import MFIM
 from mfim.training.checkpoint import atomic_torch_save, rng_state, set_rng_state
-from mfim.training.distributed import DistInfo, device_and_dist
+from mfim.training.distributed import DistInfo, all_gather_objects, device_and_dist
 
 FORMAT = "mfim-encoder-warmstart"
 SKIPPED = "mfim-encoder-warmstart-skipped"
@@ -323,10 +323,7 @@ class WarmStart:
     def save(self, checkpoint: Checkpointing) -> None:
         """Rank 0 writes the state with every rank's RNG states and data position (all ranks must call this)."""
         own = {"rng": rng_state(), "position": self.real.state_dict() if hasattr(self.real, "state_dict") else None}
-        ranks = [own]
-        if self.dist.world > 1:
-            ranks = [None] * self.dist.world
-            torch.distributed.all_gather_object(ranks, own)
+        ranks = all_gather_objects(own, self.dist)
         if self.dist.is_main:
             state = {**self.state_dict(), "ranks": ranks, "fingerprint": checkpoint.fingerprint,
                      "extra": checkpoint.extra()}
