@@ -312,8 +312,12 @@ def test_two_gloo_ranks_train_one_encoder(tmp_path):
 
 def test_the_stage_command_starts_torchrun_on_every_gpu(tmp_path, monkeypatch):
     import importlib.util
+    import os
 
     import yaml
+
+    from mfim.config import load_params
+    from mfim.launch import relaunch_on_every_gpu
 
     spec = importlib.util.spec_from_file_location("warmstart_stage", Path(__file__).parents[1] / "pipelines" /
                                                   "warmstart.py")
@@ -322,19 +326,29 @@ def test_the_stage_command_starts_torchrun_on_every_gpu(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     params = {"project": {"device": "auto"}, "train": {"init_checkpoint": "data/warmstart/encoder.pt"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with(params)))
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append(argv))
+
+    def started_under(params_file_values: dict) -> list | None:
+        """The torchrun argv the stage's __main__ would exec (mfim.launch.relaunch_on_every_gpu), or None."""
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with(params_file_values)))
+        execs.clear()
+        loaded = load_params(tmp_path / "params.yaml")
+        if stage.feeds_train(loaded):
+            relaunch_on_every_gpu(loaded, stage.__file__)
+        return execs[0] if execs else None
+
     for gpus, expected in ((0, None), (1, None), (4, "--nproc-per-node=4")):  # mfim.launch's count and flags
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-        argv = stage.torchrun_argv()
+        argv = started_under(params)
         assert (argv if argv is None else argv[4]) == expected
-    assert stage.torchrun_argv()[2:4] == ["torch.distributed.run", "--standalone"]
+    assert started_under(params)[2:4] == ["torch.distributed.run", "--standalone"]
     monkeypatch.setenv("WORLD_SIZE", "4")  # already one of torchrun's processes
-    assert stage.torchrun_argv() is None
+    assert started_under(params) is None
     monkeypatch.delenv("WORLD_SIZE")
     for change in ({"project": {"device": "cpu"}}, {"train": {"init_checkpoint": "checkpoints/mfim.pt"}}):
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with({**params, **change})))
-        assert stage.torchrun_argv() is None
+        assert started_under({**params, **change}) is None
 
 
 # --- the DVC stage: SIGKILL part-way, `dvc repro` runs its command again ----------------------------------------
