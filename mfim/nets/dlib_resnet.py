@@ -34,83 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mfim.nets.dlib_format import DlibFormatError, Reader
 from mfim.nets.onnx_utils import FrozenModule
 
 CHIP_SIZE = 150
 DESCRIPTOR_DIM = 128
 # (channels, blocks, first block down-samples) of dlib's alevel4 .. alevel0, input side first
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
-
-
-class DlibFormatError(ValueError):
-    """The file is not the dlib face-recognition ResNet this module knows how to read."""
-
-
-# --- dlib's serialization primitives ---------------------------------------------------------------------------
-
-
-class _Reader:
-    def __init__(self, data: bytes, name: str):
-        self.data = data
-        self.pos = 0
-        self.name = name
-
-    def fail(self, what: str) -> DlibFormatError:
-        return DlibFormatError(f"{self.name}: {what} at byte {self.pos}")
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise self.fail(f"file ends while reading {n} bytes")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def integer(self) -> int:
-        control = self.take(1)[0]
-        size = control & 0x0F
-        if size == 0 or size > 8 or control & 0x70:
-            raise self.fail(f"bad integer control byte 0x{control:02x}")
-        value = int.from_bytes(self.take(size), "little")
-        return -value if control & 0x80 else value
-
-    def string(self) -> str:
-        n = self.integer()
-        if not 0 <= n <= 256:
-            raise self.fail(f"implausible string length {n}")
-        return self.take(n).decode("ascii", errors="replace")
-
-    def real(self) -> float:
-        if self.data[self.pos] & 0x70:
-            raise self.fail("old ASCII float format (not supported)")
-        mantissa, exponent = self.integer(), self.integer()
-        if exponent >= 32000:
-            return {32000: np.inf, 32001: -np.inf}.get(exponent, np.nan)
-        return float(np.ldexp(np.float64(mantissa), exponent))
-
-    def boolean(self) -> bool:
-        byte = self.take(1)
-        if byte not in (b"0", b"1"):
-            raise self.fail(f"bad bool byte {byte!r}")
-        return byte == b"1"
-
-    def tensor(self) -> np.ndarray:
-        version = self.integer()
-        if version != 2:
-            raise self.fail(f"tensor version {version} (expected 2)")
-        shape = tuple(self.integer() for _ in range(4))
-        count = int(np.prod(shape))
-        return np.frombuffer(self.take(4 * count), dtype="<f4").astype(np.float32).reshape(shape)
-
-    def alias_shape(self) -> tuple[int, ...]:
-        version = self.integer()
-        if version != 1:
-            raise self.fail(f"alias_tensor version {version} (expected 1)")
-        return tuple(self.integer() for _ in range(4))
-
-    def expect(self, value, what: str):
-        got = self.integer()
-        if got != value:
-            raise self.fail(f"{what} = {got}, expected {value}")
 
 
 # --- layer details ---------------------------------------------------------------------------------------------
@@ -125,12 +55,12 @@ class Layer:
     geometry: tuple[int, ...] = ()  # (rows, cols, stride_y, stride_x, pad_y, pad_x) of con / pooling
 
 
-def _multipliers(r: _Reader, n: int) -> None:
+def _multipliers(r: Reader, n: int) -> None:
     for _ in range(n):  # learning-rate / weight-decay multipliers: training only
         r.real()
 
 
-def _con(r: _Reader, version: str) -> Layer:
+def _con(r: Reader, version: str) -> Layer:
     params = r.tensor().reshape(-1)
     num_filters = r.integer()
     geometry = tuple(r.integer() for _ in range(6))  # nr, nc, stride_y, stride_x, padding_y, padding_x
@@ -147,7 +77,7 @@ def _con(r: _Reader, version: str) -> Layer:
     return Layer("con", {"weight": weight, "bias": params[n_w:].copy()}, geometry)
 
 
-def _affine(r: _Reader, version: str) -> Layer:
+def _affine(r: Reader, version: str) -> Layer:
     if version == "bn_con2":
         params = r.tensor().reshape(-1)
         r.alias_shape(), r.alias_shape()  # gamma, beta views of params
@@ -176,19 +106,19 @@ def _affine(r: _Reader, version: str) -> Layer:
 
 
 def _pool(kind: str):
-    def read(r: _Reader, version: str) -> Layer:
+    def read(r: Reader, version: str) -> Layer:
         return Layer(kind, geometry=tuple(r.integer() for _ in range(6)))
 
     return read
 
 
-def _relu(r: _Reader, version: str) -> Layer:
+def _relu(r: Reader, version: str) -> Layer:
     if version == "relu_2" and r.boolean():
         raise r.fail("disabled relu layer")
     return Layer("relu")
 
 
-def _fc(r: _Reader, version: str) -> Layer:
+def _fc(r: Reader, version: str) -> Layer:
     num_outputs, num_inputs = r.integer(), r.integer()
     params = r.tensor().reshape(-1)
     weights_shape, _ = r.alias_shape(), r.alias_shape()
@@ -212,7 +142,7 @@ _LAYERS = {
 }  # fmt: skip
 
 
-def _layer_details(r: _Reader, add_layer_version: int, wraps_input: bool = False) -> Layer:
+def _layer_details(r: Reader, add_layer_version: int, wraps_input: bool = False) -> Layer:
     version = r.string()
     if version not in _LAYERS:
         raise r.fail(f"unexpected layer '{version}'")
@@ -227,7 +157,7 @@ def _layer_details(r: _Reader, add_layer_version: int, wraps_input: bool = False
     return layer
 
 
-def _input_layer(r: _Reader) -> tuple[np.ndarray, Layer]:
+def _input_layer(r: Reader) -> tuple[np.ndarray, Layer]:
     """The innermost add_layer: version, the input layer (channel means), then its own layer details."""
     version = r.integer()
     if version not in (2, 3):
@@ -242,7 +172,7 @@ def _input_layer(r: _Reader) -> tuple[np.ndarray, Layer]:
     return means, _layer_details(r, version, wraps_input=True)
 
 
-def _at_input_layer(r: _Reader) -> bool:
+def _at_input_layer(r: Reader) -> bool:
     """Whether the input add_layer starts here: a version, then the string 'input_...'."""
     start = r.pos
     try:
@@ -257,7 +187,7 @@ def _at_input_layer(r: _Reader) -> bool:
 def read_dlib_resnet(path: str | os.PathLike) -> tuple[np.ndarray, list[Layer]]:
     """(per-channel input means RGB, layers input side first) of a dlib ``loss_metric`` network file."""
     with open(path, "rb") as f:
-        r = _Reader(f.read(), os.fspath(path))
+        r = Reader(f.read(), os.fspath(path))
     r.expect(1, "add_loss_layer version")
     loss = r.string()
     if loss not in ("loss_metric_", "loss_metric_2"):

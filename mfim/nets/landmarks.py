@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mfim.nets.dlib_format import Reader
+
 N_LANDMARKS = 68
 # Order in which rotations are tried when the upright image has no face: a sideways photo is far more common than
 # an upside-down one. Values are counter-clockwise quarter turns as in np.rot90.
@@ -212,29 +214,14 @@ def read_dlib_mean_shape(predictor_path: str | Path) -> np.ndarray:
     """The mean shape (float64 (68, 2)) a dlib shape predictor starts its cascade from, in box-normalised units.
 
     dlib serialises ``shape_predictor`` as: version (int), initial_shape (float column vector x0,y0,x1,y1,...),
-    forests, ... Integers are written as one header byte (low nibble: byte count, 0x80: negative) followed by the
-    little-endian magnitude; floats as an (int64 mantissa, int16 exponent) pair; a matrix as -rows, -cols, elements.
-    Only the first few kilobytes are read.
+    forests, ... in dlib's encoding (mfim.nets.dlib_format); a matrix is -rows, -cols, elements. Only the first few
+    kilobytes are read.
     """
     with open(predictor_path, "rb") as f:
-        data = f.read(16384)
-    pos = 0
-
-    def read_int() -> int:
-        nonlocal pos
-        head = data[pos]
-        n = head & 0x0F
-        value = int.from_bytes(data[pos + 1 : pos + 1 + n], "little")
-        pos += 1 + n
-        return -value if head & 0x80 else value
-
-    version = read_int()
-    rows, cols = abs(read_int()), abs(read_int())
+        r = Reader(f.read(16384), str(predictor_path))
+    version = r.integer()
+    rows, cols = abs(r.integer()), abs(r.integer())
     if version != 1 or rows != 2 * N_LANDMARKS or cols != 1:
         raise ValueError(f"{predictor_path}: not a dlib 68-point shape predictor (version {version}, {rows}x{cols})")
-    values = []
-    for _ in range(rows):
-        mantissa = read_int()
-        exponent = read_int()
-        values.append(mantissa * 2.0**exponent)
+    values = [r.real() for _ in range(rows)]
     return np.array(values, dtype=np.float64).reshape(N_LANDMARKS, 2)
