@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mfim.data.shard_meta import shard_landmarks
+from mfim.data.shard_meta import shard_landmarks, stack_landmarks
 from mfim.data.shards import CorruptSample, ShardSample, decode_sample, expand_shards, iter_samples, scan_members
 from mfim.nets.face_crops import from_uint8
 from mfim.nets.threedmm import encode as encode_3dmm
@@ -72,10 +72,7 @@ def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
 def batch_landmarks(batch: Sequence[ShardSample]) -> np.ndarray | None:
     """B×68×2 landmarks of the samples in their images' pixels (NaN rows where a shard has none), or None if none
     has any: an encoder that crops from landmarks (DECA) places its box with them, as in its own project."""
-    rows = [shard_landmarks(s.meta, s.image.shape[1]) for s in batch]
-    if all(r is None for r in rows):
-        return None
-    return np.stack([np.full((68, 2), np.nan, np.float32) if r is None else r for r in rows])
+    return stack_landmarks([shard_landmarks(s.meta, s.image.shape[1]) for s in batch])
 
 
 def precompute_threedmm(patterns: Sequence[str], encoder: Callable[[torch.Tensor], ThreeDMMParams],

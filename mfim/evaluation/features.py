@@ -33,6 +33,8 @@ from mfim.nets.face_crops import from_uint8, resize_points, to_uint8
 from mfim.runtime import LoaderWorkerInit
 from mfim.tracking import log_progress
 
+# the columns whose landmarks the features use: the images themselves, and each swap's target (a swap keeps its pose)
+LANDMARK_COLUMNS = ("image", "target")
 MIXING_ROWS = ("local", "id_mixing", "global")  # Table 5's rows: swap with the local source, mix, swap with global
 
 
@@ -68,14 +70,11 @@ class ImageReader:
         """B×68×2 landmarks of the keys' images as read (pixel indices at ``resolution``; NaN rows where a shard has
         none or the image is not in the shards), or None when none has any: DECA places its crop with them, as in
         training and the threedmm table (mfim.data.threedmm_table.batch_landmarks)."""
-        from mfim.data.shard_meta import shard_landmarks
+        from mfim.data.shard_meta import shard_landmarks, stack_landmarks
 
-        rows = [shard_landmarks(self.index.metas[self.index.position_of[k]], self.resolution)
-                if self.index is not None and self.index.metas is not None and k in self.index.position_of else None
-                for k in keys]
-        if all(r is None for r in rows):
-            return None
-        return np.stack([np.full((68, 2), np.nan, np.float32) if r is None else r for r in rows])
+        return stack_landmarks([shard_landmarks(self.index.metas[self.index.position_of[k]], self.resolution)
+                                if self.index is not None and self.index.metas is not None
+                                and k in self.index.position_of else None for k in keys])
 
     def close(self) -> None:
         if self.index is not None:
@@ -262,7 +261,8 @@ class BatchReader(torch.utils.data.Dataset):
         j = self.todo[k]
         a, b = self.bounds[j]
         images = {name: self.reader().read_uint8(keys[a:b], paths[a:b]) for name, (keys, paths) in self.columns.items()}
-        landmarks = {name: self.reader().landmarks(keys[a:b]) for name, (keys, _) in self.columns.items()}
+        landmarks = {name: self.reader().landmarks(keys[a:b]) for name, (keys, _) in self.columns.items()
+                     if name in LANDMARK_COLUMNS}
         identity = {name: dlib_embed(x) for name, x in images.items()} if self.dlib else {}
         return {"index": j, "images": images, "landmarks": landmarks, "identity": identity}
 
