@@ -73,8 +73,7 @@ def make_eval_fn(pattern: str, resolution: int, seed: int, device):
     import torch
 
     from mfim.data.shards import image_batches
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
+    from mfim.nets.fid import frechet_distance
     from mfim.training.pretrain import gaussian_stats, pixel_features
 
     reals = []
@@ -91,7 +90,7 @@ def make_eval_fn(pattern: str, resolution: int, seed: int, device):
                 zz = torch.randn(32, G_ema.z_dim, generator=gen).to(device)
                 fakes.append(G_ema(zz, noise_mode="const").cpu())
         fake_stats = gaussian_stats(pixel_features(torch.cat(fakes)[:EVAL_IMAGES]))
-        return {"fd_pixels8": float(calculate_frechet_distance(*real_stats, *fake_stats))}
+        return {"fd_pixels8": frechet_distance(real_stats, fake_stats)}
 
     return eval_fn
 

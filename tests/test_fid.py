@@ -40,9 +40,9 @@ def test_frechet_known_answer():
     net = MeanColour()
     real = _images(64, 0.0, 0)
     # a pure shift of every image by +0.2 moves the feature mean by 0.2 per channel, covariances unchanged
-    fd_shift = fid._frechet(fid.feature_statistics(net, real, 16), fid.feature_statistics(net, real + 0.2, 16))
+    fd_shift = fid.frechet_distance(fid.feature_statistics(net, real, 16), fid.feature_statistics(net, real + 0.2, 16))
     assert abs(fd_shift - 3 * 0.2**2) < 1e-6
-    fd_self = fid._frechet(fid.feature_statistics(net, real, 16), fid.feature_statistics(net, real, 16))
+    fd_self = fid.frechet_distance(fid.feature_statistics(net, real, 16), fid.feature_statistics(net, real, 16))
     assert abs(fd_self) < 1e-6
 
 
@@ -107,7 +107,7 @@ def test_fd_compares_generated_images_at_the_real_resolution(no_inception, monke
     assert report["resolution"] == 16 and abs(report["value"]) < 1e-6
     assert "generated images area-downsampled from 64 px" in report["note"]
     # fed to the network at their own sizes (as before: pytorch-fid resizes each to 299 unaided) they differ
-    apart = fid._frechet(fid.feature_statistics(MeanStd(), real, 5), fid.feature_statistics(MeanStd(), fake, 5))
+    apart = fid.frechet_distance(fid.feature_statistics(MeanStd(), real, 5), fid.feature_statistics(MeanStd(), fake, 5))
     assert apart > 1e-3
 
 

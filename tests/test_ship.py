@@ -451,7 +451,7 @@ def test_swapper_phases_run_on_repro_data(tmp_path):
              "params": {"encoder.refine_iterations": 1, "encoder.refine_map_resolutions": [8],
                         "warmstart.refine_steps": 2}}]}))
     sched = load_schedule(tmp_path / "configs/tiny.yaml")
-    ds = dataset_folder(tmp_path.resolve(), sched, sched.phases[0], phase_params(sched, sched.phases[0], root=tmp_path))
+    ds = dataset_folder(tmp_path.resolve(), sched.phases[0], phase_params(sched, sched.phases[0], root=tmp_path))
     (ds / "data").mkdir(parents=True)
     for name in ("shards", "threedmm"):
         (ds / "data" / name).symlink_to(data / name)

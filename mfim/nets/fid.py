@@ -185,7 +185,8 @@ def feature_statistics(extractor: nn.Module, images, batch_size: int = 50,
     return stats.statistics()
 
 
-def _frechet(real_stats, fake_stats) -> float:
+def frechet_distance(real_stats, fake_stats) -> float:
+    """pytorch-fid's Fréchet distance of two (mean, covariance) pairs, as a float."""
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     return float(calculate_frechet_distance(real_stats[0], real_stats[1], fake_stats[0], fake_stats[1]))
@@ -256,7 +257,7 @@ class FrechetDistance:
         else:
             note = (f"FID (pytorch-fid Inception pool3, {self.inception_file.name}) between {real[2]} real and "
                     f"{fake[2]} generated images.")
-        return {"name": self.extractor.name, "value": _frechet(real, fake), "note": f"{note} {self.resolution_note()}",
+        return {"name": self.extractor.name, "value": frechet_distance(real, fake), "note": f"{note} {self.resolution_note()}",
                 "n_real": real[2], "n_fake": fake[2], "resolution": self.resolution,
                 "resolution_note": self.resolution_note()}
 

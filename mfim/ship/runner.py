@@ -62,7 +62,7 @@ def prepare_dataset(folder: Path, params: dict, log=print) -> Path:
     return folder
 
 
-def dataset_folder(root: Path, sched: Schedule, phase: Phase, params: dict) -> Path | None:
+def dataset_folder(root: Path, phase: Phase, params: dict) -> Path | None:
     if not isinstance(phase.data, str):
         return None
     data_groups = {k: params[k] for k in ("data", "synthesize", "align", "shard", "threedmm", "nets")}
@@ -103,7 +103,7 @@ def run_schedule(sched: Schedule, root: Path = Path("."), log=print, runner=run_
         done = _finished(marker, key, input_sha)
         if done is None:
             params = phase_params(sched, phase, root=root)
-            ds = dataset_folder(root, sched, phase, params)
+            ds = dataset_folder(root, phase, params)
             if ds is not None:
                 prepare_dataset(ds, params, log)
             log(f"ship: {sched.stem}: phase {phase.name} ({phase.run})")
